@@ -1,0 +1,40 @@
+"""pbe_jax: Paint by Example (Yang et al., CVPR 2023) in JAX / Flax NNX."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.7",
+    "flax>=0.12",
+    "optax",
+    "orbax-checkpoint",
+    "grain",
+    "ml_collections",
+    "chex",
+    "numpy",
+    "pillow",
+    "opencv-python-headless",
+    "safetensors",
+    "huggingface_hub",
+    "tqdm",
+    "absl-py",
+    "scipy",
+    "tensorboardX",
+]
+
+EXTRAS = {
+    # torch is pinned: the CPU build of this version is what CI installs; an unpinned torch
+    # pulls GBs of CUDA wheels. torch/diffusers/transformers are references in tests only.
+    "test": ["pytest", "pytest-timeout", "torch==2.13.0", "diffusers", "transformers"],
+    "tfds": ["tensorflow-datasets", "array-record"],
+    "tpu": ["jax[tpu]"],
+    "gpu": ["jax[cuda12]"],
+}
+
+setup(
+    name="pbe_jax",
+    version="0.1.0",
+    description="Paint by Example (exemplar-based image editing with diffusion) in JAX/Flax NNX",
+    packages=find_packages(include=["pbe_jax", "pbe_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)
