@@ -1,0 +1,1 @@
+"""Checkpoint conversion: PyTorch (diffusers / transformers / LDM) state dicts <-> NNX state."""
