@@ -1,0 +1,107 @@
+"""Run logging: console progress lines, `WORKDIR/metrics.jsonl`, TensorBoard event files.
+
+Only process 0 writes. Images go to TensorBoard and as PNGs under `WORKDIR/images/`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+log = logging.getLogger("pbe_jax")
+
+# Dense bf16 peak FLOP/s per device, for MFU when `config.peak_flops` is 0.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+    "L4": 121e12, "A10": 125e12,
+}
+
+
+def peak_flops_per_device(configured: float = 0.0) -> float:
+    """Configured value, else a table lookup by device kind, else a measured fp32 matmul peak."""
+    if configured:
+        return float(configured)
+    kind = jax.devices()[0].device_kind
+    for name, val in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return val
+    return measure_matmul_peak()
+
+
+def measure_matmul_peak(n: int = 1024, reps: int = 10) -> float:
+    """Achieved FLOP/s of a square fp32 matmul on the first device (a CPU-side 'peak')."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    x = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32), jax.devices()[0])
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    del jnp
+    return 2 * n**3 / best
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.workdir = workdir
+        self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            try:
+                from tensorboardX import SummaryWriter  # noqa: PLC0415
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:
+                log.warning("tensorboardX not installed: no TensorBoard events (metrics.jsonl still written)")
+
+    def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, float(v), step)
+
+    def image(self, step: int, name: str, img: np.ndarray) -> str | None:
+        """img: [H, W, 3] uint8 or float in [0, 1]. Also saved as WORKDIR/images/<name>_<step>.png."""
+        if not self.enabled:
+            return None
+        from PIL import Image  # noqa: PLC0415
+
+        if img.dtype != np.uint8:
+            img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+        d = os.path.join(self.workdir, "images")
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, f"{name}_{step:07d}.png")
+        Image.fromarray(img).save(path)
+        if self._tb is not None:
+            self._tb.add_image(name, img, step, dataformats="HWC")
+        return path
+
+    def flush(self) -> None:
+        if self.enabled and self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def image_grid(rows: list[np.ndarray]) -> np.ndarray:
+    """rows: list of [N, H, W, 3] arrays in [0, 1] (same N, H, W) -> one [R*H, N*W, 3] image."""
+    return np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)

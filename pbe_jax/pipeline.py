@@ -1,0 +1,105 @@
+"""`PaintByExample`: the three networks of Paint by Example plus their scheduler and
+preprocessing configs, as one NNX module.
+
+Training splits it into trainable params (UNet, mapper, final LN, proj_out, uncond_vector) and
+frozen ones (VAE, CLIP vision tower) with `TRAINABLE` / `FROZEN`; inference calls it.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+from flax import nnx
+
+from pbe_jax.models.conditioner import PaintByExampleEncoderConfig, PaintByExampleImageEncoder
+from pbe_jax.models.unet import UNet2DConditionModel, UNetConfig
+from pbe_jax.models.vae import AutoencoderKL, VAEConfig
+
+# The released repo's scheduler: diffusers' converter default (PNDM = PLMS, PBE_SPEC 5.2).
+DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def default_feature_extractor_config(size: int = 224) -> dict[str, Any]:
+    return {
+        "crop_size": {"height": size, "width": size},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": CLIP_MEAN,
+        "image_processor_type": "CLIPImageProcessor",
+        "image_std": CLIP_STD,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": size},
+    }
+
+
+def is_frozen(path: tuple) -> bool:
+    """VAE and the CLIP vision tower are frozen (PBE_SPEC 1.2-1.3); everything else trains."""
+    head = tuple(str(p) for p in path[:2])
+    return head[0] == "vae" or head == ("image_encoder", "model")
+
+
+def TRAINABLE(path, x) -> bool:  # noqa: N802 (an nnx filter, used like a constant)
+    return isinstance(x, nnx.Param) and not is_frozen(path)
+
+
+def FROZEN(path, x) -> bool:  # noqa: N802
+    return isinstance(x, nnx.Param) and is_frozen(path)
+
+
+class PaintByExample(nnx.Module):
+    """unet [B,h,w,9]->[B,h,w,4], vae, image_encoder [B,224,224,3]->[B,1,768] + configs."""
+
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                 image_encoder: PaintByExampleImageEncoder, *,
+                 scheduler_config: Mapping[str, Any] | None = None,
+                 feature_extractor_config: Mapping[str, Any] | None = None):
+        self.unet = unet
+        self.vae = vae
+        self.image_encoder = image_encoder
+        self.scheduler_config = dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG)
+        size = image_encoder.config.image_size
+        self.feature_extractor_config = dict(feature_extractor_config or default_feature_extractor_config(size))
+
+    @classmethod
+    def from_model_config(cls, model_cfg: Mapping[str, Any], *, seed: int = 0, dtype=jnp.float32,
+                          param_dtype=jnp.float32, attention_impl: str = "xla", remat: bool = False,
+                          remat_policy: str | None = None, **kw) -> "PaintByExample":
+        """Random init from `{'unet': {...}, 'vae': {...}, 'image_encoder': {...}}` (diffusers /
+        transformers config.json fields, e.g. `config.model` of configs/pbe.py)."""
+        rngs = nnx.Rngs(seed)
+        rt = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+        unet = UNet2DConditionModel(UNetConfig.from_dict(dict(model_cfg["unet"])), rngs=rngs, remat=remat,
+                                    remat_policy=remat_policy, **rt)
+        vae = AutoencoderKL(VAEConfig.from_dict(dict(model_cfg["vae"])), rngs=rngs, **rt)
+        enc = PaintByExampleImageEncoder(
+            PaintByExampleEncoderConfig.from_dict(dict(model_cfg["image_encoder"])), rngs=rngs, **rt)
+        return cls(unet, vae, enc, **kw)
+
+    def configs(self) -> dict[str, Any]:
+        return {
+            "unet": self.unet.config.to_dict(),
+            "vae": self.vae.config.to_dict(),
+            "image_encoder": self.image_encoder.config.to_dict(),
+            "scheduler": copy.deepcopy(self.scheduler_config),
+            "feature_extractor": copy.deepcopy(self.feature_extractor_config),
+        }
