@@ -45,15 +45,23 @@ def make_schedule(tcfg) -> optax.Schedule:
     return optax.linear_schedule(lr * tcfg.warmup_init_factor, lr, tcfg.warmup_steps)
 
 
+def _decay_mask(params):
+    flat = jax.tree_util.tree_flatten_with_path(params)
+    keep = [not any(getattr(k, "key", None) == "uncond_vector" for k in path) for path, _ in flat[0]]
+    return jax.tree.unflatten(flat[1], keep)
+
+
 def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(tcfg)
     parts = []
     if tcfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(tcfg.grad_clip))
-    # torch.optim.AdamW semantics (decoupled decay, applied to every trained param, as the
-    # official code passes all params in one group).
+    # torch.optim.AdamW semantics (decoupled decay on every trained param, as the official
+    # code passes all params in one group), except `uncond_vector`: torch skips a param whose
+    # .grad is None (the vector is only in the graph when the condition is dropped), while
+    # here its gradient is an explicit zero and decay alone would shrink it.
     parts.append(optax.adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
-                             weight_decay=tcfg.weight_decay))
+                             weight_decay=tcfg.weight_decay, mask=_decay_mask))
     return optax.chain(*parts), schedule
 
 
@@ -75,8 +83,9 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tcfg, tx: optax.GradientT
     [, 'ema']}; frozen: VAE + CLIP tower params (inputs, never updated, no gradients);
     batch: the uint8 host contract of `pbe_jax.data.batch`.
     """
-    alphas_cumprod = jnp.asarray(noise_schedule(
-        tcfg.beta_schedule, tcfg.beta_start, tcfg.beta_end, tcfg.num_train_timesteps)[1])
+    alphas_cumprod = jnp.asarray(noise_schedule({
+        "beta_schedule": tcfg.beta_schedule, "beta_start": tcfg.beta_start,
+        "beta_end": tcfg.beta_end, "num_train_timesteps": tcfg.num_train_timesteps}))
     accum = int(tcfg.grad_accum)
     ema_decay = float(tcfg.ema_decay)
 
