@@ -7,9 +7,11 @@ frozen ones (VAE, CLIP vision tower) with `TRAINABLE` / `FROZEN`; inference call
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pbe_jax.models.conditioner import PaintByExampleEncoderConfig, PaintByExampleImageEncoder
@@ -77,7 +79,7 @@ class PaintByExample(nnx.Module):
         self.vae = vae
         self.image_encoder = image_encoder
         self.scheduler_config = dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG)
-        size = image_encoder.config.image_size
+        size = image_encoder.config.vision.image_size
         self.feature_extractor_config = dict(feature_extractor_config or default_feature_extractor_config(size))
 
     @classmethod
@@ -103,3 +105,60 @@ class PaintByExample(nnx.Module):
             "scheduler": copy.deepcopy(self.scheduler_config),
             "feature_extractor": copy.deepcopy(self.feature_extractor_config),
         }
+
+    # -- weights: load from / save to diffusers repositories and orbax checkpoints -------------
+    # (pbe_jax.convert.load / pbe_jax.convert.orbax_io hold the format logic.)
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                        variant: str | None = None, revision: str | None = None,
+                        attention_impl: str = "xla", remat: bool = False,
+                        remat_policy: str | None = None, allow_missing=(), place=None,
+                        use_ema: bool = False, model_config: Mapping[str, Any] | None = None,
+                        return_report: bool = False):
+        """Load a diffusers Paint-by-Example repository (local dir or Hub id, e.g.
+        `Fantasy-Studio/Paint-by-Example`; safetensors or .bin; `variant='fp16'`), or a pbe_jax
+        orbax checkpoint (a params checkpoint, a training workdir or one of its steps).
+
+        `dtype` is the compute dtype, `param_dtype` the params' (fp16/bf16 weights are cast to
+        it). `place(path, array)` puts each param on devices. `use_ema` picks a training
+        checkpoint's EMA params. Returns the model, or (model, PipelineReport).
+        """
+        from pbe_jax.convert.load import load_pipeline  # noqa: PLC0415 (convert imports this module)
+
+        fmt = "orbax" if _is_orbax_dir(path_or_hub_id) else "diffusers"
+        return load_pipeline(fmt, path_or_hub_id, variant=variant, revision=revision, dtype=dtype,
+                             param_dtype=param_dtype, attention_impl=attention_impl, remat=remat,
+                             remat_policy=remat_policy, allow_missing=allow_missing, place=place,
+                             use_ema=use_ema, model_config=model_config, return_report=return_report)
+
+    def save_pretrained(self, path: str, *, dtype=None, variant: str | None = None,
+                        format: str = "diffusers", progress: bool = False) -> str:  # noqa: A002
+        """Write a diffusers repository (`format='diffusers'`: model_index.json, unet/, vae/,
+        image_encoder/, scheduler/, feature_extractor/; every folder loads with its own diffusers /
+        transformers class) or an orbax params checkpoint (`format='orbax'`). `dtype` ('fp16',
+        'bf16', np.float16, ...) casts the saved tensors; `variant` names diffusers weight files."""
+        from pbe_jax.convert import load, orbax_io  # noqa: PLC0415
+        from pbe_jax.models.hub import cast_dtype  # noqa: PLC0415
+
+        np_dtype = None if dtype is None else np.dtype(cast_dtype(dtype))
+        if format == "diffusers":
+            return load.save_diffusers(self, path, dtype=np_dtype, variant=variant, progress=progress)
+        if format == "orbax":
+            if variant:
+                raise ValueError("variant names diffusers weight files; an orbax checkpoint has none")
+            return orbax_io.save_orbax(self, path, dtype=np_dtype, progress=progress)
+        raise ValueError(f"save_pretrained: unknown format {format!r}; use 'diffusers' or 'orbax'")
+
+
+def _is_orbax_dir(path: str) -> bool:
+    """A local pbe_jax orbax checkpoint: params checkpoint, training step, checkpoints/ or workdir."""
+    if not os.path.isdir(path) and "://" not in path:
+        return False
+    from pbe_jax.convert import orbax_io  # noqa: PLC0415
+
+    try:
+        orbax_io.locate(path)
+    except FileNotFoundError:
+        return False
+    return True
