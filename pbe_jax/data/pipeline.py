@@ -1,0 +1,338 @@
+"""grain pipeline: record index -> per-process shard -> per-epoch shuffle -> sample transform
+-> batch -> worker processes -> global `jax.Array` batches.
+
+  MapDataset.range(N)[p::P][:N // P]   each process p of P reads a disjoint shard; the last
+                                        N % P records are dropped so that every host has the
+                                        same number of batches (no multi-host hang)
+  .shuffle(seed_p).repeat(num_epochs)  a new permutation each epoch (grain folds the epoch in)
+  .random_map(PbeSample)               decode + transforms; rng seeded by (seed_p, position),
+                                        so a sample depends only on its position in the stream
+  .to_iter_dataset().batch(B / P)      local batch
+  .mp_prefetch(num_workers)            worker processes (output depends on num_workers)
+
+Bad records never stop a run: a record that cannot be used (missing, undecodable, truncated,
+too small, no valid box) is replaced by another random record of the shard, drawn from the
+sample's own rng, so the stream stays deterministic and independent of worker timing. Every
+sample carries `bad_counts` (`[len(BAD_REASONS)]` int32: what was fixed or skipped while
+making it), so the counts survive worker processes; the Loader sums them and strips the key.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import cv2
+import grain
+import jax
+import numpy as np
+from absl import flags as absl_flags
+
+from pbe_jax.data import decode as dec
+from pbe_jax.data import transforms as tr
+from pbe_jax.data.batch import HOST_KEYS
+from pbe_jax.data.sources import make_source
+
+log = logging.getLogger(__name__)
+
+
+def process_seeds(seed: int, process_index: int) -> tuple[int, int]:
+    """(shuffle seed, sample seed) for one process, well apart: grain uses seed + epoch for the
+    shuffle, so neighbouring seeds would repeat an order one epoch later."""
+    s = np.random.SeedSequence([int(seed), int(process_index)]).generate_state(2)
+    return int(s[0]), int(s[1])
+
+
+class PbeSample(grain.transforms.RandomMap):
+    """Record index -> one training sample: uint8 `image`, `mask`, `reference` as in batch.py,
+    plus `bad_counts` `[len(BAD_REASONS)]` int32 and `record` (the index of the record used,
+    after replacements). Unusable records are replaced (see the module docstring)."""
+
+    def __init__(self, source, cfg, shard: tuple[int, int, int]):
+        self.source = source
+        self.cfg = cfg
+        self.shard = shard  # (process_index, process_count, records per process)
+        self._threads_set = False
+        self.stage_seconds = None  # a dict to accumulate per-stage wall time into (bench.py)
+        self._last = 0.0
+
+    def __getstate__(self):  # each worker process sets its own cv2 thread count
+        state = dict(self.__dict__)
+        state["_threads_set"] = False
+        state["stage_seconds"] = None
+        return state
+
+    def _mark(self, stage: str | None) -> None:
+        if self.stage_seconds is not None:
+            now = time.perf_counter()
+            if stage is not None:
+                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + now - self._last
+            self._last = now
+
+    def random_map(self, index, rng: np.random.Generator) -> dict:
+        if not self._threads_set:  # once per process (main or grain worker)
+            cv2.setNumThreads(int(self.cfg.cv2_threads))
+            self._threads_set = True
+        counts = np.zeros(len(dec.BAD_REASONS), np.int32)
+        p, n_proc, n_local = self.shard
+        for _ in range(int(self.cfg.max_retries) + 1):
+            try:
+                sample = self.make(int(index), rng, counts)
+                sample["bad_counts"] = counts
+                sample["record"] = np.int64(index)  # the record actually used, for debugging
+                return sample
+            except dec.BadImage as e:
+                counts[dec.REASON_INDEX[e.reason]] += 1
+                log.debug("skipped record %d: %s", index, e)
+            index = p + n_proc * int(rng.integers(n_local))
+        bad = {r: int(c) for r, c in zip(dec.BAD_REASONS, counts) if c}
+        raise RuntimeError(f"{int(self.cfg.max_retries) + 1} records in a row were unusable "
+                           f"({bad}); check config.data.source / images_dir")
+
+    def make(self, index: int, rng: np.random.Generator, counts: np.ndarray) -> dict:
+        """Sample from record `index`; adds to `counts`; raises BadImage."""
+        cfg = self.cfg
+        self._mark(None)
+        rec = self.source[index]
+        header = None
+        if rec.pixels is not None:
+            h, w = rec.pixels.shape[:2]
+            size = (w, h)
+        else:
+            data = rec.data if rec.data is not None else _read(rec.path)
+            self._mark("read")
+            header = dec.probe(data)
+            size = header.size
+        if min(size) < cfg.min_image_side:
+            raise dec.BadImage("image_too_small", f"{rec.key} {size}")
+        boxes = rec.boxes
+        if header is not None and dec.boxes_in_raw_frame(header, rec.annotated_size):
+            boxes = dec.orient_boxes(boxes, header.orientation)
+            counts[dec.REASON_INDEX["exif_boxes_rotated"]] += 1
+        boxes, box_counts = tr.pixel_boxes(boxes, size, cfg)
+        for reason, c in box_counts.items():
+            counts[dec.REASON_INDEX[reason]] += c
+        if not len(boxes):
+            raise dec.BadImage("no_valid_box", rec.key)
+        geom = tr.draw_geometry(size, boxes, rng, cfg)
+        self._mark("probe+geometry")
+        if header is None:
+            image = rec.pixels
+        else:
+            try:
+                image = dec.decode(data, header, tr.pick_reduce(geom, cfg))
+            except cv2.error as e:
+                raise dec.BadImage("undecodable", f"{rec.key}: {e}") from e
+            for reason in dec.fix_reasons(header):
+                counts[dec.REASON_INDEX[reason]] += 1
+            self._mark("decode")
+        crop = geom.crop
+        if min(crop[2] - crop[0], crop[3] - crop[1]) < cfg.resolution:
+            counts[dec.REASON_INDEX["upsampled"]] += 1
+        out_image, mask = tr.render_source(image, geom, cfg.resolution)
+        self._mark("source crop+mask+resize")
+        reference = tr.augment_reference(tr.reference_crop(image, geom), rng, cfg)
+        self._mark("reference augment")
+        return {"image": out_image, "mask": mask, "reference": reference}
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise dec.BadImage("missing_file", path) from e
+    except OSError as e:
+        raise dec.BadImage("undecodable", f"{path}: {e}") from e
+
+
+def make_dataset(data_cfg, *, seed: int, process_index: int = 0, process_count: int = 1,
+                 num_epochs: int | None = None) -> grain.MapDataset:
+    """grain MapDataset of single samples (dicts as `PbeSample`) for this process's shard,
+    shuffled per epoch, repeated `num_epochs` times (None: forever)."""
+    return _sample_dataset(make_source(data_cfg), data_cfg, seed, process_index, process_count,
+                           num_epochs)
+
+
+def _sample_dataset(source, data_cfg, seed, process_index, process_count, num_epochs):
+    n = len(source)
+    n_local = n // process_count
+    if n_local == 0:
+        raise ValueError(f"{n} records cannot be split over {process_count} processes")
+    if n % process_count:
+        log.info("dropping %d of %d records so that %d processes get %d each",
+                 n % process_count, n, process_count, n_local)
+    shuffle_seed, sample_seed = process_seeds(seed, process_index)
+    ds = grain.MapDataset.range(n)[process_index::process_count][:n_local]
+    ds = ds.shuffle(seed=shuffle_seed).repeat(num_epochs)
+    return ds.random_map(PbeSample(source, data_cfg, (process_index, process_count, n_local)),
+                         seed=sample_seed)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, batch_axes, global_batch_size: int,
+                   process_count: int) -> jax.sharding.NamedSharding:
+    """Leading-dim sharding over the batch axes that exist in `mesh`; checks divisibility."""
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    if not axes:
+        raise ValueError(f"mesh axes {mesh.axis_names} contain none of batch_axes {batch_axes}")
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if global_batch_size % shards:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
+                         f"{shards} batch shards of mesh axes {axes} {dict(mesh.shape)}")
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+                         f"process_count {process_count}")
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
+
+
+def _check_process_rows(sharding, global_batch_size: int, local_batch: int) -> None:
+    """Each process must own `local_batch` rows of the global batch that no other process
+    holds: a mesh that replicates batch rows across hosts would need those hosts to load the
+    same samples, which a disjoint shard per process does not give."""
+    rows = set()
+    for idx in sharding.addressable_devices_indices_map((global_batch_size,)).values():
+        rows.update(range(*idx[0].indices(global_batch_size)))
+    if len(rows) != local_batch:
+        raise ValueError(
+            f"this process's devices hold {len(rows)} rows of the global batch of "
+            f"{global_batch_size}, not global_batch_size / process_count = {local_batch}: the "
+            "mesh's batch axes must split the batch across processes (put 'data'/'fsdp' "
+            "outermost in the device order)")
+
+
+class Loader:
+    """Iterator of batches: dicts `image`, `mask`, `reference` (batch.py), global `jax.Array`s
+    sharded over the mesh's batch axes, or numpy host batches when there is no mesh.
+
+    `get_state()` / `set_state()` give a JSON-serialisable position (grain iterator state plus
+    the bad-data counts): after `set_state`, the batches are those an uninterrupted run would
+    have produced next (same config, seed, process count and num_workers).
+    """
+
+    def __init__(self, iter_ds: grain.IterDataset, *, global_batch_size: int,
+                 sharding: jax.sharding.NamedSharding | None, index_counts: dict,
+                 log_every: int = 100):
+        self._iter_ds = iter_ds
+        self._it = iter(iter_ds)
+        self._global_batch_size = global_batch_size
+        self._sharding = sharding
+        self._index_counts = dict(index_counts)
+        self._counts = np.zeros(len(dec.BAD_REASONS), np.int64)
+        self._logged = self._counts.copy()
+        self._log_every = log_every
+        self._batches = 0
+        if self._index_counts:
+            log.info("bad data dropped when indexing: %s", self._index_counts)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            raise RuntimeError("the loader is closed")
+        raw = next(self._it)
+        # Plain copies: worker batches arrive in shared memory, which is unlinked when they are
+        # dropped here, not whenever the caller lets go of them.
+        batch = {k: np.array(raw[k]) for k in HOST_KEYS}
+        self._counts += np.asarray(raw["bad_counts"]).sum(axis=0)
+        del raw
+        self._batches += 1
+        if self._batches % self._log_every == 0 and (self._counts != self._logged).any():
+            self._logged = self._counts.copy()
+            log.info("bad data after %d batches: %s", self._batches, self.bad_data_counts())
+        if self._sharding is None:
+            return batch
+        return {k: jax.make_array_from_process_local_data(
+                    self._sharding, batch[k], (self._global_batch_size,) + batch[k].shape[1:])
+                for k in HOST_KEYS}
+
+    def bad_data_counts(self) -> dict[str, int]:
+        """Records fixed or skipped, by reason: the index-time counts plus the samples this
+        process has produced so far (workers included)."""
+        out = {k: int(v) for k, v in self._index_counts.items()}
+        for reason, c in zip(dec.BAD_REASONS, self._counts):
+            if c:
+                out[reason] = out.get(reason, 0) + int(c)
+        return out
+
+    def get_state(self) -> dict:
+        return {"iterator": _jsonable(self._it.get_state()),
+                "bad_counts": {r: int(c) for r, c in zip(dec.BAD_REASONS, self._counts)}}
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state["iterator"])
+        saved = state.get("bad_counts", {})
+        self._counts = np.array([saved.get(r, 0) for r in dec.BAD_REASONS], np.int64)
+        self._logged = self._counts.copy()
+
+    def close(self) -> None:
+        """Stop worker processes and threads (also done when the Loader is garbage collected,
+        but interpreter shutdown is too late for grain to clean up quietly)."""
+        if self._it is None:
+            return
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+        self._it = None
+        log.info("bad data at close: %s", self.bad_data_counts())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _jsonable(x):
+    """grain states are dicts of ints / strings / lists; make numpy scalars plain."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, bytes):
+        return x.decode()
+    return x
+
+
+def make_loader(data_cfg, *, global_batch_size: int, seed: int,
+                mesh: jax.sharding.Mesh | None = None, batch_axes=("data", "fsdp"),
+                process_index: int | None = None, process_count: int | None = None,
+                num_epochs: int | None = None) -> Loader:
+    """The training loader for this process (see the module docstring).
+
+    Each process loads `global_batch_size // process_count` samples per batch from its own
+    shard; with `mesh`, the batches are assembled into global arrays with
+    `jax.make_array_from_process_local_data`.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    sharding = None
+    if mesh is not None:
+        sharding = batch_sharding(mesh, batch_axes, global_batch_size, process_count)
+    elif global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+                         f"process_count {process_count}")
+    local_batch = global_batch_size // process_count
+    if sharding is not None and process_count == jax.process_count() > 1:
+        _check_process_rows(sharding, global_batch_size, local_batch)
+    source = make_source(data_cfg)
+    ds = _sample_dataset(source, data_cfg, seed, process_index, process_count, num_epochs)
+    threads = int(data_cfg.read_threads)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=threads, prefetch_buffer_size=max(threads, local_batch) if threads else 0))
+    it_ds = it_ds.batch(local_batch, drop_remainder=True)
+    if data_cfg.num_workers > 0:
+        # grain's worker start-up reads absl flags; outside `app.run` (tests, notebooks) they
+        # are unparsed and it raises. Their defaults are what we want.
+        if not absl_flags.FLAGS.is_parsed():
+            absl_flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=int(data_cfg.num_workers),
+            per_worker_buffer_size=int(data_cfg.prefetch)))
+    elif data_cfg.prefetch > 0:
+        it_ds = grain.experimental.ThreadPrefetchIterDataset(
+            it_ds, prefetch_buffer_size=int(data_cfg.prefetch))
+    return Loader(it_ds, global_batch_size=global_batch_size, sharding=sharding,
+                  index_counts=getattr(source, "index_counts", {}))

@@ -1,0 +1,300 @@
+"""Random-access sources of (image, boxes) records: COCO JSON, OpenImages CSV, TFDS, synthetic.
+
+Every source is a sequence (`len`, `[i]`) of `Record`s. Boxes are normalised (x0, y0, x1, y1)
+in the displayed image (see decode.py for EXIF). The file-based sources apply the official box
+filter once, when the index is built (scripts/read_bbox.py: normalised area in [0.02, 0.8];
+images with no surviving box are left out), and count what they drop in `index_counts`; the
+per-sample transform checks the boxes again against the decoded image size. A missing
+annotation file or image folder fails here, at start, naming the config key.
+
+The index is a few flat numpy arrays (not a list of dicts) because grain pickles the source
+into every worker process.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import json
+import logging
+import os
+
+import numpy as np
+
+from pbe_jax.data.synthetic import synthetic_scene
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Record:
+    """One image with its boxes. Exactly one of `path` (a file to read), `data` (encoded bytes)
+    or `pixels` (`[H, W, 3]` uint8 RGB, already decoded) is set. `boxes` is `[N, 4]` float32
+    normalised (x0, y0, x1, y1); `annotated_size` is the (W, H) the annotation gives, if any."""
+
+    key: str
+    boxes: np.ndarray
+    path: str | None = None
+    data: bytes | None = None
+    pixels: np.ndarray | None = None
+    annotated_size: tuple[int, int] | None = None
+
+
+def clean_boxes(boxes: np.ndarray, min_area: float, max_area: float
+                ) -> tuple[np.ndarray, collections.Counter]:
+    """Normalised `[N, 4]` boxes -> the ones passing the official filter, clipped to [0, 1].
+
+    Counts 'box_clipped' (partly outside the image) and 'box_degenerate' (non-finite, empty,
+    inverted or entirely outside) with the same names as the per-sample counts."""
+    counts = collections.Counter()
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    finite = np.isfinite(b).all(axis=1)
+    b = np.where(finite[:, None], b, 0.0)
+    outside = ((b < -1e-6) | (b > 1 + 1e-6)).any(axis=1)
+    c = np.clip(b, 0.0, 1.0)
+    ok = finite & (c[:, 2] > c[:, 0]) & (c[:, 3] > c[:, 1])
+    counts["box_degenerate"] += int((~ok).sum())
+    counts["box_clipped"] += int((ok & outside).sum())
+    area = (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])
+    keep = ok & (area >= min_area) & (area <= max_area)
+    return c[keep].astype(np.float32), counts
+
+
+class BoxIndex:
+    """Image files with their boxes, as flat arrays: record i is `paths[i]` (relative to
+    `root`) with boxes `boxes[offsets[i]:offsets[i + 1]]` and annotated size `sizes[i]`
+    ((0, 0) when unknown)."""
+
+    def __init__(self, root: str, paths: list[str], boxes: list[np.ndarray],
+                 sizes: list[tuple[int, int]], index_counts: collections.Counter, name: str):
+        self.root = root
+        # utf-8 bytes: a quarter of numpy's 4-byte unicode, and any file name round-trips.
+        self.paths = (np.array([p.encode() for p in paths], dtype=np.bytes_) if paths
+                      else np.zeros(0, "S1"))
+        lengths = np.array([len(b) for b in boxes], np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.boxes = (np.concatenate(boxes).astype(np.float32) if boxes
+                      else np.zeros((0, 4), np.float32))
+        self.sizes = np.asarray(sizes, np.int32).reshape(-1, 2)
+        self.index_counts = {k: int(v) for k, v in index_counts.items() if v}
+        self.name = name
+        if not len(self.paths):
+            raise ValueError(f"{name}: no image with a valid box (counts: {self.index_counts})")
+        log.info("%s: %d images, %d boxes; dropped at index time: %s", name, len(self.paths),
+                 len(self.boxes), self.index_counts)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Record:
+        rel = self.paths[i].decode("utf-8")
+        w, h = (int(v) for v in self.sizes[i])
+        return Record(key=rel, boxes=self.boxes[self.offsets[i]:self.offsets[i + 1]],
+                      path=os.path.join(self.root, rel),
+                      annotated_size=(w, h) if w > 0 and h > 0 else None)
+
+
+def _require(path: str, key: str, kind: str) -> None:
+    if not path:
+        raise ValueError(f"config.data.{key} is empty; the source needs the {kind}")
+    exists = os.path.isdir(path) if kind == "images folder" else os.path.isfile(path)
+    if not exists:
+        raise FileNotFoundError(f"config.data.{key}: {kind} {path!r} does not exist")
+
+
+def coco_source(cfg) -> BoxIndex:
+    """A COCO-format instances JSON (`images` with file_name/width/height, `annotations` with
+    image_id and bbox [x, y, w, h] in pixels): COCO, LVIS, Objects365 and most tools' exports."""
+    _require(cfg.annotations, "annotations", "annotation file")
+    _require(cfg.images_dir, "images_dir", "images folder")
+    with open(cfg.annotations) as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config.data.annotations {cfg.annotations!r}: not JSON ({e})")
+    for key in ("images", "annotations"):
+        if key not in meta:
+            raise ValueError(f"config.data.annotations {cfg.annotations!r}: no {key!r} list; "
+                             "is it a COCO instances file?")
+    counts = collections.Counter()
+    by_image = collections.defaultdict(list)
+    for a in meta["annotations"]:
+        bbox = a.get("bbox")
+        if bbox is None or len(bbox) != 4:
+            counts["box_degenerate"] += 1
+            continue
+        by_image[a.get("image_id")].append(bbox)
+    paths, boxes, sizes = [], [], []
+    for im in meta["images"]:
+        raw = by_image.pop(im.get("id"), [])
+        if not im.get("file_name"):
+            counts["missing_file"] += 1
+            continue
+        w, h = int(im.get("width") or 0), int(im.get("height") or 0)
+        if w <= 0 or h <= 0:
+            w, h = _header_size(os.path.join(cfg.images_dir, im["file_name"]))
+            counts["size_from_file"] += 1
+            if w <= 0:
+                counts["missing_file"] += 1
+                continue
+        b = np.asarray(raw, np.float64).reshape(-1, 4)
+        norm = np.stack([b[:, 0] / w, b[:, 1] / h, (b[:, 0] + b[:, 2]) / w,
+                         (b[:, 1] + b[:, 3]) / h], axis=1)
+        kept, c = clean_boxes(norm, cfg.min_box_area, cfg.max_box_area)
+        counts.update(c)
+        if not len(kept):
+            counts["no_valid_box"] += 1
+            continue
+        paths.append(im["file_name"])
+        boxes.append(kept)
+        sizes.append((w, h))
+    counts["box_unknown_image"] += sum(len(v) for v in by_image.values())
+    paths, boxes, sizes = _drop_missing(cfg.images_dir, paths, boxes, sizes, counts)
+    return BoxIndex(cfg.images_dir, paths, boxes, sizes, counts, f"coco {cfg.annotations}")
+
+
+def _header_size(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        return 0, 0
+
+
+def _drop_missing(root, paths, boxes, sizes, counts):
+    keep = [i for i, p in enumerate(paths) if os.path.isfile(os.path.join(root, p))]
+    counts["missing_file"] += len(paths) - len(keep)
+    return [paths[i] for i in keep], [boxes[i] for i in keep], [sizes[i] for i in keep]
+
+
+def _scan_images(root: str, ext: str) -> dict[str, str]:
+    """ImageID -> path relative to `root`, for files `<ImageID><ext>` in `root` or one level of
+    subfolders (the CVDF download unpacks to train_0 .. train_f)."""
+    found = {}
+    for entry in os.scandir(root):
+        if entry.is_dir():
+            for sub in os.scandir(entry.path):
+                if sub.name.endswith(ext):
+                    found[sub.name[: -len(ext)]] = os.path.join(entry.name, sub.name)
+        elif entry.name.endswith(ext):
+            found[entry.name[: -len(ext)]] = entry.name
+    return found
+
+
+def openimages_source(cfg) -> BoxIndex:
+    """The OpenImages box CSV (`oidv6-train-annotations-bbox.csv`: ImageID, ..., XMin, XMax,
+    YMin, YMax normalised, ...) with the images as `<ImageID><image_ext>` in `images_dir`."""
+    _require(cfg.annotations, "annotations", "annotation file")
+    _require(cfg.images_dir, "images_dir", "images folder")
+    files = _scan_images(cfg.images_dir, cfg.image_ext)
+    by_image = collections.defaultdict(list)
+    counts = collections.Counter()
+    with open(cfg.annotations, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        try:
+            col = {k: header.index(k) for k in ("ImageID", "XMin", "XMax", "YMin", "YMax")}
+        except ValueError:
+            raise ValueError(f"config.data.annotations {cfg.annotations!r}: header {header} "
+                             "lacks ImageID/XMin/XMax/YMin/YMax; is it an OpenImages box CSV?")
+        for row in reader:
+            try:
+                by_image[row[col["ImageID"]]].append(
+                    (float(row[col["XMin"]]), float(row[col["YMin"]]),
+                     float(row[col["XMax"]]), float(row[col["YMax"]])))
+            except (ValueError, IndexError):
+                counts["box_degenerate"] += 1
+    paths, boxes = [], []
+    for image_id in sorted(by_image):  # sorted: the index order must not depend on the CSV's
+        kept, c = clean_boxes(np.asarray(by_image[image_id]), cfg.min_box_area,
+                              cfg.max_box_area)
+        counts.update(c)
+        if not len(kept):
+            counts["no_valid_box"] += 1
+            continue
+        if image_id not in files:
+            counts["missing_file"] += 1
+            continue
+        paths.append(files[image_id])
+        boxes.append(kept)
+    return BoxIndex(cfg.images_dir, paths, boxes, [(0, 0)] * len(paths), counts,
+                    f"openimages {cfg.annotations}")
+
+
+class TfdsSource:
+    """A TFDS dataset with `image` and `objects/bbox` ((ymin, xmin, ymax, xmax) normalised),
+    e.g. coco/2017 or open_images_v4, read with `tfds.data_source` (random access, ArrayRecord;
+    no TensorFlow needed). Images stay encoded (SkipDecoding) so they go through the same
+    decoder and bad-data handling as files. Boxes are filtered per sample, not at index time
+    (reading every record's boxes up front would decode the whole dataset)."""
+
+    def __init__(self, cfg):
+        self.name, self.split = cfg.tfds_name, cfg.tfds_split
+        self.data_dir = cfg.tfds_data_dir or None
+        self.index_counts = {}
+        self._ds = None
+        self._len = len(self._open())
+        log.info("tfds %s[%s]: %d records", self.name, self.split, self._len)
+
+    def _open(self):
+        if self._ds is None:
+            try:
+                import tensorflow_datasets as tfds
+            except ImportError as e:
+                raise ImportError("config.data.source='tfds' needs tensorflow-datasets and "
+                                  "array-record: pip install 'pbe_jax[tfds]'") from e
+            try:
+                self._ds = tfds.data_source(
+                    self.name, split=self.split, data_dir=self.data_dir,
+                    decoders={"image": tfds.decode.SkipDecoding()})
+            except Exception as e:
+                raise FileNotFoundError(
+                    f"config.data.tfds_name={self.name!r} split={self.split!r} "
+                    f"data_dir={self.data_dir!r}: cannot open as an ArrayRecord TFDS dataset "
+                    f"(prepare it with file_format='array_record'): {e}") from e
+        return self._ds
+
+    def __getstate__(self):  # the reader holds file handles; reopen in each worker
+        state = dict(self.__dict__)
+        state["_ds"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> Record:
+        ex = self._open()[int(i)]
+        objects = ex.get("objects", {})
+        yxyx = np.asarray(objects.get("bbox", np.zeros((0, 4))), np.float32).reshape(-1, 4)
+        key = ex.get("image/filename", str(i))
+        key = key.decode() if isinstance(key, bytes) else str(key)
+        return Record(key=key, boxes=yxyx[:, [1, 0, 3, 2]], data=bytes(ex["image"]))
+
+
+class SyntheticSource:
+    """`synthetic_num_images` procedural scenes (synthetic.py), no files."""
+
+    def __init__(self, cfg):
+        self.n = int(cfg.synthetic_num_images)
+        self.seed = int(cfg.synthetic_seed)
+        self.sides = (int(cfg.synthetic_min_side), int(cfg.synthetic_max_side))
+        self.index_counts = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Record:
+        img, boxes = synthetic_scene(int(i), seed=self.seed, min_side=self.sides[0],
+                                     max_side=self.sides[1])
+        return Record(key=f"synthetic/{i}", boxes=boxes, pixels=img)
+
+
+def make_source(cfg):
+    """The source named by `cfg.source`."""
+    builders = {"coco": coco_source, "openimages": openimages_source, "tfds": TfdsSource,
+                "synthetic": SyntheticSource}
+    if cfg.source not in builders:
+        raise ValueError(f"config.data.source={cfg.source!r}; expected one of {sorted(builders)}")
+    return builders[cfg.source](cfg)
