@@ -1,14 +1,18 @@
-"""grain pipeline: record index -> per-process shard -> per-epoch shuffle -> sample transform
--> batch -> worker processes -> global `jax.Array` batches.
+"""grain pipeline: one global sample stream -> per-process rows of each global batch ->
+worker processes -> global `jax.Array` batches.
 
-  MapDataset.range(N)[p::P][:N // P]   each process p of P reads a disjoint shard; the last
-                                        N % P records are dropped so that every host has the
-                                        same number of batches (no multi-host hang)
-  .shuffle(seed_p).repeat(num_epochs)  a new permutation each epoch (grain folds the epoch in)
-  .random_map(PbeSample)               decode + transforms; rng seeded by (seed_p, position),
-                                        so a sample depends only on its position in the stream
-  .to_iter_dataset().batch(B / P)      local batch
+  MapDataset.range(N)                  all records, on every process
+  .shuffle(seed).repeat(num_epochs)    a new permutation each epoch (grain folds the epoch in)
+  .random_map(PbeSample)               decode + transforms; rng seeded by (seed, position),
+                                        so a sample depends only on its stream position
+  .batch(B / P)[p::P]                  process p of P takes rows [p*B/P, (p+1)*B/P) of every
+                                        global batch of B; samples are made lazily, so a
+                                        process only decodes its own rows
   .mp_prefetch(num_workers)            worker processes (output depends on num_workers)
+
+Nothing depends on the process count, so the global batches of a run are the same on 1 or N
+processes (a 2-process run reproduces a 1-process run, and a job can be resumed on another
+number of hosts with the same batches).
 
 Bad records never stop a run: a record that cannot be used (missing, undecodable, truncated,
 too small, no valid box) is replaced by another random record of the shard, drawn from the
@@ -148,25 +152,33 @@ def _read(path: str) -> bytes:
 
 def make_dataset(data_cfg, *, seed: int, process_index: int = 0, process_count: int = 1,
                  num_epochs: int | None = None) -> grain.MapDataset:
-    """grain MapDataset of single samples (dicts as `PbeSample`) for this process's shard,
-    shuffled per epoch, repeated `num_epochs` times (None: forever)."""
-    return _sample_dataset(make_source(data_cfg), data_cfg, seed, process_index, process_count,
-                           num_epochs)
+    """grain MapDataset of single samples (dicts as `PbeSample`) for this process's share of
+    the global stream (every `process_count`-th sample), shuffled per epoch, repeated
+    `num_epochs` times (None: forever)."""
+    ds = _global_stream(make_source(data_cfg), data_cfg, seed, num_epochs)
+    # equal lengths on every process (an odd sample out keeps hosts in step)
+    return ds[process_index::process_count][:len(ds) // process_count]
 
 
-def _sample_dataset(source, data_cfg, seed, process_index, process_count, num_epochs):
+def _global_stream(source, data_cfg, seed, num_epochs) -> grain.MapDataset:
+    """The one sample stream all processes share: shuffle seeds and per-sample rngs depend on
+    the global position only, never on the process count, so a run's global batches are the
+    same on 1 or N processes (and a 2-process run reproduces a 1-process run)."""
+    if len(source) == 0:
+        raise ValueError("the data source has no records")
+    shuffle_seed, sample_seed = process_seeds(seed, 0)
     n = len(source)
-    n_local = n // process_count
-    if n_local == 0:
-        raise ValueError(f"{n} records cannot be split over {process_count} processes")
-    if n % process_count:
-        log.info("dropping %d of %d records so that %d processes get %d each",
-                 n % process_count, n, process_count, n_local)
-    shuffle_seed, sample_seed = process_seeds(seed, process_index)
-    ds = grain.MapDataset.range(n)[process_index::process_count][:n_local]
-    ds = ds.shuffle(seed=shuffle_seed).repeat(num_epochs)
-    return ds.random_map(PbeSample(source, data_cfg, (process_index, process_count, n_local)),
-                         seed=sample_seed)
+    ds = grain.MapDataset.range(n).shuffle(seed=shuffle_seed).repeat(num_epochs)
+    return ds.random_map(PbeSample(source, data_cfg, (0, 1, n)), seed=sample_seed)
+
+
+def _process_batches(source, data_cfg, seed, process_index, process_count, local_batch,
+                     num_epochs) -> grain.MapDataset:
+    """Global batch s = stream positions [s*B, (s+1)*B); process p holds rows
+    [p*b, (p+1)*b) of it (b = B / P), the rows `make_array_from_process_local_data` expects
+    from process p. Samples are made lazily: a process only decodes its own rows."""
+    ds = _global_stream(source, data_cfg, seed, num_epochs)
+    return ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, batch_axes, global_batch_size: int,
@@ -318,11 +330,11 @@ def make_loader(data_cfg, *, global_batch_size: int, seed: int,
     if sharding is not None and process_count == jax.process_count() > 1:
         _check_process_rows(sharding, global_batch_size, local_batch)
     source = make_source(data_cfg)
-    ds = _sample_dataset(source, data_cfg, seed, process_index, process_count, num_epochs)
+    ds = _process_batches(source, data_cfg, seed, process_index, process_count, local_batch,
+                          num_epochs)
     threads = int(data_cfg.read_threads)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(
-        num_threads=threads, prefetch_buffer_size=max(threads, local_batch) if threads else 0))
-    it_ds = it_ds.batch(local_batch, drop_remainder=True)
+        num_threads=threads, prefetch_buffer_size=max(threads, 1) if threads else 0))
     if data_cfg.num_workers > 0:
         # grain's worker start-up reads absl flags; outside `app.run` (tests, notebooks) they
         # are unparsed and it raises. Their defaults are what we want.
