@@ -115,14 +115,16 @@ class PaintByExample(nnx.Module):
                         attention_impl: str = "xla", remat: bool = False,
                         remat_policy: str | None = None, allow_missing=(), place=None,
                         use_ema: bool = False, model_config: Mapping[str, Any] | None = None,
-                        return_report: bool = False):
+                        seed: int = 0, return_report: bool = False):
         """Load a diffusers Paint-by-Example repository (local dir or Hub id, e.g.
         `Fantasy-Studio/Paint-by-Example`; safetensors or .bin; `variant='fp16'`), or a pbe_jax
         orbax checkpoint (a params checkpoint, a training workdir or one of its steps).
 
         `dtype` is the compute dtype, `param_dtype` the params' (fp16/bf16 weights are cast to
         it). `place(path, array)` puts each param on devices. `use_ema` picks a training
-        checkpoint's EMA params. Returns the model, or (model, PipelineReport).
+        checkpoint's EMA params. `allow_missing` globs (`unet.conv_in.*`) accept absent params,
+        which keep their initial values (seeded by `seed`). Returns the model, or
+        (model, PipelineReport).
         """
         from pbe_jax.convert.load import load_pipeline  # noqa: PLC0415 (convert imports this module)
 
@@ -130,7 +132,8 @@ class PaintByExample(nnx.Module):
         return load_pipeline(fmt, path_or_hub_id, variant=variant, revision=revision, dtype=dtype,
                              param_dtype=param_dtype, attention_impl=attention_impl, remat=remat,
                              remat_policy=remat_policy, allow_missing=allow_missing, place=place,
-                             use_ema=use_ema, model_config=model_config, return_report=return_report)
+                             use_ema=use_ema, model_config=model_config, seed=seed,
+                             return_report=return_report)
 
     def save_pretrained(self, path: str, *, dtype=None, variant: str | None = None,
                         format: str = "diffusers", progress: bool = False) -> str:  # noqa: A002

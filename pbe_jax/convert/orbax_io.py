@@ -1,0 +1,256 @@
+"""Orbax checkpoints of `PaintByExample` params: training checkpoints in, params checkpoints in/out.
+
+Two layouts are read:
+
+- a **params checkpoint** (what `--to orbax` / `save_orbax` writes): `DIR/params` (orbax PyTree
+  of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`, NNX layout) + `DIR/pbe_config.json` (the
+  component configs, scheduler and preprocessing configs);
+- a **training checkpoint** (`pbe_jax.checkpoint`): `WORKDIR/checkpoints/<step>/{state, frozen,
+  config, data}`, where `state['params']` (or `state['ema']`) holds the trainable params and
+  `frozen` the VAE and CLIP tower; the architecture comes from `config['model']`. A workdir
+  (newest step), its `checkpoints/` dir or one `checkpoints/<step>` dir are accepted.
+
+Arrays are restored to host numpy (only the items needed: never the optimizer state) and put on
+devices with `place(path, array)`, so a sharded training layout can be restored on any host.
+Paths may be local or any path orbax reads (e.g. `gs://`).
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from typing import Any, Iterable, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from pbe_jax.convert.load import (
+    COMPONENTS,
+    PipelineReport,
+    check_architecture,
+    parse_model_config,
+    each_with_progress,
+)
+from pbe_jax.convert.torch_layout import CheckpointMismatchError, param_leaves, path_to_torch_key
+
+log = logging.getLogger(__name__)
+
+PARAMS_ITEM = "params"
+CONFIG_FILE = "pbe_config.json"
+FORMAT_TAG = "pbe_jax.params/1"
+
+
+# --------------------------------------------------------------------------------- writing
+
+
+def save_orbax(model, path: str, *, dtype=None, progress: bool = False) -> str:
+    """Write `model`'s params (optionally cast to `dtype`) and configs as a params checkpoint."""
+    root = epath.Path(path) if "://" in str(path) else epath.Path(path).absolute()
+    for step in each_with_progress(("params", "configs"), progress, f"writing {path}"):
+        if step == "params":
+            root.mkdir(parents=True, exist_ok=True)
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            if dtype is not None:
+                params = jax.tree.map(lambda x: x.astype(dtype), params)
+            ocp.PyTreeCheckpointer().save(root / PARAMS_ITEM, args=ocp.args.PyTreeSave(params), force=True)
+        else:
+            (root / CONFIG_FILE).write_text(json.dumps(
+                {"format": FORMAT_TAG, "configs": model.configs()}, indent=2, sort_keys=True))
+    return str(root)
+
+
+# --------------------------------------------------------------------------------- reading
+
+
+def _numeric_children(d: epath.Path) -> list[int]:
+    # Orbax writes to `<step>.orbax-checkpoint-tmp-*` and renames when complete: only plain
+    # integer names are finished checkpoints.
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def locate(path: str) -> tuple[str, epath.Path]:
+    """('params' | 'train', directory) for a params checkpoint, a training step dir, a
+    `checkpoints/` dir or a workdir (newest step)."""
+    p = epath.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such orbax checkpoint directory")
+    if (p / CONFIG_FILE).exists():
+        return "params", p
+    if (p / "state").exists() and (p / "config").exists():
+        return "train", p
+    ck = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    steps = _numeric_children(ck) if ck.is_dir() else []
+    if steps and (ck / str(steps[-1]) / "state").exists():
+        return "train", ck / str(steps[-1])
+    raise FileNotFoundError(
+        f"{path}: not a pbe_jax orbax checkpoint: looked for {CONFIG_FILE} (params checkpoint), "
+        "state/ + config/ (a training step), or checkpoints/<step>/ (a workdir)")
+
+
+def _metadata_tree(ckptr: ocp.PyTreeCheckpointer, directory: epath.Path) -> Any:
+    meta = ckptr.metadata(directory)
+    meta = getattr(meta, "item_metadata", meta)
+    return getattr(meta, "tree", meta)
+
+
+def restore_numpy(directory: epath.Path, keys: Iterable[str] | None = None) -> dict:
+    """An orbax PyTree item as nested dicts of host numpy arrays (string keys); with `keys`,
+    only those top-level entries are read."""
+    ckptr = ocp.PyTreeCheckpointer()
+    # orbax logs a warning for items saved inside a composite checkpoint (no per-item metadata).
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        tree = _metadata_tree(ckptr, directory)
+        if keys is not None:
+            keys = list(keys)
+            absent = [k for k in keys if k not in tree]
+            if absent:
+                raise KeyError(f"{directory}: no item {absent} (has {sorted(tree)})")
+            tree = {k: tree[k] for k in keys}
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+            item=tree, restore_args=args, partial_restore=keys is not None))
+    finally:
+        absl_log.setLevel(level)
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple[str, ...], np.ndarray]:
+    out = {}
+    for k, v in tree.items():
+        key = (*prefix, str(k))
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _scheduler_from_train(train_cfg: Mapping | None) -> dict:
+    from pbe_jax.pipeline import DEFAULT_SCHEDULER_CONFIG  # noqa: PLC0415
+
+    sched = dict(DEFAULT_SCHEDULER_CONFIG)
+    for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps"):
+        if train_cfg and k in train_cfg:
+            sched[k] = train_cfg[k]
+    return sched
+
+
+def _read_train(step_dir: epath.Path, use_ema: bool, report: PipelineReport):
+    """(flat params, configs) of a training checkpoint step."""
+    config = json.loads((step_dir / "config" / "metadata").read_text())
+    if "model" not in config:
+        raise ValueError(f"{step_dir}/config: no 'model' field (not a pbe_jax training config)")
+    tree = _metadata_tree(ocp.PyTreeCheckpointer(), step_dir / "state")
+    has_ema = "ema" in tree
+    if use_ema and not has_ema:
+        raise ValueError(f"{step_dir}: use_ema asked, but the train state has no 'ema' params "
+                         "(the run had train.ema_decay = 0)")
+    if has_ema and not use_ema:
+        report.notes.append("the checkpoint also holds EMA params; pass use_ema=True / --use-ema "
+                            "to load them")
+    item = "ema" if use_ema else "params"
+    trained = restore_numpy(step_dir / "state", [item])[item]
+    frozen = restore_numpy(step_dir / "frozen")
+    flat = _flatten(trained)
+    for k, v in _flatten(frozen).items():
+        if k in flat:
+            raise CheckpointMismatchError(f"{step_dir}: param {'.'.join(k)} is in both state and frozen")
+        flat[k] = v
+    configs = {c: config["model"][c] for c in COMPONENTS}
+    configs["scheduler"] = _scheduler_from_train(config.get("train"))
+    report.notes.append(f"training checkpoint at step {step_dir.name}, {'EMA' if use_ema else 'raw'} params")
+    return flat, configs
+
+
+def _matches(names: Iterable[str], patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+
+
+def _check_params(leaves: Mapping[tuple, Any], flat: Mapping[tuple, np.ndarray], allow_missing: list[str],
+                  source: str) -> list[str]:
+    """Strict comparison of checkpoint arrays with the model's params; returns the allowed gaps
+    (dotted NNX names) or raises naming every missing, unexpected, mis-shaped or non-float one."""
+    missing, allowed, bad = [], [], []
+    for p, var in leaves.items():
+        name = ".".join(map(str, p))
+        key = tuple(map(str, p))
+        if key not in flat:
+            # globs match the NNX name (`unet.conv_in.kernel`) or the torch one (`unet.conv_in.weight`)
+            (allowed if _matches((name, path_to_torch_key(p)), allow_missing) else missing).append(name)
+            continue
+        arr, shape = flat[key], tuple(var.get_value().shape)
+        if tuple(arr.shape) != shape:
+            bad.append(f"{name}: checkpoint {tuple(arr.shape)}, model {shape}")
+        elif not (np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16"):
+            bad.append(f"{name}: dtype {arr.dtype}, expected a float tensor")
+    known = {tuple(map(str, p)) for p in leaves}
+    unexpected = [".".join(k) for k in flat if k not in known]
+    if missing or unexpected or bad:
+        parts = [f"{source} does not match PaintByExample:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape/dtype mismatches", bad)):
+            if items:
+                parts.append(f"  {len(items)} {title}: " + ", ".join(sorted(items)[:50])
+                             + (f" ... (+{len(items) - 50} more)" if len(items) > 50 else ""))
+        parts.append("  (pass allow_missing=[GLOB, ...] / --allow-missing GLOB to accept missing keys)")
+        raise CheckpointMismatchError("\n".join(parts))
+    return allowed
+
+
+def _read(kind: str, d: epath.Path, use_ema: bool, report: PipelineReport):
+    """(flat params, configs) of a params or training checkpoint."""
+    if kind == "train":
+        return _read_train(d, use_ema, report)
+    meta = json.loads((d / CONFIG_FILE).read_text())
+    if meta.get("format") != FORMAT_TAG:
+        raise ValueError(f"{d / CONFIG_FILE}: format {meta.get('format')!r}, expected {FORMAT_TAG!r}")
+    if use_ema:
+        raise ValueError(f"{d}: a params checkpoint has no EMA copy (it holds one set of params)")
+    return _flatten(restore_numpy(d / PARAMS_ITEM)), meta["configs"]
+
+
+def load_orbax(path: str, *, model_config: Mapping | None = None, allow_missing: Iterable[str] = (),
+               place=None, seed: int = 0, use_ema: bool = False, progress: bool = False, **runtime):
+    """A params or training checkpoint -> (PaintByExample, report). Strict: every param of the
+    model must be in the checkpoint with its shape and a float dtype, and nothing else."""
+    from pbe_jax.pipeline import PaintByExample  # noqa: PLC0415
+
+    kind, d = locate(path)
+    report = PipelineReport(source=str(d), format=f"orbax ({kind})")
+    steps = iter(each_with_progress(("read", "check", "place"), progress, f"loading {d}"))
+    next(steps)
+    flat, configs = _read(kind, d, use_ema, report)
+    next(steps)
+    found = parse_model_config({c: configs[c] for c in COMPONENTS})
+    check_architecture(found, parse_model_config(model_config), str(d))
+    cfg_dicts = {c: found[c].to_dict() for c in COMPONENTS}
+    kw = dict(scheduler_config=configs.get("scheduler"),
+              feature_extractor_config=configs.get("feature_extractor"))
+    build = lambda: PaintByExample.from_model_config(cfg_dicts, seed=seed, **runtime, **kw)  # noqa: E731
+    model = nnx.eval_shape(build)
+    leaves = param_leaves(model)
+    gaps = set(_check_params(leaves, flat, list(allow_missing), str(d)))
+    report.missing_allowed = sorted(gaps)
+    next(steps)
+    init = {}
+    if gaps:  # initial values of the allowed gaps only: under jit the rest of the init is dead code
+        def init_gaps():
+            named = ((".".join(map(str, q)), v) for q, v in param_leaves(build()).items())
+            return {n: v.get_value() for n, v in named if n in gaps}
+
+        init = jax.device_get(jax.jit(init_gaps)())
+    place = place or (lambda path, a: jax.numpy.asarray(a))
+    report.loaded = dict.fromkeys(COMPONENTS, 0)
+    for p, var in leaves.items():
+        key = tuple(map(str, p))
+        src = flat[key] if key in flat else init[".".join(key)]
+        var.set_value(place(p, np.asarray(src, dtype=var.get_value().dtype)))
+        report.loaded[str(p[0])] += key in flat
+    nnx.update(model, nnx.from_flat_state(leaves))
+    next(steps, None)
+    return model, report
