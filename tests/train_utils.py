@@ -1,0 +1,73 @@
+"""Shared helpers for the training tests: a tiny config, config loading, reading run outputs."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILE = os.path.join(REPO, "configs", "pbe.py")
+
+
+def load_config_module():
+    spec = importlib.util.spec_from_file_location("pbe_config", CONFIG_FILE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# The overrides that make the demo config tiny enough for tests (as CLI flags and as a dict).
+TINY = {
+    "data.resolution": 32,
+    "data.num_workers": 0,
+    "data.synthetic_num_images": 16,
+    "train.batch_size": 8,
+    "train.warmup_steps": 0,
+    "log_every_steps": 1,
+    "ckpt_every_steps": 1000,
+    "sample_every_steps": 0,
+}
+
+
+def tiny_config(arg: str = "demo", **overrides):
+    cfg = load_config_module().get_config(arg)
+    for key, val in {**TINY, **overrides}.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = val
+    return cfg
+
+
+def cli_overrides(**overrides) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items()]
+
+
+def train_cmd(workdir: str, arg: str = "demo", extra: list[str] = (), **overrides) -> list[str]:
+    return [sys.executable, "-m", "pbe_jax.train", f"--config={CONFIG_FILE}:{arg}",
+            f"--workdir={workdir}", *cli_overrides(**overrides), *extra]
+
+
+def read_metrics(workdir: str) -> dict[int, dict]:
+    """metrics.jsonl as {step: row}; a later row for the same step (after a resume) wins."""
+    rows = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                row = json.loads(line)
+                rows[row["step"]] = row
+    return rows
+
+
+def subprocess_env(devices: int = 1) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
