@@ -7,6 +7,7 @@ frozen ones (VAE, CLIP vision tower) with `TRAINABLE` / `FROZEN`; inference call
 from __future__ import annotations
 
 import copy
+import json
 import os
 from typing import Any, Mapping
 
@@ -78,9 +79,22 @@ class PaintByExample(nnx.Module):
         self.unet = unet
         self.vae = vae
         self.image_encoder = image_encoder
-        self.scheduler_config = dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG)
         size = image_encoder.config.vision.image_size
-        self.feature_extractor_config = dict(feature_extractor_config or default_feature_extractor_config(size))
+        # Stored as JSON text: static attributes of an NNX module are part of its (hashed)
+        # graph definition, which jit uses as a static argument; a dict is unhashable.
+        self._scheduler_json = json.dumps(dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG), sort_keys=True)
+        self._feature_extractor_json = json.dumps(
+            dict(feature_extractor_config or default_feature_extractor_config(size)), sort_keys=True)
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        """diffusers `scheduler/scheduler_config.json` (a fresh copy)."""
+        return json.loads(self._scheduler_json)
+
+    @property
+    def feature_extractor_config(self) -> dict[str, Any]:
+        """transformers `feature_extractor/preprocessor_config.json` (a fresh copy)."""
+        return json.loads(self._feature_extractor_json)
 
     @classmethod
     def from_model_config(cls, model_cfg: Mapping[str, Any], *, seed: int = 0, dtype=jnp.float32,
@@ -96,6 +110,15 @@ class PaintByExample(nnx.Module):
         enc = PaintByExampleImageEncoder(
             PaintByExampleEncoderConfig.from_dict(dict(model_cfg["image_encoder"])), rngs=rngs, **rt)
         return cls(unet, vae, enc, **kw)
+
+    def __call__(self, source, mask, reference, **kwargs):
+        """Paint `reference` into the white region of `mask` on `source`; arguments and return
+        values in `pbe_jax.inference.edit` (num_inference_steps=50, guidance_scale=5.0,
+        scheduler='plms', seed=0, num_images_per_prompt=1, latents=None, masked_latents='sample',
+        paste_back=False, reference_preprocess='squash', output_type='pil')."""
+        from pbe_jax.inference import edit  # noqa: PLC0415 (inference imports this module)
+
+        return edit(self, source, mask, reference, **kwargs)
 
     def configs(self) -> dict[str, Any]:
         return {
@@ -165,3 +188,4 @@ def _is_orbax_dir(path: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
