@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, PNDMScheduler
 from PIL import Image
 
 from pbe_jax.pipeline import PaintByExample
@@ -53,7 +53,7 @@ def _diffusers(torch_pipe, scheduler, latents, guidance, steps, monkeypatch):
 def test_pipeline_equals_diffusers(models, name, guidance, monkeypatch):
     torch_pipe, ours, _ = models
     latents = np.random.default_rng(1).standard_normal((1, H // 2, W // 2, 4)).astype(np.float32)
-    sched = torch_pipe.scheduler
+    sched = PNDMScheduler.from_config(torch_pipe.scheduler.config)  # the repo's PLMS
     if name == "ddim":
         # as ours (and the official LDM DDIM sampler): no x0 clipping
         sched = DDIMScheduler.from_config(torch_pipe.scheduler.config, clip_sample=False)
