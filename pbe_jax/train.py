@@ -434,6 +434,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 break
             if config.sample_every_steps and step % config.sample_every_steps == 0:
                 _log_samples(setup, state, frozen, batch, writer, step)
+            if config.evals.every_steps and step % config.evals.every_steps == 0:
+                _run_evals(setup, state, frozen, writer, step)
             if not is_last:
                 batch = next(it)
     finally:
@@ -451,6 +453,17 @@ def _log_samples(setup: Setup, state, frozen, batch, writer: MetricWriter, step:
     grid = training_samples(model, batch, setup.config)
     if grid is not None:
         writer.image(step, "samples", grid)
+
+
+def _run_evals(setup: Setup, state, frozen, writer: MetricWriter, step: int) -> None:
+    """COCOEE metrics of the current params (`config.evals`), on every process."""
+    from pbe_jax.evaluate import training_eval  # noqa: PLC0415
+
+    model = nnx.merge(setup.graphdef, state["params"], frozen, setup.rest)
+    values = training_eval(model, setup.config, step)
+    if values:
+        writer.scalars(step, values)
+        log.info("step %d evals: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
 
 def main(argv) -> None:
