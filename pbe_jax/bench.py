@@ -1,20 +1,53 @@
-r"""Benchmarks, by name:
+r"""Benchmarks: pbe_jax side by side with the PyTorch stack it replaces, in one process.
 
-  python -m pbe_jax.bench --what=data            # data pipeline (pbe_jax/data/bench.py)
-  python -m pbe_jax.bench --what=data --json_out=bench.json
+  python -m pbe_jax.bench --what=all --size=small --json=bench.json
+  python -m pbe_jax.bench --what=train --size=sd15 --reps=2          # 512 px, batch 1
+  python -m pbe_jax.bench --what=train,sample --size=small --dtype=bf16   # on a GPU / TPU host
+  python -m pbe_jax.bench --what=memory --size=sd15                  # AOT only, 8 fake devices
+  python -m pbe_jax.bench --what=data                                # data pipeline
 
-`--what` takes a comma-separated list of names in BENCHMARKS. A benchmark is a function taking
-no arguments (it reads its own `--<name>_*` flags) and returning a JSON-serialisable dict.
+`--what` takes a comma-separated list of {train, sample, data, memory} or `all`:
+- train: the full PbE training step, pbe_jax vs eager PyTorch (diffusers/transformers modules,
+  the official recipe): images/s, step time, FLOPs/step, achieved FLOP/s and MFU
+  (pbe_jax/benchmarks/train.py).
+- sample: 50-step PLMS, guidance 5, batch 4, pbe_jax vs diffusers' PaintByExamplePipeline on
+  identical weights (pbe_jax/benchmarks/sample.py).
+- data: samples/s per worker process of the augmentation pipeline at 512 px from JPEGs, and its
+  scaling with grain workers (pbe_jax/data/bench.py).
+- memory: per-device bytes of the compiled train step, FSDP vs pure data parallel over 8 fake
+  devices, remat off/on (pbe_jax/benchmarks/memory.py; runs in a subprocess when needed).
+`--size` is tiny | small | sd15 (pbe_jax/benchmarks/sizes.py). Each benchmark prints a markdown
+table of medians (warm-up excluded) with the ratio pbe_jax / reference; `--json OUT` writes
+`{name: {"ours", "reference", "ratio", "unit"}}` for every row.
 """
 from __future__ import annotations
 
 import json
+import os
 from typing import Callable
 
 from absl import app, flags
 
-_WHAT = flags.DEFINE_string("what", "data", "comma-separated benchmarks to run")
-_JSON_OUT = flags.DEFINE_string("json_out", "", "write all results to this JSON file")
+ALL = ("train", "sample", "data", "memory")
+
+_WHAT = flags.DEFINE_string("what", "data", "comma-separated benchmarks (train,sample,data,memory) or 'all'")
+_SIZE = flags.DEFINE_enum("size", "small", ["tiny", "small", "sd15"], "model size")
+_DTYPE = flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "compute dtype (params stay fp32)")
+_JSON = flags.DEFINE_string("json", "", "write every result row to this JSON file")
+flags.DEFINE_alias("json_out", "json")
+_REPS = flags.DEFINE_integer("reps", 3, "timed repetitions (the median is reported)")
+_WARMUP = flags.DEFINE_integer("warmup", None, "untimed calls first (default: train 3, sample 1)")
+_REFERENCE = flags.DEFINE_bool("reference", True, "also time the PyTorch reference")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = CPU count)")
+
+# sample
+_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 50, "PLMS steps")
+_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 4, "images per call")
+_SAMPLE_GUIDANCE = flags.DEFINE_float("sample_guidance", 5.0, "classifier-free guidance scale")
+
+# memory
+_MEMORY_COMPILE = flags.DEFINE_bool("memory_compile", True,
+                                    "AOT-compile each mesh x remat (else state bytes only)")
 
 # data
 _DATA_RES = flags.DEFINE_integer("data_resolution", 512, "source crop side in px")
@@ -25,29 +58,86 @@ _DATA_BATCH = flags.DEFINE_integer("data_batch", 8, "batch size for the loader a
 _DATA_SECONDS = flags.DEFINE_float("data_seconds", 10.0, "seconds per loader measurement")
 
 
-def bench_data() -> dict:
+def _size():
+    from pbe_jax.benchmarks.sizes import get_size
+
+    return get_size(_SIZE.value)
+
+
+def _warmup(default: int) -> int:
+    return default if _WARMUP.value is None else _WARMUP.value
+
+
+def bench_train() -> list:
+    from pbe_jax.benchmarks import train
+
+    return train.run(_size(), dtype=_DTYPE.value, reps=_REPS.value, warmup=_warmup(3),
+                     reference=_REFERENCE.value)
+
+
+def bench_sample() -> list:
+    from pbe_jax.benchmarks import sample
+
+    return sample.run(_size(), dtype=_DTYPE.value, reps=_REPS.value, warmup=_warmup(1),
+                      steps=_SAMPLE_STEPS.value, guidance=_SAMPLE_GUIDANCE.value,
+                      batch=_SAMPLE_BATCH.value, reference=_REFERENCE.value)
+
+
+def bench_memory() -> list:
+    from pbe_jax.benchmarks import memory
+
+    return memory.run(_size(), dtype=_DTYPE.value, compile=_MEMORY_COMPILE.value)
+
+
+def bench_data() -> list:
+    from pbe_jax.benchmarks.report import Row
     from pbe_jax.data.bench import run
 
-    return run(resolution=_DATA_RES.value, num_images=_DATA_IMAGES.value,
-               num_samples=_DATA_SAMPLES.value,
-               workers=tuple(int(w) for w in _DATA_WORKERS.value),
-               batch_size=_DATA_BATCH.value, seconds=_DATA_SECONDS.value)
+    r = run(resolution=_DATA_RES.value, num_images=_DATA_IMAGES.value,
+            num_samples=_DATA_SAMPLES.value,
+            workers=tuple(int(w) for w in _DATA_WORKERS.value),
+            batch_size=_DATA_BATCH.value, seconds=_DATA_SECONDS.value)
+    name = f"data/{r['resolution']}px"
+    rows = [Row(f"{name}/one_process", r["per_process"]["samples_per_s"], None, "samples/s")]
+    for row in r["loader"]:
+        w = row["workers"]
+        rows.append(Row(f"{name}/loader_{w}_workers", row["samples_per_s"], None, "samples/s"))
+        rows.append(Row(f"{name}/loader_{w}_workers_per_worker", row["samples_per_s_per_worker"], None,
+                        "samples/s/worker"))
+    return rows
 
 
-BENCHMARKS: dict[str, Callable[[], dict]] = {
+BENCHMARKS: dict[str, Callable[[], list]] = {
+    "train": bench_train,
+    "sample": bench_sample,
     "data": bench_data,
+    "memory": bench_memory,
 }
 
 
 def main(argv) -> None:
     del argv
     names = [n.strip() for n in _WHAT.value.split(",") if n.strip()]
+    if names == ["all"]:
+        names = list(ALL)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        raise app.UsageError(f"unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)}")
-    results = {name: BENCHMARKS[name]() for name in names}
-    if _JSON_OUT.value:
-        with open(_JSON_OUT.value, "w") as f:
+        raise app.UsageError(f"unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)} or 'all'")
+    if {"train", "sample"} & set(names) and _REFERENCE.value:
+        import torch
+
+        torch.set_num_threads(_TORCH_THREADS.value or os.cpu_count() or 1)
+    from pbe_jax.benchmarks.report import machine_line, markdown_table
+
+    results = {}
+    for name in names:
+        rows = BENCHMARKS[name]()
+        title = f"{name} ({_SIZE.value if name != 'data' else 'data'}, {_DTYPE.value}; {machine_line()})"
+        print(markdown_table(rows, title), flush=True)
+        print(flush=True)
+        results.update({r.name: r.as_json() for r in rows})
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
             json.dump(results, f, indent=2)
 
 

@@ -224,7 +224,8 @@ def define_flags() -> None:
 
 
 def training_samples(model, batch: dict, config) -> np.ndarray | None:
-    """A grid (rows: masked source, reference, sample) of `config.sample_num` edits of the current
+    """A grid (rows: masked source, reference, sample, VAE reconstruction of the source) of
+    `config.sample_num` edits of the current
     training batch with the model being trained; run by every process, returned on each."""
     from pbe_jax.inference import resolve_scheduler  # noqa: PLC0415
 
@@ -256,7 +257,12 @@ def _training_samples_core(model, batch, n, sched, guidance, rep):
         h = out.shape[1]
         ref = batch["reference"][:n].astype(jnp.float32) / 255.0
         ref = jax.image.resize(ref, (n, h, h, 3), "linear")
-        return jnp.concatenate([jnp.concatenate(list(x), axis=1) for x in (masked, ref, out)], axis=0)
+        # What the frozen VAE makes of the source: the best a sample can look (with the demo's
+        # random VAE this is itself noise-like, and samples should match it outside the hole).
+        vae = nnx.merge(graphdef, state).vae
+        recon = jnp.clip(vae.decode(vae.encode(b["image"]).mode()) / 2 + 0.5, 0.0, 1.0)
+        rows = (masked, ref, out, recon)
+        return jnp.concatenate([jnp.concatenate(list(x), axis=1) for x in rows], axis=0)
 
     return jax.jit(f, out_shardings=rep)(state, batch)
 

@@ -1,0 +1,62 @@
+"""CI smoke test of `python -m pbe_jax.bench`: every benchmark at `--size tiny` runs (ours and the
+PyTorch reference), prints a parseable markdown table and writes the `--json` rows. Speed is
+not checked; the work is cut down (1 rep, 2 sampler steps, state bytes only for memory)."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+EXPECTED = {
+    "train/tiny/images_per_s": "images/s",
+    "train/tiny/mfu": "fraction of peak",
+    "sample/tiny/images_per_s": None,
+    "data/128px/one_process": "samples/s",
+    "data/128px/loader_1_workers_per_worker": "samples/s/worker",
+    "memory/tiny/params+opt_state": None,
+}
+TABLE_ROW = re.compile(r"^\| (\S+) \| (\S+) \| (\S+) \| (\S+) \| (.+) \|$")
+
+
+def test_bench_tiny_all(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "pbe_jax.bench", "--what=all", "--size=tiny", "--reps=1",
+           "--warmup=1", "--sample_steps=2", "--memory_compile=false", "--data_resolution=128",
+           "--data_images=4", "--data_samples=4", "--data_workers=1", "--data_batch=2",
+           "--data_seconds=1", "--torch_threads=2", f"--json={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    for name, unit in EXPECTED.items():
+        assert name in rows, f"{name} missing from {sorted(rows)}"
+        if unit:
+            assert rows[name]["unit"] == unit, rows[name]
+    for name, r in rows.items():
+        assert set(r) == {"ours", "reference", "ratio", "unit"}, (name, r)
+        assert math.isfinite(r["ours"]) and r["ours"] >= 0, (name, r)
+        if r["reference"] is None:
+            assert r["ratio"] is None, (name, r)
+        elif r["reference"]:
+            assert math.isclose(r["ratio"], r["ours"] / r["reference"], rel_tol=1e-9), (name, r)
+    # both sides were timed for the comparisons the issue asks for
+    for name in ("train/tiny/images_per_s", "sample/tiny/images_per_s"):
+        assert rows[name]["reference"] > 0 and rows[name]["ours"] > 0, rows[name]
+    # FSDP over 8 devices cannot hold more state per device than pure data parallel
+    assert rows["memory/tiny/params+opt_state"]["ratio"] < 1.0
+    # every JSON row is also a row of a printed markdown table, with the same numbers
+    printed = {m.group(1): m for line in proc.stdout.splitlines() if (m := TABLE_ROW.match(line))}
+    assert set(rows) <= set(printed), sorted(set(rows) - set(printed))
+    for name, r in rows.items():
+        assert printed[name].group(5) == r["unit"]
+        assert math.isclose(float(printed[name].group(2)), r["ours"], rel_tol=2e-2, abs_tol=1e-2)
+
+
+def test_rows_and_table():
+    from pbe_jax.benchmarks.report import Row, markdown_table
+
+    rows = [Row("x/a", 3.0, 2.0, "images/s"), Row("x/b", 5e9, None, "FLOP")]
+    assert rows[0].ratio == 1.5 and rows[1].ratio is None
+    table = markdown_table(rows).splitlines()
+    assert table[2] == "| x/a | 3.000 | 2.000 | 1.50x | images/s |"
+    assert table[3] == "| x/b | 5e+09 | - | - | FLOP |"
