@@ -29,6 +29,7 @@ from __future__ import annotations
 import ml_collections
 
 from pbe_jax.data.config import data_config
+from pbe_jax.evaluate import evals_config
 from pbe_jax.sharding import DEFAULT_RULES
 
 VARIANTS = ("demo", "sd15")
@@ -68,7 +69,11 @@ def _demo_models() -> ml_collections.ConfigDict:
             "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 64,
             "block_out_channels": (16, 32, 32), "layers_per_block": 1, "norm_num_groups": 8,
             "down_block_types": ("DownEncoderBlock2D",) * 3,
-            "up_block_types": ("UpDecoderBlock2D",) * 3, "scaling_factor": 0.18215,
+            "up_block_types": ("UpDecoderBlock2D",) * 3,
+            # The demo's frozen VAE is random: scale its latents to unit variance, the way SD's
+            # 0.18215 was picked for its VAE (with 0.18215 they would have std 0.03, and the
+            # denoiser would learn almost nothing).
+            "scaling_factor": 5.3,
         },
         "image_encoder": {
             "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
@@ -156,4 +161,41 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample_guidance = 5.0
     c.sample_num = 4
     c.peak_flops = 0.0  # per device, for MFU; 0 = look up the device kind (or CPU estimate)
+    # COCOEE metrics during training (off by default): set every_steps, bench and the metric
+    # weights (clip_model / inception / fid_ref / gmm), see pbe_jax/evaluate.py.
+    c.evals = evals_config()
     return c
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps: python -m pbe_jax.sweep --config=configs/pbe.py:VARIANT,sweep=NAME --workdir=ROOT
+# --------------------------------------------------------------------------------------------
+
+SWEEPS = ("lr_batch", "cond_drop", "mask_mix", "resolution")
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+    """One override dict per run (dotted config fields -> values), for `pbe_jax.sweep`.
+
+    ARG is get_config's argument plus an optional `sweep=NAME` token (default `lr_batch`):
+    - lr_batch: learning rate x global batch (sd15: the paper's 1e-5 @ 32 and its neighbours).
+    - cond_drop: the classifier-free-guidance drop rate (paper 0.2).
+    - mask_mix: the share of Bezier-warped masks vs plain boxes (paper 0.5).
+    - resolution: training image side (sd15 256 / 512; demo 32 / 64).
+    """
+    tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
+    names = [t.partition("=")[2] for t in tokens if t.startswith("sweep=")]
+    name = names[-1] if names else "lr_batch"
+    variant, _ = parse_arg(",".join(t for t in tokens if not t.startswith("sweep=")))
+    demo = variant == "demo"
+    if name == "lr_batch":
+        lrs = (3e-4, 1e-3) if demo else (5e-6, 1e-5, 2e-5)
+        batches = (8, 16) if demo else (32, 64)
+        return [{"train.lr": lr, "train.batch_size": b} for b in batches for lr in lrs]
+    if name == "cond_drop":
+        return [{"train.cond_drop_prob": p} for p in (0.1, 0.2, 0.3)]
+    if name == "mask_mix":
+        return [{"data.arbitrary_mask_prob": p} for p in (0.0, 0.5, 1.0)]
+    if name == "resolution":
+        return [{"data.resolution": r} for r in ((32, 64) if demo else (256, 512))]
+    raise ValueError(f"unknown sweep {name!r}; known: {SWEEPS}")

@@ -104,15 +104,16 @@ def test_demo_config_trains_loss_falls(tmp_path):
     """The real loop (train_and_evaluate) on a fixed small synthetic dataset: loss falls."""
     from pbe_jax.train import train_and_evaluate
 
-    cfg = tiny_config(**{"train.num_steps": 60, "train.lr": 2e-3, "ckpt_every_steps": 60,
+    n = 200
+    cfg = tiny_config(**{"train.num_steps": n, "train.lr": 3e-3, "ckpt_every_steps": n,
                          "data.synthetic_num_images": 8})
     train_and_evaluate(cfg, str(tmp_path))
     rows = read_metrics(str(tmp_path))
     losses = [rows[s]["loss"] for s in sorted(rows)]
-    assert len(losses) == 60
-    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
-    assert last < 0.7 * first, (first, last)
-    assert os.path.isdir(tmp_path / "checkpoints" / "60")
+    assert len(losses) == n
+    first, last = np.mean(losses[:20]), np.mean(losses[-20:])
+    assert last < 0.8 * first, (first, last)
+    assert os.path.isdir(tmp_path / "checkpoints" / str(n))
     assert (tmp_path / "images").is_dir() and any((tmp_path / "images").iterdir())
 
 
