@@ -22,7 +22,7 @@ from pbe_jax.convert.load import load_pipeline
 from pbe_jax.convert.torch_layout import CheckpointMismatchError
 from pbe_jax.models.unet import UNetConfig
 from pbe_jax.models.vae import VAEConfig
-from test_weights_diffusers import (
+from tests.test_weights_diffusers import (
     CLIP,
     UNET,
     VAE,

@@ -23,7 +23,7 @@ from pbe_jax.convert.load import load_pipeline
 from pbe_jax.convert.safetensors_io import read_safetensors
 from pbe_jax.convert.torch_layout import CheckpointMismatchError
 from pbe_jax.pipeline import FROZEN, TRAINABLE, PaintByExample
-from test_weights_diffusers import (
+from tests.test_weights_diffusers import (
     assert_export_equals,
     assert_state_dicts_equal,
     model_configs,
