@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Multi-host on one machine: N processes over 127.0.0.1, each with its own fake CPU devices, to
+# test multi-process behaviour (jax.distributed, gloo collectives, per-process data shards,
+# process-0-only writes, checkpoint save/restore) without a cluster.
+#
+#   launch/local.sh -n 2 -d 2 -- python -m pbe_jax.train --config=configs/pbe.py:demo \
+#       --workdir=/tmp/pbe_mh --config.train.num_steps=3
+#
+# Every process runs CMD with `--coordinator_address=127.0.0.1:PORT --num_processes=N
+# --process_id=I` appended (the flags every pbe_jax CLI accepts) and JAX_PLATFORMS=cpu,
+# XLA_FLAGS=--xla_force_host_platform_device_count=D in its environment, so the global mesh has
+# N*D devices. Output goes to LOGDIR/proc_I.log; process 0's log is also streamed to stdout.
+# The launcher exits with the first non-zero status of any process (the others are then stopped)
+# or 0 when all succeed. Ctrl-C / SIGTERM is forwarded (pbe_jax.train checkpoints and exits).
+#
+# Options:
+#   -n, --nproc N       processes (default 2)
+#   -d, --devices D     fake CPU devices per process (default 2)
+#   -p, --port P        coordinator port (default: random in 20000-39999)
+#   -l, --logdir DIR    per-process logs (default: a new directory under ${TMPDIR:-/tmp})
+#   --dry-run           print the commands, start nothing (also DRY_RUN=1)
+
+# shellcheck source-path=SCRIPTDIR
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=common.sh
+source "$here/common.sh"
+
+usage() {
+  sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  exit "${1:-0}"
+}
+
+nproc=2
+devices=2
+port=$((20000 + RANDOM % 20000))
+logdir=""
+while (($#)); do
+  case "$1" in
+    -n | --nproc) nproc=$2; shift 2 ;;
+    -d | --devices) devices=$2; shift 2 ;;
+    -p | --port) port=$2; shift 2 ;;
+    -l | --logdir) logdir=$2; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h | --help) usage 0 ;;
+    --) shift; break ;;
+    *) echo "unknown option $1 (the command goes after --)" >&2; usage 2 ;;
+  esac
+done
+(($#)) || { echo "no command given after --" >&2; usage 2; }
+[[ "$nproc" =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got '$nproc'"
+[[ "$devices" =~ ^[1-9][0-9]*$ ]] || die "--devices must be a positive integer, got '$devices'"
+cmd=("$@")
+
+if [[ -z "$logdir" ]]; then
+  if [[ "$DRY_RUN" == 1 ]]; then
+    logdir="${TMPDIR:-/tmp}/pbe_local.XXXXXX"
+  else
+    logdir="$(mktemp -d "${TMPDIR:-/tmp}/pbe_local.XXXXXX")"
+  fi
+fi
+[[ "$DRY_RUN" == 1 ]] || mkdir -p "$logdir"
+
+# Keep the caller's XLA flags except a device count of its own (ours must win).
+xla_flags="$(printf '%s --xla_force_host_platform_device_count=%s' "${XLA_FLAGS:-}" "$devices" |
+  sed -E 's/--xla_force_host_platform_device_count=[0-9]+ //g; s/ +/ /g; s/^ //')"
+
+echo "launcher: $nproc processes x $devices CPU devices, coordinator 127.0.0.1:$port, logs in $logdir" >&2
+pids=()
+for ((i = 0; i < nproc; i++)); do
+  argv=(env "JAX_PLATFORMS=cpu" "XLA_FLAGS=$xla_flags" "${cmd[@]}"
+    "--coordinator_address=127.0.0.1:$port" "--num_processes=$nproc" "--process_id=$i")
+  log="$logdir/proc_$i.log"
+  if [[ "$DRY_RUN" == 1 ]]; then
+    run "${argv[@]}"
+    echo "  > $log"
+    continue
+  fi
+  "${argv[@]}" >"$log" 2>&1 &
+  pids+=("$!")
+done
+[[ "$DRY_RUN" == 1 ]] && exit 0
+
+trap_group_signals
+# Stream process 0's output; tail ends by itself when process 0 does.
+tail -n +1 -f --pid="${pids[0]}" "$logdir/proc_0.log" &
+tail_pid=$!
+status=0
+wait_group "${pids[@]}" || status=$?
+wait "$tail_pid" 2>/dev/null || true
+if ((status != 0)); then
+  for ((i = 1; i < nproc; i++)); do
+    echo "---- last lines of $logdir/proc_$i.log" >&2
+    tail -n 20 "$logdir/proc_$i.log" >&2 || true
+  done
+fi
+echo "launcher: exit status $status (logs in $logdir)" >&2
+exit "$status"

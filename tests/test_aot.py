@@ -1,0 +1,146 @@
+"""AOT compile tool: topology parsing, per-device state sizes against the model's own parameter
+count, and the CLI compiling the demo step for 2 fake devices (memory analysis consistent with
+the state it is given). TPU targets compile only where libtpu is installed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from pbe_jax import sharding as shd
+from pbe_jax.pipeline import TRAINABLE
+from pbe_jax.tools.aot_compile import compile_report, format_report, parse_topology
+from pbe_jax.train import Setup, abstract_model, state_bytes_per_device
+from tests.train_utils import CONFIG_FILE, REPO, cli_overrides, tiny_config
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def test_parse_topology():
+    t = parse_topology("v5p-64")
+    assert (t.kind, t.num_devices, t.topology_name, t.chip_config_name) == ("tpu", 32, "v5:2x4x4", "megacore")
+    t = parse_topology("v5p-1024")
+    assert t.num_devices == 512 and t.topology_name == "v5:8x8x8" and t.wrap == (True, True, True)
+    t = parse_topology("v5litepod-16")
+    assert (t.num_devices, t.topology_name, t.chip_config_name) == (16, "v5e:4x4", "default")
+    assert parse_topology("v4-8").topology_name == "v4:2x2x1"
+    assert parse_topology("v6e-256").wrap == (True, True, False)
+    for spec, n in (("cpu:8", 8), ("gpu:16", 16), ("64", 64), ("h100:16", 16)):
+        t = parse_topology(spec)
+        assert t.kind == "fake" and t.num_devices == n
+    assert parse_topology("h100:16").device_memory_gib == 80 and parse_topology("cpu:8").device_memory_gib is None
+    for bad in ("v5p-63", "v5p-6", "v5e-12", "tpu-8", "cpu:0", "cpu:x"):
+        with pytest.raises(ValueError, match="topology"):
+            parse_topology(bad)
+
+
+def _param_bytes(cfg) -> int:
+    """fp32 bytes of the trainable parameters, counted from the abstract model itself."""
+    p = nnx.split(abstract_model(cfg), TRAINABLE, ...)[1]
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(p))
+
+
+def test_state_bytes_per_device_follow_the_mesh():
+    cfg = tiny_config()
+    full = _param_bytes(cfg)
+    dp = Setup(cfg, shd.make_mesh("data:8")).abstract_state()
+    fsdp = Setup(cfg, shd.make_mesh("data:1,fsdp:8")).abstract_state()
+    # data parallel: every device holds all params and Adam's mu and nu
+    assert state_bytes_per_device(dp["params"]) == full
+    assert 2 * full <= state_bytes_per_device(dp["opt_state"]) <= 2 * full + 64  # + the step count
+    # fsdp: the big kernels are split 8 ways, small arrays stay whole
+    p8 = state_bytes_per_device(fsdp["params"])
+    assert full / 8 <= p8 < full / 2
+    assert 2 * p8 <= state_bytes_per_device(fsdp["opt_state"]) <= 2 * p8 + 64
+
+
+def test_compiler_out_of_memory_is_a_verdict(monkeypatch):
+    """The TPU compiler refuses a step that cannot fit (RESOURCE_EXHAUSTED): the tool reports it
+    as 'does not fit' with the compiler's numbers and still prints the state sizes; any other
+    compile error propagates."""
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (19.58G) exceeds available HBM (15.75G).\ndetails")
+
+    def refuse(self):
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(Setup, "compile", refuse)
+    cfg = tiny_config()
+    cfg.mesh = "data:1,fsdp:2"
+    devices = jax.devices()[:2]
+    r = compile_report(cfg, devices, device_memory_gib=16)
+    assert r["fits"] is False and r["compile_error"] == msg.splitlines()[0] and r["compiled"] == {}
+    setup = Setup(cfg, shd.make_mesh(cfg.mesh, devices=devices))
+    assert r["params_bytes"] == state_bytes_per_device(setup.abstract_state()["params"])
+    text = format_report(r, parse_topology("v5e-16"))
+    assert "DOES NOT FIT: the compiler refused the step: RESOURCE_EXHAUSTED" in text and "(19.58G)" in text
+
+    def broken(self):
+        raise RuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(Setup, "compile", broken)
+    with pytest.raises(RuntimeError, match="INTERNAL"):
+        compile_report(cfg, devices)
+
+
+@pytest.mark.slow
+def test_cli_compiles_for_fake_devices(tmp_path):
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    cmd = [sys.executable, "-m", "pbe_jax.tools.aot_compile", f"--config={CONFIG_FILE}:demo,mesh=data:1,fsdp:2",
+           "--topology=cpu:2", "--device_memory_gib=0.001", f"--json_out={out}",
+           *cli_overrides(**{"train.batch_size": 4})]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    # 1 MiB per device cannot hold the state: the verdict and the exit status say so
+    assert r.returncode == 3, r.stdout + r.stderr[-3000:]
+    assert "DOES NOT FIT" in r.stdout and "params + optimizer" in r.stdout
+    rep = json.loads(out.read_text())
+    assert rep["devices"] == 2 and rep["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+
+    # the same sizes, computed here over 2 of the test's fake devices
+    cfg = tiny_config(**{"train.batch_size": 4})
+    cfg.mesh = "data:1,fsdp:2"
+    setup = Setup(cfg, shd.make_mesh(cfg.mesh, devices=jax.devices()[:2]))
+    state = setup.abstract_state()
+    assert rep["params_bytes"] == state_bytes_per_device(state["params"])
+    assert rep["opt_state_bytes"] == state_bytes_per_device(state["opt_state"])
+    assert rep["frozen_bytes"] == state_bytes_per_device(setup.abstract_frozen())
+    assert rep["batch_bytes"] == 4 // 2 * (32 * 32 * 3 + 32 * 32 + cfg.data.reference_size ** 2 * 3)
+    # XLA's arguments: the whole train state and batch shards this device holds, plus the frozen
+    # params the step reads (jit drops unread ones, e.g. the VAE decoder)
+    assert rep["state_bytes"] == state_bytes_per_device(state)
+    assert rep["resident_bytes"] == rep["state_bytes"] + rep["frozen_bytes"] + rep["batch_bytes"]
+    assert rep["state_bytes"] + rep["batch_bytes"] < rep["compiled"]["argument"] <= rep["resident_bytes"]
+    # the donated state comes back in place; activations need room
+    assert rep["compiled"]["alias"] >= rep["params_bytes"] + rep["opt_state_bytes"]
+    assert rep["compiled"]["temp"] > 0
+    assert rep["peak_bytes"] >= rep["resident_bytes"] + rep["compiled"]["temp"] and rep["fits"] is False
+
+
+@pytest.mark.skipif(HAS_LIBTPU, reason="libtpu is installed: the TPU path is tested instead")
+def test_tpu_topology_without_libtpu_says_what_to_install():
+    r = subprocess.run([sys.executable, "-m", "pbe_jax.tools.aot_compile", f"--config={CONFIG_FILE}:demo",
+                        "--topology=v5p-64"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 2
+    assert "pip install 'pbe_jax[tpu]'" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install 'pbe_jax[tpu]')")
+def test_tpu_topology_compiles_on_this_host(tmp_path):
+    out = tmp_path / "report.json"
+    r = subprocess.run([sys.executable, "-m", "pbe_jax.tools.aot_compile", f"--config={CONFIG_FILE}:demo,mesh=data:-1",
+                        "--topology=v5p-8", f"--json_out={out}", *cli_overrides(**{"train.batch_size": 4})],
+                       capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["devices"] == 4 and "TPU" in rep["device_kind"] and rep["fits"] is True
+    assert rep["compiled"]["argument"] >= rep["state_bytes"] + rep["frozen_bytes"]
