@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 
 log = logging.getLogger("pbe_jax")
 
@@ -56,8 +57,9 @@ class MetricWriter:
         self.workdir = workdir
         self._tb = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            # epath: local paths and gs:// (or any fsspec/tf.io) workdirs alike
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+            self._jsonl = (epath.Path(workdir) / "metrics.jsonl").open("a")
             try:
                 from tensorboardX import SummaryWriter  # noqa: PLC0415
 
@@ -83,13 +85,14 @@ class MetricWriter:
 
         if img.dtype != np.uint8:
             img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
-        d = os.path.join(self.workdir, "images")
-        os.makedirs(d, exist_ok=True)
-        path = os.path.join(d, f"{name}_{step:07d}.png")
-        Image.fromarray(img).save(path)
+        d = epath.Path(self.workdir) / "images"
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{name}_{step:07d}.png"
+        with path.open("wb") as f:
+            Image.fromarray(img).save(f, format="PNG")
         if self._tb is not None:
             self._tb.add_image(name, img, step, dataformats="HWC")
-        return path
+        return str(path)
 
     def flush(self) -> None:
         if self.enabled and self._tb is not None:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from pbe_jax import sharding as shd
@@ -357,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
     from pbe_jax.data.pipeline import make_loader  # noqa: PLC0415
 
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
     # ---- mesh
     mesh = shd.make_mesh(config.mesh)
     log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
@@ -385,8 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = setup.new_state(params)
         step0 = 0
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json(indent=2))
+            (epath.Path(workdir) / "config.json").write_text(config.to_json(indent=2))
     # ---- step
     t0 = time.perf_counter()
     it = iter(loader)
