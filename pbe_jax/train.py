@@ -442,6 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pre.restore()
         ckpt.close()
         writer.close()
+        loader.close()  # stops grain worker processes / threads
     return last
 
 
