@@ -17,7 +17,7 @@ from flax import nnx
 
 from pbe_jax.models import axes as ax
 from pbe_jax.models.attention import dot_product_attention
-from pbe_jax.models.layers import Identity, activation, conv, group_norm, linear, maybe_remat
+from pbe_jax.models.layers import GroupNorm, Identity, activation, conv, group_norm, linear, maybe_remat
 
 Dtype = Any
 
@@ -25,7 +25,7 @@ Dtype = Any
 VAE_NORM_EPS = 1e-6
 
 
-def _norm(channels: int, rngs: nnx.Rngs, *, groups: int, param_dtype: Dtype) -> nnx.GroupNorm:
+def _norm(channels: int, rngs: nnx.Rngs, *, groups: int, param_dtype: Dtype) -> GroupNorm:
     """GroupNorm computing in fp32 whatever the model dtype: its output goes through the
     activation in fp32 and is rounded to the compute dtype once, by the next conv/linear (XLA
     fuses norm + act + cast, so no fp32 activation is stored). Rounding twice instead (norm
