@@ -12,7 +12,6 @@ import logging
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pbe_jax.evals import cocoee
 from pbe_jax.evals.qs import GaussianMixture
-from tests.test_weights_diffusers import IMAGE, tiny_pipeline
+from tests.test_weights_diffusers import tiny_pipeline
 
 H = W = 32  # the tiny model's VAE x UNet factor is 4
 IDS = [1773, 3419, 3658, 4594]

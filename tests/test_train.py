@@ -5,14 +5,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from pbe_jax import sharding as shd
 from pbe_jax.data.pipeline import make_loader

@@ -18,6 +18,7 @@ from pbe_jax.convert import safetensors_io as stio
 from pbe_jax.convert.torch_layout import CheckpointMismatchError, param_leaves, path_to_torch_key
 from pbe_jax.models.hub import num_params
 from pbe_jax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
+from tests.test_weights_diffusers import randomize  # the shared 'every param random' helper
 
 CONFIGS = {
     # 2 blocks, 1 resnet per down block, 4 groups
@@ -38,20 +39,6 @@ def _torch_config(name):
     cfg.update(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                latent_channels=4, sample_size=IMAGE)
     return cfg
-
-
-def _randomize(model: torch.nn.Module, seed: int):
-    """Random values in every param: fan-in scaled weights, norm scales around 1, nonzero biases."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim > 1:
-                p.copy_(noise * (p[0].numel() ** -0.5))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            else:
-                p.copy_(0.1 * noise)
 
 
 def _nchw(x):
@@ -77,7 +64,7 @@ def _build_case(name, tmp_path_factory):
     built once per config."""
     if name not in _CASES:
         torch_model = TorchAutoencoderKL(**_torch_config(name)).eval()
-        _randomize(torch_model, seed=sorted(CONFIGS).index(name))
+        randomize(torch_model, seed=sorted(CONFIGS).index(name))
         path = str(tmp_path_factory.mktemp(f"vae_{name}"))
         torch_model.save_pretrained(path)
         ours = AutoencoderKL.from_pretrained(path)
