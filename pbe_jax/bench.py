@@ -28,6 +28,11 @@ from typing import Callable
 
 from absl import app, flags
 
+from pbe_jax.benchmarks import memory, sample, train
+from pbe_jax.benchmarks.report import Row, machine_line, markdown_table
+from pbe_jax.benchmarks.sizes import get_size
+from pbe_jax.data.bench import run
+
 ALL = ("train", "sample", "data", "memory")
 
 _WHAT = flags.DEFINE_string("what", "data", "comma-separated benchmarks (train,sample,data,memory) or 'all'")
@@ -59,8 +64,6 @@ _DATA_SECONDS = flags.DEFINE_float("data_seconds", 10.0, "seconds per loader mea
 
 
 def _size():
-    from pbe_jax.benchmarks.sizes import get_size
-
     return get_size(_SIZE.value)
 
 
@@ -69,30 +72,21 @@ def _warmup(default: int) -> int:
 
 
 def bench_train() -> list:
-    from pbe_jax.benchmarks import train
-
     return train.run(_size(), dtype=_DTYPE.value, reps=_REPS.value, warmup=_warmup(3),
                      reference=_REFERENCE.value)
 
 
 def bench_sample() -> list:
-    from pbe_jax.benchmarks import sample
-
     return sample.run(_size(), dtype=_DTYPE.value, reps=_REPS.value, warmup=_warmup(1),
                       steps=_SAMPLE_STEPS.value, guidance=_SAMPLE_GUIDANCE.value,
                       batch=_SAMPLE_BATCH.value, reference=_REFERENCE.value)
 
 
 def bench_memory() -> list:
-    from pbe_jax.benchmarks import memory
-
     return memory.run(_size(), dtype=_DTYPE.value, compile=_MEMORY_COMPILE.value)
 
 
 def bench_data() -> list:
-    from pbe_jax.benchmarks.report import Row
-    from pbe_jax.data.bench import run
-
     r = run(resolution=_DATA_RES.value, num_images=_DATA_IMAGES.value,
             num_samples=_DATA_SAMPLES.value,
             workers=tuple(int(w) for w in _DATA_WORKERS.value),
@@ -127,7 +121,6 @@ def main(argv) -> None:
         import torch
 
         torch.set_num_threads(_TORCH_THREADS.value or os.cpu_count() or 1)
-    from pbe_jax.benchmarks.report import machine_line, markdown_table
 
     results = {}
     for name in names:

@@ -1,21 +1,26 @@
-"""Paint-by-Example inference: `PaintByExample.__call__` and what the batch CLI shares.
+"""Paint-by-Example inference: the one jitted edit function and the one host-side preparation,
+shared by `PaintByExample.__call__`, the batch CLI, evaluation and the training sample grids.
 
     edit(pipe, source, mask, reference, num_inference_steps=50, guidance_scale=5.0,
          scheduler='plms', seed=0, ...) -> list of PIL images | float array [N, H, W, 3] in [0, 1]
 
-Host side: images are read (PIL / numpy / paths; EXIF orientation applied), the mask is
-binarised at 0.5 with white = edit (the official scripts and diffusers), sizes that are not a
+Host side (`prepare`): images are read (PIL / numpy / paths; EXIF orientation applied), the mask
+is binarised at 0.5 with white = edit (the official scripts and diffusers), sizes that are not a
 multiple of the model's downsampling factor (64 for SD) are padded (reflect for the source,
 "keep" for the mask) and cropped back afterwards, and the reference is resized to the CLIP size
 ('squash' as the official script, 'center_crop' as the diffusers feature extractor).
-Device side, one jitted function per (shape, steps, scheduler, CFG on/off): VAE-encode the masked
-image, the keep-mask to the latent grid bilinearly (the official code; diffusers uses nearest,
-which agrees on 8-px-aligned masks), CLIP-encode the reference, the guided `lax.scan` sampler,
-VAE-decode. Optional `paste_back` blends the source back outside a feathered mask (the official
-code and diffusers do not: the unedited region is a VAE re-synthesis with colour shift).
+
+Device side (`edit_function`): one `jax.jit` per (model graph, parameter shardings, mesh,
+scheduler, CFG on/off, masked-latents mode), with explicit in / out shardings, cached; jit's own
+cache adds the shapes. It VAE-encodes the masked image, resizes the keep-mask to the latent grid
+bilinearly (the official code; diffusers uses nearest, which agrees on 8-px-aligned masks),
+CLIP-encodes the reference, runs the guided `lax.scan` sampler and VAE-decodes. Optional
+`paste_back` blends the source back outside a feathered mask (the official code and diffusers
+do not: the unedited region is a VAE re-synthesis with colour shift).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any, Sequence
@@ -25,11 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 from PIL import Image, ImageOps
 
-from pbe_jax.pipeline import CLIP_MEAN, CLIP_STD
+from pbe_jax import sharding as shd
+from pbe_jax.models.clip import CLIP_MEAN, CLIP_STD
 from pbe_jax.sampler import guided_sample
-from pbe_jax.schedulers import NAMES, SD_DEFAULTS, make_scheduler
+from pbe_jax.schedulers import Scheduler, scheduler_for
 
 ImageLike = Any  # PIL.Image | np.ndarray | str path
 
@@ -118,15 +125,49 @@ def feather(edit: np.ndarray, radius: float) -> np.ndarray:
     return np.clip(dist / radius, 0.0, 1.0).astype(np.float32)
 
 
+@dataclasses.dataclass
+class EditInputs:
+    """One batch of edits as the device function takes them (host arrays, N images of one
+    padded size). `size` is the (H, W) before padding."""
+
+    image: np.ndarray  # [N, H', W', 3] float32 in [-1, 1]
+    keep: np.ndarray  # [N, H', W', 1] float32, 1 = keep, 0 = region to paint
+    ref: np.ndarray  # [N, R, R, 3] float32, CLIP-normalised
+    seeds: np.ndarray  # [N] uint32
+    size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+
+def prepare(pipe, images: Sequence[np.ndarray], edits: Sequence[np.ndarray], refs: Sequence[np.ndarray],
+            seeds: Sequence[int], *, num_images_per_prompt: int = 1,
+            reference_preprocess: str = "squash") -> EditInputs:
+    """The one host-side batch preparation: uint8 sources [H, W, 3] of one size, bool edit masks
+    [H, W] (True = paint), uint8 references, one seed per output image
+    (len(images) * num_images_per_prompt)."""
+    size = images[0].shape[:2]
+    k = size_multiple(pipe)
+    padded = [pad_to_multiple(im, e, k) for im, e in zip(images, edits)]
+    r = pipe.image_encoder.config.vision.image_size
+    rep = lambda xs: np.repeat(np.stack(xs), num_images_per_prompt, axis=0)  # noqa: E731
+    inputs = EditInputs(
+        image=rep([p[0] for p in padded]).astype(np.float32) / 127.5 - 1.0,
+        keep=rep([(~p[1]).astype(np.float32)[..., None] for p in padded]),
+        ref=rep([reference_pixels(x, r, reference_preprocess) for x in refs]),
+        seeds=np.asarray([int(s) for s in seeds], np.uint32), size=tuple(size))
+    if len(inputs.seeds) != len(inputs):
+        raise ValueError(f"{len(inputs.seeds)} seeds for {len(inputs)} output images")
+    return inputs
+
+
 # ---------------------------------------------------------------------------------------------
 # The jitted edit
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "scheduler", "cfg", "masked_latents",
-                                             "batch_sharding"))
-def _edit_core(graphdef, state, image, keep, ref, seeds, latents, guidance, *, scheduler, cfg,
-               masked_latents, batch_sharding):
+def _edit_body(graphdef, state, image, keep, ref, seeds, guidance, latents, *, scheduler: Scheduler,
+               cfg: bool, masked_latents: str, batch_sharding):
     """image [N,H,W,3] in [-1,1], keep [N,H,W,1] (1 = keep), ref [N,R,R,3] CLIP-normalised,
     seeds [N] uint32, latents [N,h,w,C] or None -> images [N,H,W,3] in [0,1]."""
     pipe = nnx.merge(graphdef, state)
@@ -146,62 +187,101 @@ def _edit_core(graphdef, state, image, keep, ref, seeds, latents, guidance, *, s
         latents = jax.vmap(lambda k: jax.random.normal(k, (h, w, c)))(keys)
     cond = pipe.image_encoder(ref)  # [N, 1, D]
     uncond = pipe.image_encoder.uncond(cond.dtype)
-
-    def eps_fn(x, t, ctx):
-        return pipe.unet(x, t, ctx)
-
-    x0 = guided_sample(eps_fn, scheduler, latents.astype(jnp.float32), zm, mask, cond, uncond,
+    x0 = guided_sample(pipe.unet, scheduler, latents.astype(jnp.float32), zm, mask, cond, uncond,
                        guidance if cfg else 1.0, jax.random.fold_in(keys[0], 2),
                        batch_sharding=batch_sharding)
     img = pipe.vae.decode((x0 / sf).astype(jnp.float32))
     return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-def resolve_scheduler(pipe, scheduler: str | None, steps: int, eta: float = 0.0):
-    """A name picks the class; betas and spacing come from the model's scheduler config, and
-    keys that config lacks take the SD / PbE values (`SD_DEFAULTS`), not the new class's
-    diffusers defaults: e.g. DDIM built from the hub's PNDM config would get diffusers'
-    `clip_sample=True`, which the official (LDM) DDIM sampler does not do."""
-    if scheduler is None:
-        return make_scheduler(pipe.scheduler_config, steps, eta=eta)
-    if scheduler not in NAMES:
-        raise ValueError(f"scheduler {scheduler!r} is not one of {sorted(NAMES)}")
-    cfg = {**SD_DEFAULTS, **pipe.scheduler_config, "_class_name": NAMES[scheduler]}
-    return make_scheduler(cfg, steps, eta=eta)
+@functools.lru_cache(maxsize=64)
+def _compiled_edit(graphdef, state_treedef, state_shardings: tuple, mesh, device, scheduler: Scheduler,
+                   cfg: bool, masked_latents: str, with_latents: bool):
+    state_sh = jax.tree.unflatten(state_treedef, state_shardings)
+    if mesh is not None:
+        batch = lambda nd: shd.batch_sharding(mesh, nd)  # noqa: E731
+        out = shd.replicated(mesh)  # every process can read the images
+        constrain = shd.batch_sharding(mesh, 4)
+    else:
+        one = jax.sharding.SingleDeviceSharding(device)
+        batch = lambda nd: one  # noqa: E731
+        out, constrain = one, None
+    body = functools.partial(_edit_body, graphdef, scheduler=scheduler, cfg=cfg,
+                             masked_latents=masked_latents, batch_sharding=constrain)
+    rep = out
+    in_sh = [state_sh, batch(4), batch(4), batch(4), batch(1), rep]
+    if with_latents:
+        in_sh.append(batch(4))
+        fn = body
+    else:
+        fn = lambda state, image, keep, ref, seeds, guidance: body(  # noqa: E731
+            state, image, keep, ref, seeds, guidance, None)
+    return jax.jit(fn, in_shardings=tuple(in_sh), out_shardings=out)
 
 
-def run_edit(pipe, image: np.ndarray, keep: np.ndarray, ref: np.ndarray, seeds: Sequence[int], *,
-             num_inference_steps: int = 50, guidance_scale: float = 5.0, scheduler: str | None = "plms",
-             eta: float = 0.0, latents: np.ndarray | None = None, masked_latents: str = "sample",
-             mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
-    """Arrays in, float32 [N, H, W, 3] in [0, 1] out (host). Pads the batch to the mesh's batch
-    size and drops the padding, so any N works on any number of devices."""
+def edit_function(pipe, *, scheduler: Scheduler, cfg: bool, masked_latents: str = "sample",
+                  with_latents: bool = False, mesh: jax.sharding.Mesh | None = None):
+    """(jitted fn, state, mesh): `fn(state, image, keep, ref, seeds, guidance[, latents])` for
+    `pipe`'s params as they are placed. Params already on a mesh (training) are used in place;
+    otherwise with `mesh` they are replicated onto it, else everything runs on their device.
+    Built once per (graph, shardings, mesh, scheduler, cfg, masked_latents) and cached."""
+    graphdef, state = nnx.split(pipe)
+    leaves, treedef = jax.tree.flatten(state)
+    first = getattr(leaves[0], "sharding", None)
+    if isinstance(first, NamedSharding):
+        mesh = first.mesh
+    elif mesh is not None:
+        state = jax.device_put(state, shd.replicated(mesh))
+        leaves = jax.tree.leaves(state)
+    device = None if mesh is not None else next(iter(first.device_set)) if first is not None else jax.devices()[0]
+    fn = _compiled_edit(graphdef, treedef, tuple(x.sharding for x in leaves), mesh, device, scheduler,
+                        bool(cfg), masked_latents, bool(with_latents))
+    return fn, state, mesh
+
+
+def run_edit(pipe, inputs: EditInputs, *, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+             scheduler: str | None = "plms", eta: float = 0.0, latents: np.ndarray | None = None,
+             masked_latents: str = "sample", mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+    """`EditInputs` in, float32 [N, H', W', 3] in [0, 1] out (host, padded size). Pads the batch
+    to the mesh's batch size and drops the padding, so any N works on any number of devices."""
     if masked_latents not in ("sample", "mode"):
         raise ValueError(f"masked_latents must be 'sample' or 'mode', got {masked_latents!r}")
-    sched = resolve_scheduler(pipe, scheduler, num_inference_steps, eta)
-    n = image.shape[0]
-    arrays = [image, keep, ref, np.asarray(seeds, np.uint32)] + ([latents] if latents is not None else [])
-    sharding = None
+    sched = scheduler_for(pipe.scheduler_config, scheduler, num_inference_steps, eta)
+    fn, state, mesh = edit_function(pipe, scheduler=sched, cfg=float(guidance_scale) != 1.0,
+                                    masked_latents=masked_latents, with_latents=latents is not None,
+                                    mesh=mesh)
+    n = len(inputs)
+    arrays = [inputs.image, inputs.keep, inputs.ref, inputs.seeds]
+    if latents is not None:
+        arrays.append(np.asarray(latents, np.float32))
     if mesh is not None:
-        from pbe_jax import sharding as shd  # noqa: PLC0415
-
-        m = shd.batch_axis_size(mesh)
-        pad = (-n) % m
+        pad = (-n) % shd.batch_axis_size(mesh)
         arrays = [np.concatenate([a, np.repeat(a[-1:], pad, 0)]) if pad else a for a in arrays]
-        sharding = shd.batch_sharding(mesh, 4)
         arrays = [jax.device_put(a, shd.batch_sharding(mesh, a.ndim)) for a in arrays]
-    graphdef, state = nnx.split(pipe)
-    if mesh is not None:
-        from pbe_jax import sharding as shd  # noqa: PLC0415
-
-        state = jax.device_put(state, shd.replicated(mesh))
-    image_, keep_, ref_, seeds_ = arrays[:4]
-    lat_ = arrays[4] if latents is not None else None
-    cfg = float(guidance_scale) != 1.0
-    out = _edit_core(graphdef, state, image_, keep_, ref_, seeds_, lat_,
-                     jnp.float32(guidance_scale), scheduler=sched, cfg=cfg,
-                     masked_latents=masked_latents, batch_sharding=sharding)
+    args = arrays[:4] + [np.float32(guidance_scale)] + arrays[4:]
+    out = fn(state, *args)
+    out = out.addressable_data(0) if mesh is not None else out
     return np.asarray(jax.device_get(out))[:n]
+
+
+def finish(out: np.ndarray, images: Sequence[np.ndarray], edits: Sequence[np.ndarray], *,
+           num_images_per_prompt: int = 1, paste_back: bool = False,
+           paste_back_radius: float = 8.0) -> np.ndarray:
+    """Device output [N, H', W', 3] -> the sources' size [N, H, W, 3] in [0, 1], with the
+    source pasted back outside the feathered mask when `paste_back`."""
+    h, w = images[0].shape[:2]
+    out = out[:, :h, :w]
+    if paste_back:
+        rep = lambda xs: np.repeat(np.stack(xs), num_images_per_prompt, axis=0)  # noqa: E731
+        src = rep(list(images)).astype(np.float32) / 255.0
+        alpha = rep([feather(e, paste_back_radius)[..., None] for e in edits])
+        out = src * (1 - alpha) + out * alpha
+    return out
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """[..., 3] float in [0, 1] -> uint8, as the PIL outputs are quantised."""
+    return np.round(x * 255).astype(np.uint8)
 
 
 def _as_list(x) -> list:
@@ -241,27 +321,15 @@ def edit(pipe, source, mask, reference, *, num_inference_steps: int = 50, guidan
             raise ValueError(f"mask {i} is {e.shape[1]}x{e.shape[0]} but its source is {im.shape[1]}x{im.shape[0]}")
         if not e.any():
             raise ValueError(f"mask {i} has no white (edit) pixels")
-    k = size_multiple(pipe)
-    padded = [pad_to_multiple(im, e, k) for im, e in zip(images, edits)]
-    r = pipe.image_encoder.config.vision.image_size
-    ref_px = [reference_pixels(load_rgb(x, f"reference {i}"), r, reference_preprocess)
-              for i, x in enumerate(refs)]
-    rep = lambda xs: np.repeat(np.stack(xs), num_images_per_prompt, axis=0)  # noqa: E731
-    img = rep([p[0] for p in padded]).astype(np.float32) / 127.5 - 1.0
-    keep = rep([(~p[1]).astype(np.float32)[..., None] for p in padded])
-    ref = rep(ref_px)
-    n = img.shape[0]
+    n = len(images) * num_images_per_prompt
     seeds = [int(seed) + i for i in range(n)] if np.isscalar(seed) else [int(s) for s in seed]
-    if len(seeds) != n:
-        raise ValueError(f"{len(seeds)} seeds for {n} output images")
-    out = run_edit(pipe, img, keep, ref, seeds, num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, scheduler=scheduler, eta=eta, latents=latents,
-                   masked_latents=masked_latents, mesh=mesh)
-    out = out[:, :size[0], :size[1]]
-    if paste_back:
-        src = rep(images).astype(np.float32) / 255.0
-        alpha = rep([feather(e, paste_back_radius)[..., None] for e in edits])
-        out = src * (1 - alpha) + out * alpha
+    refs_u8 = [load_rgb(x, f"reference {i}") for i, x in enumerate(refs)]
+    inputs = prepare(pipe, images, edits, refs_u8, seeds, num_images_per_prompt=num_images_per_prompt,
+                     reference_preprocess=reference_preprocess)
+    out = run_edit(pipe, inputs, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                   scheduler=scheduler, eta=eta, latents=latents, masked_latents=masked_latents, mesh=mesh)
+    out = finish(out, images, edits, num_images_per_prompt=num_images_per_prompt, paste_back=paste_back,
+                 paste_back_radius=paste_back_radius)
     if output_type == "np":
         return out
-    return [Image.fromarray(np.round(o * 255).astype(np.uint8)) for o in out]
+    return [Image.fromarray(to_uint8(o)) for o in out]

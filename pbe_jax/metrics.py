@@ -12,7 +12,9 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
 from etils import epath
+from PIL import Image
 
 log = logging.getLogger("pbe_jax")
 
@@ -37,7 +39,6 @@ def peak_flops_per_device(configured: float = 0.0) -> float:
 
 def measure_matmul_peak(n: int = 1024, reps: int = 10) -> float:
     """Achieved FLOP/s of a square fp32 matmul on the first device (a CPU-side 'peak')."""
-    import jax.numpy as jnp  # noqa: PLC0415
 
     x = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32), jax.devices()[0])
     f = jax.jit(lambda a: a @ a)
@@ -47,7 +48,6 @@ def measure_matmul_peak(n: int = 1024, reps: int = 10) -> float:
         t = time.perf_counter()
         f(x).block_until_ready()
         best = min(best, time.perf_counter() - t)
-    del jnp
     return 2 * n**3 / best
 
 
@@ -81,7 +81,6 @@ class MetricWriter:
         """img: [H, W, 3] uint8 or float in [0, 1]. Also saved as WORKDIR/images/<name>_<step>.png."""
         if not self.enabled:
             return None
-        from PIL import Image  # noqa: PLC0415
 
         if img.dtype != np.uint8:
             img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
@@ -108,3 +107,14 @@ class MetricWriter:
 def image_grid(rows: list[np.ndarray]) -> np.ndarray:
     """rows: list of [N, H, W, 3] arrays in [0, 1] (same N, H, W) -> one [R*H, N*W, 3] image."""
     return np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+
+
+def setup_logging() -> None:
+    """pbe_jax INFO lines on the console; orbax/absl chatter only from WARNING up."""
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    log.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.StreamHandler) for h in log.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+        log.propagate = False

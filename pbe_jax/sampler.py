@@ -4,10 +4,8 @@ Each step does what diffusers' `PaintByExamplePipeline.__call__` (PBE_SPEC 5.3) 
 `plms.py` do: UNet input `[x_t | masked-image latents | mask]` (4 + 4 + 1 channels, in that
 order), classifier-free guidance `e = e_u + s (e_c - e_u)` with both halves in one 2B-batch call,
 and no CFG at all when s == 1. The whole loop is traced once per (shapes, scheduler, CFG on/off),
-with no host round trip per step.
-
-To jit with the UNet's weights as arguments (not baked in as constants), pass `eps_fn` as a
-pytree: `jax.tree_util.Partial(apply_fn, params)`. `guided_sample_jit` does the jit.
+with no host round trip per step. It is traced inside the one jitted edit function
+(`pbe_jax.inference.edit_function`), which gives it the UNet with its params as arguments.
 """
 from __future__ import annotations
 
@@ -16,7 +14,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
-from jax.tree_util import Partial
 
 from pbe_jax.schedulers import Scheduler
 
@@ -98,35 +95,3 @@ def guided_sample(eps_fn: EpsFn, scheduler: Scheduler, latents: jax.Array,
     keys = jax.random.split(rng, n) if rng is not None else None
     (x, _), _ = jax.lax.scan(body, (x, scheduler.init_state(x)), (jnp.arange(n), keys))
     return x
-
-
-def _sample_jit_impl(eps_fn, scheduler, latents, masked_latents, mask, cond, uncond,
-                     guidance_scale, rng, *, cfg, batch_sharding):
-    # `cfg` is decided outside jit so that guidance_scale can stay a traced value: one compile
-    # serves every scale != 1.
-    scale = guidance_scale if cfg else 1.0
-    return guided_sample(eps_fn, scheduler, latents, masked_latents, mask, cond, uncond, scale,
-                         rng, batch_sharding=batch_sharding)
-
-
-_sample_jit = jax.jit(_sample_jit_impl,
-                      static_argnames=("scheduler", "cfg", "batch_sharding"))
-
-
-def guided_sample_jit(eps_fn: EpsFn, scheduler: Scheduler, latents: jax.Array,
-                      masked_latents: jax.Array, mask: jax.Array, cond: jax.Array,
-                      uncond: jax.Array, guidance_scale: float,
-                      rng: jax.Array | None = None, *,
-                      batch_sharding: NamedSharding | None = None) -> jax.Array:
-    """`guided_sample` compiled with `jax.jit`; same arguments.
-
-    Compiles once per (eps_fn's function, shapes/dtypes, scheduler, CFG on/off, sharding): the
-    guidance scale is traced. A plain function `eps_fn` is wrapped in a `Partial`; build one
-    `Partial(apply_fn, params)` and reuse it -- a fresh lambda per call recompiles.
-    """
-    if not isinstance(eps_fn, Partial):
-        eps_fn = Partial(eps_fn)
-    cfg = _cfg_enabled(guidance_scale)
-    scale = jnp.asarray(guidance_scale if cfg else 1.0, jnp.float32)
-    return _sample_jit(eps_fn, scheduler, latents, masked_latents, mask, cond, uncond, scale,
-                       rng, cfg=cfg, batch_sharding=batch_sharding)

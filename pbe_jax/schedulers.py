@@ -24,7 +24,7 @@ import abc
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -44,20 +44,6 @@ _COMMON = dict(
     timestep_spacing="leading",
     steps_offset=0,
 )
-# diffusers' constructor defaults, per class: a config dict lacking a key gets the class default,
-# exactly as `SchedulerClass.from_config(dict)` does.
-CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "DDIMScheduler": dict(
-        _COMMON, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True),
-    "PNDMScheduler": dict(_COMMON, skip_prk_steps=False, set_alpha_to_one=False),
-    "DPMSolverMultistepScheduler": dict(
-        _COMMON, timestep_spacing="linspace", algorithm_type="dpmsolver++", solver_order=2,
-        solver_type="midpoint", lower_order_final=True, euler_at_final=False,
-        final_sigmas_type="zero"),
-    "EulerDiscreteScheduler": dict(_COMMON, timestep_spacing="linspace", final_sigmas_type="zero"),
-}
-_KIND = {"DDIMScheduler": "ddim", "PNDMScheduler": "pndm",
-         "DPMSolverMultistepScheduler": "dpmsolver++", "EulerDiscreteScheduler": "euler"}
 
 # Settings that change the computation and that we do not implement: any other value -> ValueError.
 _UNSUPPORTED = {
@@ -75,15 +61,57 @@ _UNSUPPORTED = {
     "interpolation_type": ("linear",),
 }
 
-# Scheduler names: the SD-1.x / Paint-by-Example settings (the hub repo's PNDM config and what the
-# diffusers converter writes, PBE_SPEC 5.2), applied to each class.
+# The SD-1.x / Paint-by-Example settings (the hub repo's PNDM config and what the diffusers
+# converter writes, PBE_SPEC 5.2), applied to each class when a scheduler is picked by name.
 SD_DEFAULTS = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False,
     timestep_spacing="leading",
 )
-NAMES = {"ddim": "DDIMScheduler", "plms": "PNDMScheduler", "pndm": "PNDMScheduler",
-         "dpm++2m": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler"}
+
+
+def pbe_scheduler_config() -> dict[str, Any]:
+    """The released Paint-by-Example `scheduler_config.json` (PNDM = PLMS, SD's betas): the
+    default noise schedule of `config.model.scheduler` and of repositories that ship none."""
+    return {"_class_name": "PNDMScheduler", **SD_DEFAULTS, "prediction_type": "epsilon",
+            "trained_betas": None}
+
+
+# ------------------------------------------------------------------------------------------------
+# The registry: one entry per scheduler class (its diffusers name, defaults, short names)
+# ------------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type["Scheduler"]] = {}  # diffusers class name -> Scheduler subclass
+NAMES: dict[str, str] = {}  # short name ('plms', 'ddim', ...) -> diffusers class name
+
+
+def register(cls: type["Scheduler"]) -> type["Scheduler"]:
+    """Class decorator: adding a scheduler is one subclass of `Scheduler` with `class_name`
+    (diffusers'), `kind`, `names` (what users type) and `defaults` (diffusers' constructor
+    defaults), decorated with `@register`."""
+    _REGISTRY[cls.class_name] = cls
+    for name in cls.names:
+        NAMES[name] = cls.class_name
+    return cls
+
+
+def scheduler_names() -> list[str]:
+    """The short names users pick a sampler by (CLI flags, `pipe(..., scheduler=...)`)."""
+    return sorted(NAMES)
+
+
+def _entry(class_name: str | None) -> type["Scheduler"]:
+    if class_name not in _REGISTRY:
+        raise ValueError(f"scheduler config: _class_name={class_name!r} is not supported "
+                         f"(supported: {sorted(_REGISTRY)})")
+    return _REGISTRY[class_name]
+
+
+def _by_kind(kind: str) -> type["Scheduler"]:
+    for cls in _REGISTRY.values():
+        if cls.kind == kind:
+            return cls
+    raise ValueError(f"unknown scheduler kind {kind!r}; known: {sorted(c.kind for c in _REGISTRY.values())}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +143,7 @@ class SchedulerConfig:
 
     @property
     def class_name(self) -> str:
-        return {v: k for k, v in _KIND.items()}[self.kind]
+        return _by_kind(self.kind).class_name
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], **overrides) -> "SchedulerConfig":
@@ -126,10 +154,8 @@ class SchedulerConfig:
         for settings we do not implement.
         """
         name = overrides.get("_class_name", raw.get("_class_name"))
-        if name not in CLASS_DEFAULTS:
-            raise ValueError(f"scheduler config: _class_name={name!r} is not supported "
-                             f"(supported: {sorted(CLASS_DEFAULTS)})")
-        defaults = CLASS_DEFAULTS[name]
+        entry = _entry(name)
+        defaults = entry.defaults
         unknown = set(overrides) - set(defaults) - set(_UNSUPPORTED) - {"_class_name"}
         if unknown:
             raise ValueError(f"{name}: unknown override(s) {sorted(unknown)} "
@@ -144,7 +170,7 @@ class SchedulerConfig:
                              "supported (only 'dpmsolver++')")
         if fields["trained_betas"] is not None:
             fields["trained_betas"] = tuple(float(b) for b in fields["trained_betas"])
-        config = cls(kind=_KIND[name], **fields)
+        config = cls(kind=entry.kind, **fields)
         config.validate()
         return config
 
@@ -155,7 +181,7 @@ class SchedulerConfig:
                 raise ValueError(f"{self.class_name}: {field}={value!r} is not supported "
                                  f"(supported: {allowed})")
 
-        check("kind", tuple(_KIND.values()))
+        check("kind", tuple(c.kind for c in _REGISTRY.values()))
         check("beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2"))
         check("timestep_spacing", ("leading", "trailing", "linspace"))
         check("prediction_type", ("epsilon", "v_prediction") if self.kind == "pndm"
@@ -173,7 +199,7 @@ class SchedulerConfig:
         """A `scheduler_config.json` that `diffusers.<class_name>.from_config` loads."""
         name = self.class_name
         out = {"_class_name": name}
-        for key in CLASS_DEFAULTS[name]:
+        for key in _entry(name).defaults:
             out[key] = "dpmsolver++" if key == "algorithm_type" else getattr(self, key)
         if out["trained_betas"] is not None:
             out["trained_betas"] = list(out["trained_betas"])
@@ -317,6 +343,13 @@ class Scheduler(abc.ABC):
     eta: float = 0.0  # DDIM only: 0 = deterministic DDIM, 1 = DDPM-like
 
     stochastic = False  # whether `step` needs an rng (or explicit noise)
+    # Registry entry (`register`): diffusers class name, our kind, short names, diffusers'
+    # constructor defaults (a config dict lacking a key gets the class default, exactly as
+    # `SchedulerClass.from_config(dict)` does).
+    class_name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    names: ClassVar[tuple[str, ...]] = ()
+    defaults: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self):
         if not 0 < self.num_inference_steps <= self.config.num_train_timesteps:
@@ -367,9 +400,13 @@ class Scheduler(abc.ABC):
         """x_t -> x_{t-1}: returns (prev_sample [same shape/dtype as sample], new_state)."""
 
 
+@register
 class DDIM(Scheduler):
     """diffusers `DDIMScheduler` (+ `eta`, the `step` argument). With eta > 0 pass `rng` (noise is
     `jax.random.normal(rng, sample.shape, sample.dtype)`) or the `noise` itself."""
+
+    class_name, kind, names = "DDIMScheduler", "ddim", ("ddim",)
+    defaults = dict(_COMMON, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True)
 
     @property
     def stochastic(self) -> bool:
@@ -404,6 +441,7 @@ class DDIM(Scheduler):
         return prev.astype(sample.dtype), state
 
 
+@register
 class PLMS(Scheduler):
     """diffusers `PNDMScheduler(skip_prk_steps=True)`: pseudo linear multistep (Liu et al. 2022).
 
@@ -412,6 +450,9 @@ class PLMS(Scheduler):
     correction, its eps is not kept); steps 2, 3 use 2nd / 3rd order Adams-Bashforth weights,
     then 4th order. The state keeps the last three kept eps and x_t0.
     """
+
+    class_name, kind, names = "PNDMScheduler", "pndm", ("plms", "pndm")
+    defaults = dict(_COMMON, skip_prk_steps=False, set_alpha_to_one=False)
 
     def _build(self):
         c, n, ac = self.config, self.num_inference_steps, self.alphas_cumprod.astype(np.float64)
@@ -456,6 +497,7 @@ class PLMS(Scheduler):
         return prev.astype(sample.dtype), new_state
 
 
+@register
 class DPMSolverPP(Scheduler):
     """diffusers `DPMSolverMultistepScheduler(algorithm_type='dpmsolver++')`, orders 1-3.
 
@@ -463,6 +505,11 @@ class DPMSolverPP(Scheduler):
     four coefficients per step are found on the host by running diffusers' formulas on unit
     vectors, in float64 (diffusers runs them in float32).
     """
+
+    class_name, kind, names = "DPMSolverMultistepScheduler", "dpmsolver++", ("dpm++2m",)
+    defaults = dict(_COMMON, timestep_spacing="linspace", algorithm_type="dpmsolver++", solver_order=2,
+                    solver_type="midpoint", lower_order_final=True, euler_at_final=False,
+                    final_sigmas_type="zero")
 
     def _build(self):
         c, n = self.config, self.num_inference_steps
@@ -523,8 +570,12 @@ class DPMSolverPP(Scheduler):
         return prev.astype(sample.dtype), dict(x0=new_past)
 
 
+@register
 class Euler(Scheduler):
     """diffusers `EulerDiscreteScheduler` (no churn: s_churn = 0, its default)."""
+
+    class_name, kind, names = "EulerDiscreteScheduler", "euler", ("euler",)
+    defaults = dict(_COMMON, timestep_spacing="linspace", final_sigmas_type="zero")
 
     def _build(self):
         c, n = self.config, self.num_inference_steps
@@ -553,9 +604,6 @@ class Euler(Scheduler):
         return (sample + derivative * r["dt"]).astype(sample.dtype), state
 
 
-_CLASSES = {"ddim": DDIM, "pndm": PLMS, "dpmsolver++": DPMSolverPP, "euler": Euler}
-
-
 def make_scheduler(name_or_config: str | Mapping[str, Any] | SchedulerConfig,
                    num_inference_steps: int, *, eta: float = 0.0, **overrides) -> Scheduler:
     """A scheduler from a name or a diffusers `scheduler_config.json` dict.
@@ -578,4 +626,19 @@ def make_scheduler(name_or_config: str | Mapping[str, Any] | SchedulerConfig,
         config = SchedulerConfig.from_dict(name_or_config, **overrides)
     if eta and config.kind != "ddim":
         raise ValueError(f"eta={eta} is a DDIM setting; {config.class_name} is deterministic")
-    return _CLASSES[config.kind](config, int(num_inference_steps), float(eta))
+    return _by_kind(config.kind)(config, int(num_inference_steps), float(eta))
+
+
+def scheduler_for(model_config: Mapping[str, Any], name: str | None, num_inference_steps: int,
+                  eta: float = 0.0) -> Scheduler:
+    """The sampler for a model: `name` (None = the model's own class) picks the class; betas,
+    `num_train_timesteps`, `prediction_type` and spacing come from the model's scheduler config,
+    and keys that config lacks take the SD / PbE values (`SD_DEFAULTS`), not the new class's
+    diffusers defaults: e.g. DDIM built from the hub's PNDM config would get diffusers'
+    `clip_sample=True`, which the official (LDM) DDIM sampler does not do."""
+    if name is None:
+        return make_scheduler(dict(model_config), num_inference_steps, eta=eta)
+    if name not in NAMES:
+        raise ValueError(f"scheduler {name!r} is not one of {scheduler_names()}")
+    cfg = {**SD_DEFAULTS, **dict(model_config), "_class_name": NAMES[name]}
+    return make_scheduler(cfg, num_inference_steps, eta=eta)

@@ -15,7 +15,9 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -70,7 +72,6 @@ def make_mesh(spec: str | Mapping[str, int] = "data:-1", devices: Sequence[jax.D
         raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have {n}")
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:  # topology-aware device order on TPU/GPU; plain reshape elsewhere
-        from jax.experimental import mesh_utils  # noqa: PLC0415
 
         arr = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # noqa: BLE001 (fake CPU devices have no topology)
@@ -110,10 +111,28 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
     return nnx.to_pure_dict(nnx.from_flat_state(flat))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+def batch_sharding(mesh: Mesh, ndim: int = 1, batch_axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
     """Leading (batch) dim split over the mesh's batch axes, the rest replicated."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    axes = tuple(a for a in batch_axes if a in mesh.shape)
+    if not axes:
+        raise ValueError(f"mesh axes {mesh.axis_names} contain none of batch_axes {tuple(batch_axes)}")
     return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh | None, process_count: int = 1,
+                     batch_axes: Sequence[str] = BATCH_AXES, what: str = "global_batch_size") -> None:
+    """The one batch-divisibility rule: the global batch splits evenly over the mesh's batch
+    axes (data x fsdp) and over the processes. Raises ValueError naming `what`."""
+    if mesh is not None:
+        axes = tuple(a for a in batch_axes if a in mesh.shape)
+        if not axes:
+            raise ValueError(f"mesh axes {mesh.axis_names} contain none of batch_axes {tuple(batch_axes)}")
+        shards = math.prod(mesh.shape[a] for a in axes)
+        if global_batch_size % shards:
+            raise ValueError(f"{what} {global_batch_size} is not divisible by the {shards} batch shards "
+                             f"of mesh axes {axes} {dict(mesh.shape)}")
+    if global_batch_size % process_count:
+        raise ValueError(f"{what} {global_batch_size} is not divisible by process_count {process_count}")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

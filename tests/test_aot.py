@@ -15,9 +15,9 @@ import pytest
 from flax import nnx
 
 from pbe_jax import sharding as shd
-from pbe_jax.pipeline import TRAINABLE
+from pbe_jax.models import TRAINABLE
 from pbe_jax.tools.aot_compile import compile_report, format_report, parse_topology
-from pbe_jax.train import Setup, abstract_model, state_bytes_per_device
+from pbe_jax.training.state import Setup, abstract_model, state_bytes_per_device
 from tests.train_utils import CONFIG_FILE, REPO, cli_overrides, tiny_config
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None

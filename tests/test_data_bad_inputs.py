@@ -103,7 +103,7 @@ CASES = _cases()
 def test_each_bad_input_is_fixed_or_skipped_and_counted(name):
     record, expected = CASES[name]
     cfg = _cfg()
-    sample = PbeSample([record], cfg, (0, 1, 1))
+    sample = PbeSample([record], cfg)
     counts = np.zeros(len(dec.BAD_REASONS), np.int32)
     if isinstance(expected, str):
         with pytest.raises(dec.BadImage) as e:
@@ -166,7 +166,7 @@ def test_large_jpeg_is_decoded_at_reduced_size(monkeypatch):
     monkeypatch.setattr(dec, "decode", lambda d, h, reduce=1: reductions.append(reduce)
                         or decode(d, h, reduce))
     record = Record(key="big", boxes=_norm((300, 200, 500, 420), 800, 600), data=data)
-    out = PbeSample([record], _cfg(), (0, 1, 1)).make(
+    out = PbeSample([record], _cfg()).make(
         0, np.random.default_rng(0), np.zeros(len(dec.BAD_REASONS), np.int32))
     assert reductions and reductions[0] > 1
     centre = out["reference"][8:24, 8:24].reshape(-1, 3).mean(0)
@@ -180,7 +180,7 @@ def test_bad_records_are_replaced_and_counts_survive_batching():
     records = [CASES[n][0] for n in ("good", "garbage", "truncated", "grayscale", "tiny",
                                      "missing_file", "exif_raw_frame")]
     cfg = _cfg()
-    transform = PbeSample(records, cfg, (0, 1, len(records)))
+    transform = PbeSample(records, cfg)
     total = np.zeros(len(dec.BAD_REASONS), np.int64)
     used = set()
     for i in range(40):
@@ -197,7 +197,7 @@ def test_bad_records_are_replaced_and_counts_survive_batching():
 
 def test_all_bad_source_fails_with_a_clear_error():
     cfg = _cfg()
-    transform = PbeSample([CASES["garbage"][0]] * 3, cfg, (0, 1, 3))
+    transform = PbeSample([CASES["garbage"][0]] * 3, cfg)
     with pytest.raises(RuntimeError, match="unusable"):
         transform.random_map(0, np.random.default_rng(0))
 

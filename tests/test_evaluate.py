@@ -138,7 +138,8 @@ def test_cli_rerun_resumes_and_results_mode_matches(env, tmp_path):
 
 
 def test_training_hook_returns_configured_metrics(env):
-    from pbe_jax.evaluate import evals_config, training_eval
+    from pbe_jax.evals.benchmark import training_eval
+    from pbe_jax.evals.config import evals_config
     from pbe_jax.pipeline import PaintByExample
 
     config = ml_collections.ConfigDict({"evals": evals_config()})

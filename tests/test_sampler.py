@@ -4,15 +4,19 @@ The UNet is replaced by a toy eps model written twice (JAX NHWC, torch NCHW): a 
 of the 9 input channels, a function of t and a function of the context, so a wrong channel order,
 CFG half, timestep or scheduler step changes the result.
 """
+import functools
+
 import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.tree_util import Partial
 
-from pbe_jax.sampler import guided_sample, guided_sample_jit
+from pbe_jax.sampler import guided_sample
 from pbe_jax.schedulers import make_scheduler
 
 B, H, W, S_TOK, D = 2, 8, 8, 1, 8
@@ -21,6 +25,23 @@ TOL = 1e-4
 _rs = np.random.RandomState(0)
 W_IN = (_rs.randn(9, 4) * 0.3).astype(np.float32)  # input channels -> eps channels
 W_CTX = (_rs.randn(D, 4) * 0.5).astype(np.float32)  # context -> per-channel bias
+
+
+@functools.partial(jax.jit, static_argnames=("scheduler", "cfg", "batch_sharding"))
+def _sample_jit(eps_fn, scheduler, latents, masked_latents, mask, cond, uncond, guidance_scale, rng, *,
+                cfg, batch_sharding):
+    return guided_sample(eps_fn, scheduler, latents, masked_latents, mask, cond, uncond,
+                         guidance_scale if cfg else 1.0, rng, batch_sharding=batch_sharding)
+
+
+def guided_sample_jit(eps_fn, scheduler, latents, masked_latents, mask, cond, uncond, guidance_scale,
+                      rng=None, *, batch_sharding=None):
+    """`guided_sample` under `jax.jit` with a traced guidance scale (CFG on/off decided outside,
+    as the edit function does): one compile per (eps_fn, shapes, scheduler, CFG on/off)."""
+    cfg = float(guidance_scale) != 1.0
+    return _sample_jit(Partial(eps_fn), scheduler, latents, masked_latents, mask, cond, uncond,
+                       jnp.asarray(guidance_scale if cfg else 1.0, jnp.float32), rng, cfg=cfg,
+                       batch_sharding=batch_sharding)
 
 
 def eps_jax(unet_in, t, context):

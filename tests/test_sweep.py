@@ -14,8 +14,10 @@ import shlex
 import numpy as np
 import pytest
 
-from pbe_jax import sweep
-from tests.train_utils import CONFIG_FILE, REPO, cli_overrides, load_config_module
+from pbe_jax import sweep as sweep_cli
+from pbe_jax.configs import load_module
+from pbe_jax.training import sweeps as sweep
+from tests.train_utils import CONFIG_FILE, REPO, cli_overrides
 
 SAFE = re.compile(r"^[A-Za-z0-9._+=,-]+$")
 
@@ -53,7 +55,7 @@ def test_run_names_stable_safe_and_unique():
 def test_expand_pbe_sweeps(tmp_path):
     root = str(tmp_path / "root")
     runs = sweep.expand(f"{CONFIG_FILE}:demo,sweep=lr_batch", root, ["--config.train.num_steps=3"])
-    points = load_config_module().get_sweep("demo,sweep=lr_batch")
+    points = load_module(CONFIG_FILE).get_sweep("demo,sweep=lr_batch")
     lrs = sorted({p["train.lr"] for p in points})
     bss = sorted({p["train.batch_size"] for p in points})
     assert len(runs) == len(lrs) * len(bss) >= 4
@@ -93,10 +95,10 @@ def test_bad_points_fail_before_anything_runs(tmp_path):
 
 def test_print_and_launcher_commands(tmp_path, capsys):
     root = str(tmp_path / "r")
-    assert sweep.main([f"--config={CONFIG_FILE}:demo,sweep=cond_drop", f"--workdir={root}",
+    assert sweep_cli.main([f"--config={CONFIG_FILE}:demo,sweep=cond_drop", f"--workdir={root}",
                        "--run=print", "--config.train.num_steps=5"]) == 0
     lines = [shlex.split(x) for x in capsys.readouterr().out.strip().splitlines()]
-    points = load_config_module().get_sweep("demo,sweep=cond_drop")
+    points = load_module(CONFIG_FILE).get_sweep("demo,sweep=cond_drop")
     assert len(lines) == len(points)
     for argv, p in zip(lines, points):
         assert argv[:3] == ["python", "-m", "pbe_jax.train"]
@@ -104,14 +106,14 @@ def test_print_and_launcher_commands(tmp_path, capsys):
         assert "--config.train.num_steps=5" in argv
     assert not os.path.exists(root)  # printing starts nothing
 
-    assert sweep.main([f"--config={CONFIG_FILE}:sd15,sweep=mask_mix", "--workdir=gs://bucket/sw",
+    assert sweep_cli.main([f"--config={CONFIG_FILE}:sd15,sweep=mask_mix", "--workdir=gs://bucket/sw",
                        "--run=slurm", "--dry_run"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 3 and all(x.startswith("+ sbatch --job-name=pbe-arbitrary_mask_prob=") for x in out)
     assert all(os.path.join(REPO, "launch", "gpu", "slurm.sbatch") in x for x in out)
     assert all("--output=gs://" not in x for x in out)  # SLURM cannot write its log to GCS
 
-    assert sweep.main([f"--config={CONFIG_FILE}:sd15,sweep=cond_drop", "--workdir=gs://bucket/sw",
+    assert sweep_cli.main([f"--config={CONFIG_FILE}:sd15,sweep=cond_drop", "--workdir=gs://bucket/sw",
                        "--run=tpu", "--dry_run"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 3
@@ -165,13 +167,13 @@ def test_local_sweep_two_tiny_runs(tmp_path, monkeypatch, capsys):
         monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
     monkeypatch.chdir(REPO)
     flags = cli_overrides(**{"train.num_steps": 3})
-    rc = sweep.main([f"--config={cfg}:demo", f"--workdir={root}", "--run=local", "--parallel=1", *flags])
+    rc = sweep_cli.main([f"--config={cfg}:demo", f"--workdir={root}", "--run=local", "--parallel=1", *flags])
     logs = {d: (root / d / "train.log").read_text()[-3000:] for d in os.listdir(root) if (root / d / "train.log").exists()}
     assert rc == 0, logs
     names = {"arbitrary_mask_prob=0.0", "arbitrary_mask_prob=1.0"}
     assert set(os.listdir(root)) == names
     capsys.readouterr()
-    assert sweep.main(["--summarize", str(root)]) == 0
+    assert sweep_cli.main(["--summarize", str(root)]) == 0
     table = list(csv.DictReader(io.StringIO((root / "summary.csv").read_text())))
     assert {r["run"] for r in table} == names
     losses = {}

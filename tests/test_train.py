@@ -13,7 +13,7 @@ import pytest
 
 from pbe_jax import sharding as shd
 from pbe_jax.data.pipeline import make_loader
-from pbe_jax.train import Setup, state_bytes_per_device
+from pbe_jax.training.state import Setup, state_bytes_per_device
 from tests.train_utils import read_metrics, subprocess_env, tiny_config, train_cmd
 
 
@@ -99,7 +99,7 @@ def test_fsdp_divides_param_and_optimizer_bytes(monkeypatch):
 
 def test_demo_config_trains_loss_falls(tmp_path):
     """The real loop (train_and_evaluate) on a fixed small synthetic dataset: loss falls."""
-    from pbe_jax.train import train_and_evaluate
+    from pbe_jax.training.loop import train_and_evaluate
 
     n = 200
     cfg = tiny_config(**{"train.num_steps": n, "train.lr": 3e-3, "ckpt_every_steps": n,

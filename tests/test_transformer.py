@@ -3,13 +3,12 @@
 Two forms are used in pbe_jax: the UNet's (self-attention + cross-attention, GEGLU, no attention
 bias) and the Paint-by-Example mapper's (self-attention only, GELU, attention bias).
 """
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from diffusers.models.attention import BasicTransformerBlock as TorchBlock
 from flax import nnx
-
-import jax.numpy as jnp
 
 from pbe_jax.convert.torch_layout import CheckpointMismatchError, load_torch_state_dict
 from pbe_jax.models.transformer import BasicTransformerBlock

@@ -19,11 +19,22 @@ from diffusers import AutoencoderKL, PaintByExamplePipeline, PNDMScheduler, UNet
 from diffusers.pipelines.deprecated.paint_by_example import PaintByExampleImageEncoder
 
 from pbe_jax.convert import safetensors_io as stio
-from pbe_jax.convert.load import MODEL_INDEX
 from pbe_jax.convert.torch_layout import CheckpointMismatchError, param_leaves
 from pbe_jax.pipeline import PaintByExample
 
 # ---------------------------------------------------------------------------- tiny pipeline
+
+# Fantasy-Studio/Paint-by-Example's model_index.json on the Hub (what an export must write).
+MODEL_INDEX = {
+    "_class_name": "PaintByExamplePipeline",
+    "feature_extractor": ["transformers", "CLIPImageProcessor"],
+    "image_encoder": ["paint_by_example", "PaintByExampleImageEncoder"],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
 
 UNET = dict(block_out_channels=(8, 16), layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -321,10 +332,13 @@ def test_place_puts_every_param(loaded):
 
 def test_hub_download_fetches_only_what_is_read(monkeypatch, tmp_path):
     """A Hub id downloads configs + the one weight file per component that will be read: the
-    variant if asked, safetensors over .bin, never the repo's 5 GB `model.ckpt`."""
+    variant if asked, safetensors over .bin, never the repo's 5 GB `model.ckpt`. The fake Hub
+    "downloads" (creates) the listed files that match the patterns it is asked for."""
+    import fnmatch
+
     import huggingface_hub
 
-    from pbe_jax.convert import load
+    from pbe_jax.convert import diffusers_io
 
     listing = ["model.ckpt", "model_index.json", "scheduler/scheduler_config.json",
                "feature_extractor/preprocessor_config.json",
@@ -333,29 +347,34 @@ def test_hub_download_fetches_only_what_is_read(monkeypatch, tmp_path):
                "vae/config.json", "vae/diffusion_pytorch_model.bin",
                "image_encoder/config.json", "image_encoder/pytorch_model.bin",
                "image_encoder/model.fp16.safetensors"]
-    asked = {}
 
-    class Api:
-        def list_repo_files(self, repo_id, revision=None):
-            return listing
+    def fetched_by(**kw):
+        root = tmp_path / f"snap{len(list(tmp_path.iterdir()))}"
+        got = set()
 
-    def snapshot_download(repo_id, revision=None, allow_patterns=None):
-        asked[repo_id] = sorted(allow_patterns)
-        return str(tmp_path)
+        def snapshot_download(repo_id, allow_patterns=None, **_):
+            for name in listing:
+                if any(fnmatch.fnmatchcase(name, p) for p in allow_patterns):
+                    (root / name).parent.mkdir(parents=True, exist_ok=True)
+                    (root / name).write_text("x")
+                    got.add(name)
+            return str(root)
 
-    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    assert load.resolve_pipeline_dir("org/pbe", variant="fp16") == str(tmp_path)
-    assert asked["org/pbe"] == sorted([
-        "model_index.json", "scheduler/*.json", "feature_extractor/*.json",
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+        assert diffusers_io.resolve_pipeline("org/pbe", **kw) == str(root)
+        return got
+
+    assert fetched_by(variant="fp16") == {
+        "model_index.json", "scheduler/scheduler_config.json", "feature_extractor/preprocessor_config.json",
         "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",
         "vae/config.json", "vae/diffusion_pytorch_model.bin",
-        "image_encoder/config.json", "image_encoder/model.fp16.safetensors"])
-    load.resolve_pipeline_dir("org/pbe")
-    assert "unet/diffusion_pytorch_model.safetensors" in asked["org/pbe"]
-    assert "image_encoder/pytorch_model.bin" in asked["org/pbe"]
+        "image_encoder/config.json", "image_encoder/model.fp16.safetensors"}
+    got = fetched_by()
+    assert "unet/diffusion_pytorch_model.safetensors" in got
+    assert "image_encoder/pytorch_model.bin" in got
+    assert "model.ckpt" not in got and "unet/diffusion_pytorch_model.bin" not in got
     with pytest.raises(FileNotFoundError, match="not a directory"):
-        load.resolve_pipeline_dir(str(tmp_path / "nope"))
+        diffusers_io.resolve_pipeline(str(tmp_path / "nope"))
 
 
 def test_cli_model_config_forms(tiny):

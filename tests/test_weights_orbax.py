@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pbe_jax.checkpoint import Checkpointer
+from pbe_jax.checkpoint import Checkpointer, restore_numpy
 from pbe_jax.convert import orbax_io
 from pbe_jax.convert.__main__ import main as convert_main
 from pbe_jax.convert.load import load_pipeline
 from pbe_jax.convert.safetensors_io import read_safetensors
 from pbe_jax.convert.torch_layout import CheckpointMismatchError
-from pbe_jax.pipeline import FROZEN, TRAINABLE, PaintByExample
+from pbe_jax.models import FROZEN, TRAINABLE
+from pbe_jax.pipeline import PaintByExample
 from tests.test_weights_diffusers import (
     assert_export_equals,
     assert_state_dicts_equal,
@@ -146,7 +147,7 @@ def test_orbax_missing_param_needs_allow_missing(model, tmp_path):
 
     d = tmp_path / "full"
     model.save_pretrained(str(d), format="orbax")
-    params = orbax_io.restore_numpy(d / orbax_io.PARAMS_ITEM)
+    params = restore_numpy(d / orbax_io.PARAMS_ITEM)
     del params["unet"]["conv_in"]["bias"]
     gap = tmp_path / "gap"
     ocp.PyTreeCheckpointer().save(gap / orbax_io.PARAMS_ITEM, args=ocp.args.PyTreeSave(params))

@@ -1,20 +1,14 @@
 """Shared helpers for the training tests: a tiny config, config loading, reading run outputs."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 
+from pbe_jax.configs import load_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = os.path.join(REPO, "configs", "pbe.py")
-
-
-def load_config_module():
-    spec = importlib.util.spec_from_file_location("pbe_config", CONFIG_FILE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # The overrides that make the demo config tiny enough for tests (as CLI flags and as a dict).
@@ -31,14 +25,7 @@ TINY = {
 
 
 def tiny_config(arg: str = "demo", **overrides):
-    cfg = load_config_module().get_config(arg)
-    for key, val in {**TINY, **overrides}.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = val
-    return cfg
+    return load_config(f"{CONFIG_FILE}:{arg}", {**TINY, **overrides})
 
 
 def cli_overrides(**overrides) -> list[str]:

@@ -13,15 +13,21 @@ imported, so `run` re-runs this module in a subprocess when the current process 
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 import time
 
+import jax
+from absl import app, flags
+
+from pbe_jax import sharding as shd
 from pbe_jax.benchmarks.report import Row
+from pbe_jax.benchmarks.sizes import bench_config, get_size
+from pbe_jax.training.state import Setup, state_bytes_per_device
 
 NUM_DEVICES = 8
 MESHES = {"dp": "data:8,fsdp:1,tensor:1", "fsdp": "data:1,fsdp:8,tensor:1"}
@@ -29,11 +35,6 @@ MESHES = {"dp": "data:8,fsdp:1,tensor:1", "fsdp": "data:1,fsdp:8,tensor:1"}
 
 def measure(size_name: str, *, dtype: str = "fp32", compile: bool = True) -> dict:  # noqa: A002
     """{'dp'|'fsdp': {'remat_off'|'remat_on': {bytes...}, 'params': n, 'opt_state': n, ...}}."""
-    import jax
-
-    from pbe_jax import sharding as shd
-    from pbe_jax.benchmarks.sizes import bench_config, get_size
-    from pbe_jax.train import Setup, state_bytes_per_device
 
     if jax.device_count() < NUM_DEVICES:
         raise RuntimeError(f"memory benchmark needs {NUM_DEVICES} devices, have {jax.device_count()}: "
@@ -72,7 +73,7 @@ def measure_in_subprocess(size_name: str, *, dtype: str = "fp32", compile: bool 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "mem.json")
         cmd = [sys.executable, "-m", "pbe_jax.benchmarks.memory", f"--size={size_name}",
-               f"--dtype={dtype}", f"--out={path}"] + ([] if compile else ["--no-compile"])
+               f"--dtype={dtype}", f"--out={path}"] + ([] if compile else ["--nocompile"])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"memory benchmark subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -81,7 +82,6 @@ def measure_in_subprocess(size_name: str, *, dtype: str = "fp32", compile: bool 
 
 
 def run(size, *, dtype: str = "fp32", compile: bool = True) -> list[Row]:  # noqa: A002
-    import jax
 
     if jax.device_count() >= NUM_DEVICES and jax.devices()[0].platform == "cpu":
         m = measure(size.name, dtype=dtype, compile=compile)
@@ -113,20 +113,19 @@ def rows(size_name: str, m: dict) -> list[Row]:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="tiny")
-    p.add_argument("--dtype", default="fp32")
-    p.add_argument("--out", required=True)
-    p.add_argument("--no-compile", dest="compile", action="store_false")
-    a = p.parse_args()
-    import logging
-
+def main(argv) -> None:
+    del argv
+    F = flags.FLAGS
     logging.disable(logging.WARNING)
-    result = measure(a.size, dtype=a.dtype, compile=a.compile)
-    with open(a.out, "w") as f:
+    result = measure(F.size, dtype=F.dtype, compile=F.compile)
+    with open(F.out, "w") as f:
         json.dump(result, f)
 
 
 if __name__ == "__main__":
-    main()
+    flags.DEFINE_string("size", "tiny", "benchmark size")
+    flags.DEFINE_string("dtype", "fp32", "compute dtype")
+    flags.DEFINE_string("out", None, "JSON result file")
+    flags.DEFINE_bool("compile", True, "AOT-compile each mesh x remat (else state bytes only)")
+    flags.mark_flag_as_required("out")
+    app.run(main)

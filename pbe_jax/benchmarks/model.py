@@ -2,27 +2,27 @@
 for the PyTorch reference (so both sides run identical weights)."""
 from __future__ import annotations
 
+import jax
 import numpy as np
+from flax import nnx
+
+from pbe_jax import sharding as shd
+from pbe_jax.benchmarks.sizes import bench_config
+from pbe_jax.convert.diffusers_io import save_diffusers
+from pbe_jax.training.state import Setup
 
 
 def build(size, *, dtype: str = "fp32", export_dir: str | None = None, batch: int | None = None):
     """(setup, params, frozen, model) on a one-device mesh; `export_dir` gets the weights in
-    diffusers format (fp32). Params are host-initialised (`train.host_init`): an NNX jitted
-    init of the sd15 model would spend minutes in XLA on a CPU."""
-    import jax
-    from flax import nnx
-
-    from pbe_jax import sharding as shd
-    from pbe_jax.benchmarks.sizes import bench_config
-    from pbe_jax.train import Setup
-
+    diffusers format (fp32). Params are host-initialised (`training.state.host_init`): an NNX
+    jitted init of the sd15 model would spend minutes in XLA on a CPU."""
     config = bench_config(size, dtype=dtype, batch=batch)
     mesh = shd.make_mesh("data:1", devices=[jax.devices()[0]])
     setup = Setup(config, mesh)
     params, frozen = setup.random_params()
     model = nnx.merge(setup.graphdef, params, frozen, setup.rest)
     if export_dir:
-        model.save_pretrained(export_dir)
+        save_diffusers(model, export_dir)
     return setup, params, frozen, model
 
 

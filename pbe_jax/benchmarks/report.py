@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import jax
+
 
 @dataclass(frozen=True)
 class Row:
@@ -63,7 +65,6 @@ def markdown_table(rows: list[Row], title: str = "") -> str:
 
 def machine_line() -> str:
     """CPU count and load average, to print next to CPU timings (they are noisy when shared)."""
-    import jax
 
     dev = jax.devices()[0]
     load = os.getloadavg()

@@ -9,13 +9,16 @@ from __future__ import annotations
 import tempfile
 
 import numpy as np
+from PIL import Image
 
+from pbe_jax.benchmarks import model as bm
+from pbe_jax.benchmarks import torch_ref
 from pbe_jax.benchmarks.report import Row, median_seconds
+from pbe_jax.inference import edit
 
 
 def inputs(n: int, resolution: int, seed: int = 0):
     """n (source, mask, reference) PIL images; the mask is white (= edit) in a box."""
-    from PIL import Image
 
     rng = np.random.default_rng(seed)
     src, masks, refs = [], [], []
@@ -31,8 +34,6 @@ def inputs(n: int, resolution: int, seed: int = 0):
 
 def run(size, *, dtype: str = "fp32", reps: int = 3, warmup: int = 1, steps: int = 50,
         guidance: float = 5.0, batch: int | None = None, reference: bool = True) -> list[Row]:
-    from pbe_jax.benchmarks import model as bm
-    from pbe_jax.benchmarks import torch_ref
 
     n = batch or size.sample_batch
     src, masks, refs = inputs(n, size.resolution)
@@ -41,7 +42,7 @@ def run(size, *, dtype: str = "fp32", reps: int = 3, warmup: int = 1, steps: int
         _, _, _, model = bm.build(size, dtype=dtype, export_dir=export if reference else None)
 
         def ours():
-            out = model(src, masks, refs, num_inference_steps=steps, guidance_scale=guidance,
+            out = edit(model, src, masks, refs, num_inference_steps=steps, guidance_scale=guidance,
                         scheduler="plms", output_type="np")
             assert out.shape[0] == n
 

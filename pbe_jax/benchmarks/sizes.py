@@ -7,10 +7,11 @@ side, batch and dtype, so our side and the PyTorch reference read the same numbe
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Any
+
+from pbe_jax.configs import load_config
+from pbe_jax.configs.pbe import demo_models, sd15_models
 
 SIZES = ("tiny", "small", "sd15")
 
@@ -49,23 +50,14 @@ class Size:
     sample_batch: int = 4
 
 
-def _pbe_config():
-    """configs/pbe.py of the repo checkout (it is not a package)."""
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "pbe.py")
-    spec = importlib.util.spec_from_file_location("pbe_bench_config", os.path.abspath(path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def get_size(name: str) -> Size:
     if name == "tiny":
-        models = _pbe_config()._demo_models().to_dict()
+        models = demo_models().to_dict()
         return Size("tiny", models, resolution=64, train_batch=2)
     if name == "small":
         return Size("small", copy.deepcopy(_SMALL_MODELS), resolution=128, train_batch=4)
     if name == "sd15":
-        models = _pbe_config()._sd15_models().to_dict()
+        models = sd15_models().to_dict()
         return Size("sd15", models, resolution=512, train_batch=1)
     raise ValueError(f"unknown size {name!r}; known: {SIZES}")
 
@@ -74,8 +66,9 @@ def bench_config(size: Size, *, dtype: str = "fp32", batch: int | None = None, m
                  remat: bool = False):
     """A locked training config (configs/pbe.py 'demo' with `size`'s model): random init, no EMA,
     the official optimiser (AdamW, wd 0.01, CFG drop 0.2 per batch), no warm-up."""
-    c = _pbe_config().get_config("demo")
-    c.model = size.models
+    c = load_config("pbe:demo")
+    with c.unlocked():
+        c.model = {"scheduler": c.model.scheduler.to_dict(), **size.models}
     c.dtype = dtype
     c.mesh = mesh
     c.remat = remat

@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from pbe_jax.models.clip import CLIP_MEAN, CLIP_STD
 
 
 def torch_device() -> str:

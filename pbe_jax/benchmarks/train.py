@@ -16,20 +16,19 @@ import logging
 import tempfile
 import time
 
+import jax
+
+from pbe_jax import sharding as shd
+from pbe_jax.benchmarks import model as bm
+from pbe_jax.benchmarks import torch_ref
 from pbe_jax.benchmarks.report import Row, median_seconds
+from pbe_jax.metrics import peak_flops_per_device
+from pbe_jax.training.state import step_flops
 
 log = logging.getLogger("pbe_jax")
 
 
 def run(size, *, dtype: str = "fp32", reps: int = 3, warmup: int = 3, reference: bool = True) -> list[Row]:
-    import jax
-
-    from pbe_jax import sharding as shd
-    from pbe_jax.benchmarks import model as bm
-    from pbe_jax.benchmarks import torch_ref
-    from pbe_jax.metrics import peak_flops_per_device
-    from pbe_jax.train import step_flops
-
     name = f"train/{size.name}"
     with tempfile.TemporaryDirectory(prefix="pbe_bench_") as export:
         setup, params, frozen, _ = bm.build(size, dtype=dtype, export_dir=export if reference else None)

@@ -21,91 +21,105 @@ diffusers PbE directory, or a training config `configs/pbe.py:demo`.
 """
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import logging
 import os
 import sys
 import time
+from typing import Sequence
 
-FORMATS_IN = ("diffusers", "ldm", "sd-init", "orbax")
+import numpy as np
+from absl import flags
+
+from pbe_jax.configs import load_config
+from pbe_jax.convert.load import FORMATS, load_pipeline, param_counts
+from pbe_jax.models.hub import cast_dtype
+from pbe_jax.models.registry import COMPONENTS
+from pbe_jax.pipeline import PaintByExample
+
 FORMATS_OUT = ("diffusers", "orbax")
 DTYPES = ("fp32", "fp16", "bf16")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pbe_jax.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from", dest="src_format", required=True, choices=FORMATS_IN)
-    p.add_argument("--src", required=True, help="checkpoint path or Hub repo id")
-    p.add_argument("--clip", default=None, help="sd-init: the CLIP vision tower (transformers dir / Hub id)")
-    p.add_argument("--to", dest="dst_format", required=True, choices=FORMATS_OUT)
-    p.add_argument("--dst", required=True, help="output directory")
-    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="dtype of the saved weights")
-    p.add_argument("--variant", default=None,
-                   help="diffusers variant name of the saved weight files (e.g. fp16)")
-    p.add_argument("--src-variant", default=None, help="variant of the diffusers weights to read")
-    p.add_argument("--revision", default=None, help="Hub revision of --src / --clip")
-    p.add_argument("--allow-missing", action="append", default=[], metavar="PATTERN",
-                   help="glob over '<component>.<key>' names that may be absent (kept at init); repeatable")
-    p.add_argument("--use-ema", action="store_true",
-                   help="load EMA params (orbax training / LDM checkpoints)")
-    p.add_argument("--model-config", default=None,
-                   help="architecture: JSON file, diffusers dir, or configs/pbe.py:ARG")
-    p.add_argument("--seed", type=int, default=0, help="seed of freshly initialised params (sd-init)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+def make_flags() -> flags.FlagValues:
+    """This command's flags, in a FlagValues of their own (so `main(argv)` can be called again).
+    Multi-word flags take '_' or '-' (`--use_ema` / `--use-ema`)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_enum("from", None, list(FORMATS), "source checkpoint format", flag_values=fv)
+    flags.DEFINE_string("src", None, "checkpoint path or Hub repo id", flag_values=fv)
+    flags.DEFINE_string("clip", None, "sd-init: the CLIP vision tower (transformers dir / Hub id)", flag_values=fv)
+    flags.DEFINE_enum("to", None, list(FORMATS_OUT), "output format", flag_values=fv)
+    flags.DEFINE_string("dst", None, "output directory", flag_values=fv)
+    flags.DEFINE_enum("dtype", "fp32", list(DTYPES), "dtype of the saved weights", flag_values=fv)
+    flags.DEFINE_string("variant", None, "diffusers variant name of the saved weight files (e.g. fp16)",
+                        flag_values=fv)
+    flags.DEFINE_string("src_variant", None, "variant of the diffusers weights to read", flag_values=fv)
+    flags.DEFINE_string("revision", None, "Hub revision of --src / --clip", flag_values=fv)
+    flags.DEFINE_multi_string("allow_missing", [], "glob over '<component>.<key>' names that may be "
+                              "absent (kept at init); repeatable", flag_values=fv)
+    flags.DEFINE_bool("use_ema", False, "load EMA params (orbax training / LDM checkpoints)", flag_values=fv)
+    flags.DEFINE_string("model_config", None, "architecture: JSON file, diffusers dir, or configs/pbe.py:ARG",
+                        flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of freshly initialised params (sd-init)", flag_values=fv)
+    flags.DEFINE_bool("no_progress", False, "no progress bars", flag_values=fv)
+    for name in ("src_variant", "allow_missing", "use_ema", "model_config", "no_progress"):
+        flags.DEFINE_alias(name.replace("_", "-"), name, flag_values=fv)
+    for name in ("from", "src", "to", "dst"):
+        flags.mark_flag_as_required(name, flag_values=fv)
+    return fv
 
 
 def read_model_config(spec: str | None):
-    """--model-config -> {'unet': {...}, 'vae': {...}, 'image_encoder': {...}} or None."""
+    """--model-config -> the architecture {'unet': {...}, 'vae': {...}, 'image_encoder': {...}}
+    (from a JSON file, a diffusers PbE directory or a training config `PATH.py:ARG`), or None."""
     if spec is None:
         return None
     if os.path.isdir(spec):
         out = {}
-        for comp in ("unet", "vae", "image_encoder"):
+        for comp in COMPONENTS:
             with open(os.path.join(spec, comp, "config.json")) as f:
                 out[comp] = json.load(f)
         return out
-    file, _, arg = spec.partition(":")
-    if file.endswith(".py"):
-        mod_spec = importlib.util.spec_from_file_location("pbe_user_config", file)
-        mod = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(mod)
-        return mod.get_config(arg or None).model.to_dict()
-    with open(spec) as f:
-        raw = json.load(f)
-    return raw.get("model", raw)  # a training config.json holds it under "model"
+    if spec.partition(":")[0].endswith(".py"):
+        model = load_config(spec).model.to_dict()
+    else:
+        with open(spec) as f:
+            raw = json.load(f)
+        model = raw.get("model", raw)  # a training config.json holds it under "model"
+    return {c: model[c] for c in COMPONENTS}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    fv = make_flags()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help", "--helpfull"} & set(argv):
+        print(__doc__ + "\n" + fv.get_help())
+        return 0
+    try:
+        fv(["pbe_jax.convert", *argv])
+    except flags.Error as e:
+        print(f"error: {e}\n\n{__doc__}", file=sys.stderr)
+        return 2
+    f = fv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import numpy as np  # noqa: PLC0415 (keep --help fast)
-
-    from pbe_jax.convert.load import load_pipeline, param_counts  # noqa: PLC0415
-    from pbe_jax.models.hub import cast_dtype  # noqa: PLC0415
-
+    src_format, dst_format = f["from"].value, f.to
     t0 = time.perf_counter()
     try:
         model, report = load_pipeline(
-            args.src_format, args.src, clip=args.clip, model_config=read_model_config(args.model_config),
-            seed=args.seed, variant=args.src_variant, revision=args.revision,
-            allow_missing=args.allow_missing, use_ema=args.use_ema, progress=not args.no_progress,
-            return_report=True)
+            src_format, f.src, clip=f.clip, model_config=read_model_config(f.model_config),
+            seed=f.seed, variant=f.src_variant, revision=f.revision, allow_missing=f.allow_missing,
+            use_ema=f.use_ema, progress=not f.no_progress, return_report=True, cls=PaintByExample)
     except (OSError, ValueError, KeyError) as e:  # mismatches, bad files, bad configs: the message says it
-        print(f"error: cannot load {args.src_format} checkpoint {args.src}:\n{e}", file=sys.stderr)
+        print(f"error: cannot load {src_format} checkpoint {f.src}:\n{e}", file=sys.stderr)
         return 1
     t1 = time.perf_counter()
-    out = model.save_pretrained(args.dst, dtype=args.dtype if args.dtype != "fp32" else None,
-                                variant=args.variant, format=args.dst_format,
-                                progress=not args.no_progress)
+    out = model.save_pretrained(f.dst, dtype=f.dtype if f.dtype != "fp32" else None, variant=f.variant,
+                                format=dst_format, progress=not f.no_progress)
     t2 = time.perf_counter()
     counts = param_counts(model)
     print(report.summary())
-    print(f"wrote {args.dst_format} checkpoint {out} ({np.dtype(cast_dtype(args.dtype)).name} weights"
-          + (f", variant {args.variant}" if args.variant else "") + ")")
+    print(f"wrote {dst_format} checkpoint {out} ({np.dtype(cast_dtype(f.dtype)).name} weights"
+          + (f", variant {f.variant}" if f.variant else "") + ")")
     for comp, n in counts.items():
         print(f"  {comp:<14} {n:>14,d} params")
     print(f"  {'total':<14} {sum(counts.values()):>14,d} params; read {t1 - t0:.1f}s, write {t2 - t1:.1f}s")

@@ -5,10 +5,10 @@ Two layouts are read:
 - a **params checkpoint** (what `--to orbax` / `save_orbax` writes): `DIR/params` (orbax PyTree
   of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`, NNX layout) + `DIR/pbe_config.json` (the
   component configs, scheduler and preprocessing configs);
-- a **training checkpoint** (`pbe_jax.checkpoint`): `WORKDIR/checkpoints/<step>/{state, frozen,
-  config, data}`, where `state['params']` (or `state['ema']`) holds the trainable params and
-  `frozen` the VAE and CLIP tower; the architecture comes from `config['model']`. A workdir
-  (newest step), its `checkpoints/` dir or one `checkpoints/<step>` dir are accepted.
+- a **training checkpoint** (layout owned by `pbe_jax.checkpoint`), where `state['params']` (or
+  `state['ema']`) holds the trainable params and `frozen` the VAE and CLIP tower; the
+  architecture and the noise schedule come from the run's `config['model']`. A workdir (newest
+  step), its `checkpoints/` dir or one `checkpoints/<step>` dir are accepted.
 
 Arrays are restored to host numpy (only the items needed: never the optimizer state) and put on
 devices with `place(path, array)`, so a sharded training layout can be restored on any host.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import os
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -27,14 +28,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from pbe_jax.convert.load import (
-    COMPONENTS,
-    PipelineReport,
-    check_architecture,
-    parse_model_config,
-    each_with_progress,
-)
+from pbe_jax import checkpoint as ckpt
+from pbe_jax.convert.components import each_with_progress
+from pbe_jax.convert.report import PipelineReport, check_architecture
 from pbe_jax.convert.torch_layout import CheckpointMismatchError, param_leaves, path_to_torch_key
+from pbe_jax.models.paint_by_example import PaintByExampleModel, parse_component_configs
+from pbe_jax.models.registry import COMPONENTS
+from pbe_jax.schedulers import pbe_scheduler_config
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,6 @@ def save_orbax(model, path: str, *, dtype=None, progress: bool = False) -> str:
 # --------------------------------------------------------------------------------- reading
 
 
-def _numeric_children(d: epath.Path) -> list[int]:
-    # Orbax writes to `<step>.orbax-checkpoint-tmp-*` and renames when complete: only plain
-    # integer names are finished checkpoints.
-    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
-
-
 def locate(path: str) -> tuple[str, epath.Path]:
     """('params' | 'train', directory) for a params checkpoint, a training step dir, a
     `checkpoints/` dir or a workdir (newest step)."""
@@ -79,44 +73,23 @@ def locate(path: str) -> tuple[str, epath.Path]:
         raise FileNotFoundError(f"{path}: no such orbax checkpoint directory")
     if (p / CONFIG_FILE).exists():
         return "params", p
-    if (p / "state").exists() and (p / "config").exists():
-        return "train", p
-    ck = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    steps = _numeric_children(ck) if ck.is_dir() else []
-    if steps and (ck / str(steps[-1]) / "state").exists():
-        return "train", ck / str(steps[-1])
+    steps = ckpt.training_steps(p)
+    if steps:
+        return "train", steps[-1]
     raise FileNotFoundError(
         f"{path}: not a pbe_jax orbax checkpoint: looked for {CONFIG_FILE} (params checkpoint), "
         "state/ + config/ (a training step), or checkpoints/<step>/ (a workdir)")
 
 
-def _metadata_tree(ckptr: ocp.PyTreeCheckpointer, directory: epath.Path) -> Any:
-    meta = ckptr.metadata(directory)
-    meta = getattr(meta, "item_metadata", meta)
-    return getattr(meta, "tree", meta)
-
-
-def restore_numpy(directory: epath.Path, keys: Iterable[str] | None = None) -> dict:
-    """An orbax PyTree item as nested dicts of host numpy arrays (string keys); with `keys`,
-    only those top-level entries are read."""
-    ckptr = ocp.PyTreeCheckpointer()
-    # orbax logs a warning for items saved inside a composite checkpoint (no per-item metadata).
-    absl_log = logging.getLogger("absl")
-    level = absl_log.level
-    absl_log.setLevel(logging.ERROR)
+def is_checkpoint(path: str) -> bool:
+    """Whether `path` is a pbe_jax orbax checkpoint (params checkpoint, training run or step)."""
+    if not (os.path.isdir(path) or "://" in path):
+        return False
     try:
-        tree = _metadata_tree(ckptr, directory)
-        if keys is not None:
-            keys = list(keys)
-            absent = [k for k in keys if k not in tree]
-            if absent:
-                raise KeyError(f"{directory}: no item {absent} (has {sorted(tree)})")
-            tree = {k: tree[k] for k in keys}
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return ckptr.restore(directory, args=ocp.args.PyTreeRestore(
-            item=tree, restore_args=args, partial_restore=keys is not None))
-    finally:
-        absl_log.setLevel(level)
+        locate(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple[str, ...], np.ndarray]:
@@ -130,22 +103,26 @@ def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple[str, ...], np.ndar
     return out
 
 
-def _scheduler_from_train(train_cfg: Mapping | None) -> dict:
-    from pbe_jax.pipeline import DEFAULT_SCHEDULER_CONFIG  # noqa: PLC0415
-
-    sched = dict(DEFAULT_SCHEDULER_CONFIG)
+def scheduler_of_run(config: Mapping) -> dict:
+    """The noise schedule a run trained with: `config['model']['scheduler']`. Runs saved before
+    the schedule moved there kept the beta fields in `config['train']`."""
+    model = config.get("model", {})
+    if "scheduler" in model:
+        return dict(model["scheduler"])
+    sched = pbe_scheduler_config()
+    train = config.get("train") or {}
     for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps"):
-        if train_cfg and k in train_cfg:
-            sched[k] = train_cfg[k]
+        if k in train:
+            sched[k] = train[k]
     return sched
 
 
 def _read_train(step_dir: epath.Path, use_ema: bool, report: PipelineReport):
     """(flat params, configs) of a training checkpoint step."""
-    config = json.loads((step_dir / "config" / "metadata").read_text())
+    config = ckpt.read_config(step_dir)
     if "model" not in config:
         raise ValueError(f"{step_dir}/config: no 'model' field (not a pbe_jax training config)")
-    tree = _metadata_tree(ocp.PyTreeCheckpointer(), step_dir / "state")
+    tree = ckpt.item_tree(step_dir, ckpt.STATE)
     has_ema = "ema" in tree
     if use_ema and not has_ema:
         raise ValueError(f"{step_dir}: use_ema asked, but the train state has no 'ema' params "
@@ -154,15 +131,15 @@ def _read_train(step_dir: epath.Path, use_ema: bool, report: PipelineReport):
         report.notes.append("the checkpoint also holds EMA params; pass use_ema=True / --use-ema "
                             "to load them")
     item = "ema" if use_ema else "params"
-    trained = restore_numpy(step_dir / "state", [item])[item]
-    frozen = restore_numpy(step_dir / "frozen")
+    trained = ckpt.restore_numpy(step_dir / ckpt.STATE, [item])[item]
+    frozen = ckpt.restore_numpy(step_dir / ckpt.FROZEN)
     flat = _flatten(trained)
     for k, v in _flatten(frozen).items():
         if k in flat:
             raise CheckpointMismatchError(f"{step_dir}: param {'.'.join(k)} is in both state and frozen")
         flat[k] = v
     configs = {c: config["model"][c] for c in COMPONENTS}
-    configs["scheduler"] = _scheduler_from_train(config.get("train"))
+    configs["scheduler"] = scheduler_of_run(config)
     report.notes.append(f"training checkpoint at step {step_dir.name}, {'EMA' if use_ema else 'raw'} params")
     return flat, configs
 
@@ -202,6 +179,16 @@ def _check_params(leaves: Mapping[tuple, Any], flat: Mapping[tuple, np.ndarray],
     return allowed
 
 
+def read_configs(path: str) -> dict:
+    """The configs of a params checkpoint or a training run (`config.model`-shaped: unet, vae,
+    image_encoder, scheduler[, feature_extractor]), without reading any array."""
+    kind, d = locate(path)
+    if kind == "train":
+        config = ckpt.read_config(d)
+        return {**{c: config["model"][c] for c in COMPONENTS}, "scheduler": scheduler_of_run(config)}
+    return json.loads((d / CONFIG_FILE).read_text())["configs"]
+
+
 def _read(kind: str, d: epath.Path, use_ema: bool, report: PipelineReport):
     """(flat params, configs) of a params or training checkpoint."""
     if kind == "train":
@@ -211,27 +198,27 @@ def _read(kind: str, d: epath.Path, use_ema: bool, report: PipelineReport):
         raise ValueError(f"{d / CONFIG_FILE}: format {meta.get('format')!r}, expected {FORMAT_TAG!r}")
     if use_ema:
         raise ValueError(f"{d}: a params checkpoint has no EMA copy (it holds one set of params)")
-    return _flatten(restore_numpy(d / PARAMS_ITEM)), meta["configs"]
+    return _flatten(ckpt.restore_numpy(d / PARAMS_ITEM)), meta["configs"]
 
 
 def load_orbax(path: str, *, model_config: Mapping | None = None, allow_missing: Iterable[str] = (),
-               place=None, seed: int = 0, use_ema: bool = False, progress: bool = False, **runtime):
-    """A params or training checkpoint -> (PaintByExample, report). Strict: every param of the
+               place=None, seed: int = 0, use_ema: bool = False, progress: bool = False,
+               cls: type = PaintByExampleModel, **runtime):
+    """A params or training checkpoint -> (model, report). Strict: every param of the
     model must be in the checkpoint with its shape and a float dtype, and nothing else."""
-    from pbe_jax.pipeline import PaintByExample  # noqa: PLC0415
-
     kind, d = locate(path)
     report = PipelineReport(source=str(d), format=f"orbax ({kind})")
     steps = iter(each_with_progress(("read", "check", "place"), progress, f"loading {d}"))
     next(steps)
     flat, configs = _read(kind, d, use_ema, report)
     next(steps)
-    found = parse_model_config({c: configs[c] for c in COMPONENTS})
-    check_architecture(found, parse_model_config(model_config), str(d))
+    found = parse_component_configs({c: configs[c] for c in COMPONENTS})
+    check_architecture(found, parse_component_configs(model_config), str(d))
     cfg_dicts = {c: found[c].to_dict() for c in COMPONENTS}
-    kw = dict(scheduler_config=configs.get("scheduler"),
-              feature_extractor_config=configs.get("feature_extractor"))
-    build = lambda: PaintByExample.from_model_config(cfg_dicts, seed=seed, **runtime, **kw)  # noqa: E731
+    cfg_dicts["scheduler"] = configs.get("scheduler") or pbe_scheduler_config()
+    if configs.get("feature_extractor"):
+        cfg_dicts["feature_extractor"] = configs["feature_extractor"]
+    build = lambda: cls.from_model_config(cfg_dicts, seed=seed, **runtime)  # noqa: E731
     model = nnx.eval_shape(build)
     leaves = param_leaves(model)
     gaps = set(_check_params(leaves, flat, list(allow_missing), str(d)))

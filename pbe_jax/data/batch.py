@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from pbe_jax.models.clip import CLIP_MEAN, CLIP_STD
 
 HOST_KEYS = ("image", "mask", "reference")
 DEVICE_KEYS = ("image", "mask", "masked_image", "reference")
@@ -32,7 +31,8 @@ DEVICE_KEYS = ("image", "mask", "masked_image", "reference")
 
 def host_batch_spec(batch_size: int, resolution: int, reference_size: int
                     ) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes and dtypes of one host batch (e.g. for ahead-of-time compilation)."""
+    """Shapes and dtypes of one host batch: what the loader yields and the train step is
+    compiled for (`training.state.Setup.abstract_batch`, ahead-of-time compilation)."""
     u8 = np.uint8
     return {
         "image": jax.ShapeDtypeStruct((batch_size, resolution, resolution, 3), u8),

@@ -15,18 +15,21 @@ import statistics
 import tempfile
 import time
 
+import cv2
+import jax
 import numpy as np
 
+from pbe_jax.data.batch import CLIP_MEAN, CLIP_STD, normalize_batch
 from pbe_jax.data.config import data_config
+from pbe_jax.data.pipeline import PbeSample, make_loader
+from pbe_jax.data.sources import make_source
+from pbe_jax.data.synthetic import synthetic_scene
 
 
 def write_coco_fixture(root: str, num_images: int, *, width: int = 640, height: int = 480,
                        quality: int = 90, seed: int = 0) -> tuple[str, str]:
     """`num_images` synthetic scenes as JPEGs + `instances.json` under `root`; returns
     (annotations path, images dir)."""
-    import cv2
-
-    from pbe_jax.data.synthetic import synthetic_scene
 
     images_dir = os.path.join(root, "images")
     os.makedirs(images_dir, exist_ok=True)
@@ -52,11 +55,9 @@ def write_coco_fixture(root: str, num_images: int, *, width: int = 640, height: 
 def per_process_rate(cfg, num_samples: int) -> dict:
     """Samples/s of one process doing the whole per-sample path (read, decode, transforms),
     with the time split by stage."""
-    from pbe_jax.data.pipeline import PbeSample
-    from pbe_jax.data.sources import make_source
 
     source = make_source(cfg)
-    transform = PbeSample(source, cfg, (0, 1, len(source)))
+    transform = PbeSample(source, cfg)
     for i in range(8):  # warm-up: imports, cv2 thread pool, page cache
         transform.random_map(i % len(source), np.random.default_rng(i))
     transform.stage_seconds = {}
@@ -71,7 +72,6 @@ def per_process_rate(cfg, num_samples: int) -> dict:
 
 def loader_rate(cfg, *, num_workers: int, batch_size: int, seconds: float) -> dict:
     """Samples/s out of `make_loader` with `num_workers` processes (after start-up)."""
-    from pbe_jax.data.pipeline import make_loader
 
     cfg = cfg.copy_and_resolve_references()
     cfg.num_workers = num_workers
@@ -94,7 +94,6 @@ def loader_rate(cfg, *, num_workers: int, batch_size: int, seconds: float) -> di
 def host_normalize(batch: dict) -> dict:
     """What a float32 loader would do on the host: batch.normalize_batch in numpy, without
     masked_image (that one is cheap to form on the device either way)."""
-    from pbe_jax.data.batch import CLIP_MEAN, CLIP_STD
 
     return {
         "image": batch["image"].astype(np.float32) / 127.5 - 1.0,
@@ -108,9 +107,6 @@ def transfer_cost(batch_size: int, resolution: int, reference_size: int, reps: i
                   ) -> dict:
     """uint8 batch -> device + `normalize_batch` on device, vs normalising to float32 on the
     host and moving 4x the bytes; median times on jax.devices()[0]."""
-    import jax
-
-    from pbe_jax.data.batch import normalize_batch
 
     rng = np.random.default_rng(0)
     u8 = {

@@ -11,23 +11,27 @@ from __future__ import annotations
 
 import ml_collections
 
-SOURCES = ("synthetic", "coco", "openimages", "tfds")
+PROFILES = ("demo", "paper")
+_ALIASES = {"sd15": "paper"}  # the name this profile had when it served one config variant
 
 
-def data_config(variant: str = "demo") -> ml_collections.ConfigDict:
-    """`config.data` for `variant` in ('demo', 'sd15').
+def data_config(profile: str = "demo") -> ml_collections.ConfigDict:
+    """`config.data` for a data `profile`: 'paper' (alias 'sd15') or 'demo'. Config variants
+    pick a profile and override sizes (e.g. `resolution`), so a new variant needs no edit here.
 
-    'sd15' is the paper's recipe (512 px source, 224 px reference, OpenImages boxes; the source
-    defaults to 'synthetic' so a run without data still starts). 'demo' is 64 px / 32 px on small
+    'paper' is the paper's recipe (512 px source, 224 px reference, the official box filter and
+    augmentations; `source` must be set, e.g. 'openimages'). 'demo' is 64 px / 32 px on small
     synthetic scenes, for the CPU demo and the tests.
     """
-    if variant not in ("demo", "sd15"):
-        raise ValueError(f"unknown data config variant {variant!r}; expected 'demo' or 'sd15'")
-    demo = variant == "demo"
+    profile = _ALIASES.get(profile, profile)
+    if profile not in PROFILES:
+        raise ValueError(f"unknown data config profile {profile!r}; expected one of {PROFILES} "
+                         f"(or {sorted(_ALIASES)})")
+    demo = profile == "demo"
     c = ml_collections.ConfigDict()
 
     # --- where samples come from ---
-    c.source = "synthetic"  # one of SOURCES
+    c.source = "synthetic"  # synthetic | coco | openimages | tfds (pbe_jax.data.sources)
     c.annotations = ""  # coco: instances JSON; openimages: bbox CSV
     c.images_dir = ""  # coco / openimages: folder holding the image files
     c.image_ext = ".jpg"  # openimages: file name = ImageID + image_ext

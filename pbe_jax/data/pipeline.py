@@ -23,7 +23,6 @@ making it), so the counts survive worker processes; the Loader sums them and str
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import cv2
@@ -32,6 +31,7 @@ import jax
 import numpy as np
 from absl import flags as absl_flags
 
+from pbe_jax import sharding as shd
 from pbe_jax.data import decode as dec
 from pbe_jax.data import transforms as tr
 from pbe_jax.data.batch import HOST_KEYS
@@ -40,10 +40,10 @@ from pbe_jax.data.sources import make_source
 log = logging.getLogger(__name__)
 
 
-def process_seeds(seed: int, process_index: int) -> tuple[int, int]:
-    """(shuffle seed, sample seed) for one process, well apart: grain uses seed + epoch for the
-    shuffle, so neighbouring seeds would repeat an order one epoch later."""
-    s = np.random.SeedSequence([int(seed), int(process_index)]).generate_state(2)
+def stream_seeds(seed: int) -> tuple[int, int]:
+    """(shuffle seed, sample seed) of the global stream, well apart: grain uses seed + epoch for
+    the shuffle, so neighbouring seeds would repeat an order one epoch later."""
+    s = np.random.SeedSequence([int(seed), 0]).generate_state(2)
     return int(s[0]), int(s[1])
 
 
@@ -52,10 +52,9 @@ class PbeSample(grain.transforms.RandomMap):
     plus `bad_counts` `[len(BAD_REASONS)]` int32 and `record` (the index of the record used,
     after replacements). Unusable records are replaced (see the module docstring)."""
 
-    def __init__(self, source, cfg, shard: tuple[int, int, int]):
+    def __init__(self, source, cfg):
         self.source = source
         self.cfg = cfg
-        self.shard = shard  # (process_index, process_count, records per process)
         self._threads_set = False
         self.stage_seconds = None  # a dict to accumulate per-stage wall time into (bench.py)
         self._last = 0.0
@@ -78,7 +77,7 @@ class PbeSample(grain.transforms.RandomMap):
             cv2.setNumThreads(int(self.cfg.cv2_threads))
             self._threads_set = True
         counts = np.zeros(len(dec.BAD_REASONS), np.int32)
-        p, n_proc, n_local = self.shard
+        n = len(self.source)
         for _ in range(int(self.cfg.max_retries) + 1):
             try:
                 sample = self.make(int(index), rng, counts)
@@ -88,7 +87,7 @@ class PbeSample(grain.transforms.RandomMap):
             except dec.BadImage as e:
                 counts[dec.REASON_INDEX[e.reason]] += 1
                 log.debug("skipped record %d: %s", index, e)
-            index = p + n_proc * int(rng.integers(n_local))
+            index = int(rng.integers(n))
         bad = {r: int(c) for r, c in zip(dec.BAD_REASONS, counts) if c}
         raise RuntimeError(f"{int(self.cfg.max_retries) + 1} records in a row were unusable "
                            f"({bad}); check config.data.source / images_dir")
@@ -166,10 +165,10 @@ def _global_stream(source, data_cfg, seed, num_epochs) -> grain.MapDataset:
     same on 1 or N processes (and a 2-process run reproduces a 1-process run)."""
     if len(source) == 0:
         raise ValueError("the data source has no records")
-    shuffle_seed, sample_seed = process_seeds(seed, 0)
+    shuffle_seed, sample_seed = stream_seeds(seed)
     n = len(source)
     ds = grain.MapDataset.range(n).shuffle(seed=shuffle_seed).repeat(num_epochs)
-    return ds.random_map(PbeSample(source, data_cfg, (0, 1, n)), seed=sample_seed)
+    return ds.random_map(PbeSample(source, data_cfg), seed=sample_seed)
 
 
 def _process_batches(source, data_cfg, seed, process_index, process_count, local_batch,
@@ -183,18 +182,9 @@ def _process_batches(source, data_cfg, seed, process_index, process_count, local
 
 def batch_sharding(mesh: jax.sharding.Mesh, batch_axes, global_batch_size: int,
                    process_count: int) -> jax.sharding.NamedSharding:
-    """Leading-dim sharding over the batch axes that exist in `mesh`; checks divisibility."""
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    if not axes:
-        raise ValueError(f"mesh axes {mesh.axis_names} contain none of batch_axes {batch_axes}")
-    shards = math.prod(mesh.shape[a] for a in axes)
-    if global_batch_size % shards:
-        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
-                         f"{shards} batch shards of mesh axes {axes} {dict(mesh.shape)}")
-    if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
-                         f"process_count {process_count}")
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
+    """The loader's batch sharding over `batch_axes` of `mesh`, after the divisibility check."""
+    shd.check_batch_size(global_batch_size, mesh, process_count, batch_axes)
+    return shd.batch_sharding(mesh, 1, batch_axes)
 
 
 def _check_process_rows(sharding, global_batch_size: int, local_batch: int) -> None:
@@ -323,9 +313,8 @@ def make_loader(data_cfg, *, global_batch_size: int, seed: int,
     sharding = None
     if mesh is not None:
         sharding = batch_sharding(mesh, batch_axes, global_batch_size, process_count)
-    elif global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
-                         f"process_count {process_count}")
+    else:
+        shd.check_batch_size(global_batch_size, None, process_count)
     local_batch = global_batch_size // process_count
     if sharding is not None and process_count == jax.process_count() > 1:
         _check_process_rows(sharding, global_batch_size, local_batch)

@@ -10,12 +10,17 @@ reference. Samples are those of the first training steps (`config.seed`).
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from pbe_jax.data.decode import BAD_REASONS
+from pbe_jax.data.pipeline import make_dataset
 
 
 def outline_hole(image: np.ndarray, mask: np.ndarray, colour=(255, 0, 0)) -> np.ndarray:
     """`[H, W, 3]` uint8 with the border of the hole (mask < 128) drawn in `colour`."""
-    import cv2
 
     hole = (mask[..., 0] < 128).astype(np.uint8)
     contours, _ = cv2.findContours(hole, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
@@ -33,7 +38,6 @@ def masked_view(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def sample_tiles(sample: dict, tile: int) -> np.ndarray:
     """[tile, 3 * tile, 3] uint8: outlined source | masked image | reference."""
-    import cv2
 
     image, mask = sample["image"], sample["mask"]
     tiles = [outline_hole(image, mask), masked_view(image, mask), sample["reference"]]
@@ -57,10 +61,6 @@ def write_preview(data_cfg, out: str, *, num: int = 16, seed: int = 0, tile: int
                   ) -> dict[str, int]:
     """Render the first `num` samples of `data_cfg` into the PNG `out`; returns the bad-data
     counts met on the way."""
-    import cv2
-
-    from pbe_jax.data.decode import BAD_REASONS
-    from pbe_jax.data.pipeline import make_dataset
 
     ds = make_dataset(data_cfg, seed=seed)
     samples = [ds[i] for i in range(num)]
@@ -74,7 +74,6 @@ def write_preview(data_cfg, out: str, *, num: int = 16, seed: int = 0, tile: int
 
 def main(argv):
     del argv
-    from absl import flags
 
     cfg = flags.FLAGS.config
     counts = write_preview(cfg.data, flags.FLAGS.out, num=flags.FLAGS.num,
@@ -83,9 +82,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/pbe.py:demo",
                                     lock_config=True)
     flags.DEFINE_string("out", "grid.png", "PNG to write")

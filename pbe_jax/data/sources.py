@@ -20,6 +20,7 @@ import logging
 import os
 
 import numpy as np
+from PIL import Image
 
 from pbe_jax.data.synthetic import synthetic_scene
 
@@ -154,8 +155,6 @@ def coco_source(cfg) -> BoxIndex:
 
 
 def _header_size(path: str) -> tuple[int, int]:
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             return im.size

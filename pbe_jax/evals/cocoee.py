@@ -22,8 +22,8 @@ import re
 import numpy as np
 from PIL import Image
 
-from pbe_jax.evals.images import IMAGE_EXTENSIONS
-from pbe_jax.sample import Row, read_manifest
+from pbe_jax.batch_edit import Row, read_manifest
+from pbe_jax.evals.images import IMAGE_EXTENSIONS, list_images
 
 GT_DIR, REF_DIR, MASK_DIR = "GT_3500", "Ref_3500", "Mask_bbox_3500"
 FID_REF_SIZE = 512  # scripts/create_square_gt_for_fid.py: Resize(512) + CenterCrop(512)
@@ -154,7 +154,6 @@ def fid_reference_image(path: str, size: int = FID_REF_SIZE) -> Image.Image:
 def prepare_fid_reference(src_dir: str, out_dir: str, size: int = FID_REF_SIZE) -> int:
     """Write `fid_reference_image` of every image of `src_dir` to `out_dir/<stem>.png` (existing
     files are kept, so a rerun resumes). Returns the number of files written."""
-    from pbe_jax.evals.images import list_images  # noqa: PLC0415
 
     os.makedirs(out_dir, exist_ok=True)
     written = 0

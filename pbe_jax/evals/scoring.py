@@ -17,9 +17,20 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from pbe_jax.evals import cocoee
+from pbe_jax.evals.clip_score import cosine_scores, region_clip_file_inputs, region_clip_inputs
+from pbe_jax.evals.extract import iterate_features
+from pbe_jax.evals.features import clip_extractor, inception_extractor
+from pbe_jax.evals.fid import frechet_distance, load_statistics, save_statistics, statistics_from_features
+from pbe_jax.evals.images import Batches, clip_file_preprocess, clip_pil_resize_crop, list_images, load_rgb_uint8
+from pbe_jax.evals.inception import INPUT_SIZE, InceptionV3
+from pbe_jax.evals.qs import GaussianMixture, quality_score
+from pbe_jax.evals.resize import resize_bilinear
+from pbe_jax.models.clip import CLIPVisionModelWithProjection
+from pbe_jax.sharding import make_mesh
 
 METRICS = ("fid", "qs", "clip_score")
 FID_FEATURES = ("inception", "clip")
@@ -67,17 +78,12 @@ class MetricSpec:
 
 @functools.lru_cache(maxsize=None)
 def _local_mesh():
-    from pbe_jax.sharding import make_mesh  # noqa: PLC0415
-
     # This process's devices: each process extracts its own share (see `_features`).
     return make_mesh("data:-1", devices=jax.local_devices())
 
 
 @functools.lru_cache(maxsize=4)
 def _clip(path: str, batch_size: int):
-    from pbe_jax.evals.features import clip_extractor  # noqa: PLC0415
-    from pbe_jax.models.clip import CLIPVisionModelWithProjection  # noqa: PLC0415
-
     model = CLIPVisionModelWithProjection.from_pretrained(path)
     # 2 x batch: the CLIP score embeds regions and references in one call; one program for all.
     return clip_extractor(model, mesh=_local_mesh(), batch_size=2 * batch_size), model.config
@@ -85,16 +91,11 @@ def _clip(path: str, batch_size: int):
 
 @functools.lru_cache(maxsize=2)
 def _inception(path: str, batch_size: int):
-    from pbe_jax.evals.features import inception_extractor  # noqa: PLC0415
-    from pbe_jax.evals.inception import InceptionV3  # noqa: PLC0415
-
     return inception_extractor(InceptionV3.from_file(path), mesh=_local_mesh(), batch_size=batch_size)
 
 
 @functools.lru_cache(maxsize=2)
 def _gmm(path: str):
-    from pbe_jax.evals.qs import GaussianMixture  # noqa: PLC0415
-
     return GaussianMixture.load(path)
 
 
@@ -105,7 +106,6 @@ def _gmm(path: str):
 
 def _clip_image(x, size: int) -> np.ndarray:
     """CLIP's `preprocess` resize + crop (as the official FID/QS scripts) -> uint8 `[S, S, 3]`."""
-    from pbe_jax.evals.images import clip_file_preprocess, clip_pil_resize_crop  # noqa: PLC0415
 
     if isinstance(x, Image.Image):
         return clip_pil_resize_crop(x, size)
@@ -116,9 +116,6 @@ def _inception_image(x) -> np.ndarray:
     """pytorch-fid loading: RGB, `/ 255`, bilinear (half-pixel) to 299 on the host so that
     images of any size batch together -> float32 `[299, 299, 3]` in [0, 1]. The on-device
     resize of `inception_inputs` is then the identity."""
-    from pbe_jax.evals.images import load_rgb_uint8  # noqa: PLC0415
-    from pbe_jax.evals.inception import INPUT_SIZE  # noqa: PLC0415
-    from pbe_jax.evals.resize import resize_bilinear  # noqa: PLC0415
 
     if isinstance(x, Image.Image):
         a = np.asarray(x.convert("RGB"))
@@ -129,8 +126,6 @@ def _inception_image(x) -> np.ndarray:
 
 
 def _region_pair(item: Item, size: int) -> tuple[np.ndarray, np.ndarray]:
-    from pbe_jax.evals.clip_score import region_clip_file_inputs, region_clip_inputs  # noqa: PLC0415
-
     if isinstance(item.result, str):
         return region_clip_file_inputs((item.result, item.mask, item.reference), size)
     with Image.open(item.mask) as m:
@@ -157,7 +152,6 @@ def _my_share(items: Sequence) -> list:
 def _gather(local: np.ndarray, n: int) -> np.ndarray:
     if jax.process_count() == 1:
         return local[:n]
-    from jax.experimental import multihost_utils  # noqa: PLC0415
 
     return np.asarray(multihost_utils.process_allgather(local, tiled=True))[:n]
 
@@ -165,8 +159,6 @@ def _gather(local: np.ndarray, n: int) -> np.ndarray:
 def _features(items: Sequence, load: Callable, extract: Callable, batch_size: int, desc: str,
               progress: bool) -> np.ndarray:
     """`extract` over `load(item)` batches -> `[N, D]` float64, all processes' shares gathered."""
-    from pbe_jax.evals.extract import iterate_features  # noqa: PLC0415
-    from pbe_jax.evals.images import Batches  # noqa: PLC0415
 
     batches = Batches(_my_share(items), batch_size, load)
     local = np.concatenate(list(iterate_features(extract, batches, desc=desc, progress=progress)))
@@ -188,8 +180,6 @@ def _feature_net(kind: str, spec: MetricSpec):
 
 def _reference_statistics(spec: MetricSpec, extract, load, weights: str, cache_dir: str | None):
     """(mu, sigma) of the FID reference set: a `.npz` as given, or a folder's (cached)."""
-    from pbe_jax.evals.fid import load_statistics, save_statistics, statistics_from_features  # noqa: PLC0415
-    from pbe_jax.evals.images import list_images  # noqa: PLC0415
 
     if os.path.isfile(spec.fid_ref):
         return load_statistics(spec.fid_ref), spec.fid_ref
@@ -253,8 +243,6 @@ def score(items: Sequence[Item], spec: MetricSpec, *, cache_dir: str | None = No
         size = cfg.image_size
 
         def pair_scores(pair):
-            from pbe_jax.evals.clip_score import cosine_scores  # noqa: PLC0415
-
             regions, refs = pair
             emb = extract(np.concatenate([regions, refs]))
             return cosine_scores(emb[:len(regions)], emb[len(regions):])[:, None]
@@ -274,8 +262,6 @@ def score(items: Sequence[Item], spec: MetricSpec, *, cache_dir: str | None = No
             feats[kind] = _features(items, lambda it: load(it.result), extract, spec.batch_size,
                                     f"{kind} features", spec.progress)
         if metric == "fid":
-            from pbe_jax.evals.fid import frechet_distance, statistics_from_features  # noqa: PLC0415
-
             if len(items) < 2:
                 skipped["fid"] = "FID needs at least 2 results"
                 continue
@@ -290,8 +276,6 @@ def score(items: Sequence[Item], spec: MetricSpec, *, cache_dir: str | None = No
             metrics["fid"] = frechet_distance(mu, sigma, mu_ref, sigma_ref)
             protocol["fid"] = {"features": kind, "weights": weights, "reference": source}
         else:
-            from pbe_jax.evals.qs import quality_score  # noqa: PLC0415
-
             metrics["qs"] = quality_score(_gmm(spec.gmm).score_samples(feats[kind]))
             protocol["qs"] = {"features": kind, "weights": weights, "gmm": spec.gmm}
     return {"metrics": metrics, "skipped": skipped, "protocol": protocol, "per_image": per_image}

@@ -33,6 +33,7 @@ from pbe_jax.models import axes as ax
 from pbe_jax.models import layers
 from pbe_jax.models.attention import dot_product_attention
 from pbe_jax.models.hub import PretrainedMixin
+from pbe_jax.models.registry import register
 
 logger = logging.getLogger(__name__)
 
@@ -323,6 +324,7 @@ class _CLIPVisionBase(PretrainedMixin, nnx.Module):
         return (model, report) if return_report else model
 
 
+@register("transformers")
 class CLIPVisionModel(_CLIPVisionBase):
     """transformers `CLIPVisionModel`: pixel_values [B, H, W, 3] -> CLIPVisionOutput."""
 
@@ -335,6 +337,7 @@ class CLIPVisionModel(_CLIPVisionBase):
         return self.vision_model(pixel_values)
 
 
+@register("transformers")
 class CLIPVisionModelWithProjection(_CLIPVisionBase):
     """transformers `CLIPVisionModelWithProjection`: adds `visual_projection` (no bias)."""
 

@@ -8,7 +8,7 @@ plus `uncond_vector` [1, 1, 768], the learned classifier-free-guidance context (
 PBE_SPEC.md 1.3 (official `FrozenCLIPImageEmbedder` + `xf.Transformer`) and 5.1 (diffusers).
 
 The encoder is split in two so that training can treat the frozen tower as an input to the step:
-`clip_pooled` (frozen CLIP part) and `project` (the trainable part); `TRAINABLE` names the
+`clip_pooled` (frozen CLIP part) and `project` (the trainable part); `TRAINED_PARTS` names the
 trainable top-level attributes (the official `configure_optimizers` list, PBE_SPEC 1.2).
 
 Parameter paths mirror diffusers' keys: `model.vision_model.*` (the CLIP tower, in the spelling of
@@ -29,15 +29,16 @@ from pbe_jax.models import axes as ax
 from pbe_jax.models import layers
 from pbe_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 from pbe_jax.models.hub import PretrainedMixin
+from pbe_jax.models.registry import register
 from pbe_jax.models.transformer import BasicTransformerBlock
 
 # Top-level attributes that Paint by Example trains; `model` (the CLIP tower) stays frozen.
-TRAINABLE = ("mapper", "final_layer_norm", "proj_out", "uncond_vector")
+TRAINED_PARTS = ("mapper", "final_layer_norm", "proj_out", "uncond_vector")
 
 
 def trainable_filter():
     """An NNX filter for the trainable params: `nnx.state(encoder, trainable_filter())`."""
-    return nnx.All(nnx.Param, lambda path, _: bool(path) and str(path[0]) in TRAINABLE)
+    return nnx.All(nnx.Param, lambda path, _: bool(path) and str(path[0]) in TRAINED_PARTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,8 @@ class PaintByExampleMapper(nnx.Module):
         return x
 
 
+# "paint_by_example": the library name the released model_index.json gives it.
+@register("paint_by_example")
 class PaintByExampleImageEncoder(PretrainedMixin, nnx.Module):
     """diffusers `PaintByExampleImageEncoder`: reference image -> one context token."""
 

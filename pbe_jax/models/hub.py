@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -31,29 +31,97 @@ from pbe_jax.convert.torch_layout import (
     module_to_torch_state_dict,
 )
 
+# Keyword arguments of every `from_pretrained`, with diffusers' names and meanings.
+HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download")
 
-def resolve_dir(path: str, subfolder: str | None = None, revision: str | None = None) -> str:
-    """A local directory for `path` (+ `subfolder`), downloading `path` as a Hub repo id if it is
-    not a local directory."""
+
+def is_hub_id(path: str) -> bool:
+    """'org/name' that is not a local path."""
+    return (not os.path.exists(path) and not path.startswith((".", "/", "~"))
+            and path.count("/") == 1 and "://" not in path)
+
+
+def weight_patterns(stems: Iterable[str], ext: str, variant: str | None) -> list[str]:
+    """Glob patterns of the weight files `find_weight_files` reads, for one format / variant."""
+    out = []
+    for stem in stems:
+        s = f"{stem}.{variant}" if variant else stem
+        out += [f"{s}.{ext}", f"{s}.{ext}.index.json", f"{s}-*-of-*.{ext}"]
+    return out
+
+
+def _formats(use_safetensors: bool | None) -> tuple[str, ...]:
+    if use_safetensors is None:
+        return ("safetensors", "bin")
+    return ("safetensors",) if use_safetensors else ("bin",)
+
+
+def resolve(path: str, components: Mapping[str, Iterable[str]], *, extra_patterns: Iterable[str] = (),
+            variant: str | None = None, use_safetensors: bool | None = None,
+            revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
+            token: str | bool | None = None, force_download: bool = False) -> str:
+    """The one Hub resolver: a local directory for `path`.
+
+    A local directory is returned as is. A Hub repo id ('org/name') is fetched with
+    `huggingface_hub.snapshot_download` and `allow_patterns`, so only the files that will be
+    read come down: per component (`{subfolder ('' = the repo root): weight file stems}`), its
+    `config.json` and the first weight format that exists, in the order variant safetensors,
+    safetensors, variant .bin, .bin (`use_safetensors=True` / False restricts it). Nothing is
+    listed first, so `HF_HUB_OFFLINE=1` / `local_files_only=True` work from the cache (a repo
+    that is not cached fails naming it). `extra_patterns` come along (scheduler / feature
+    extractor configs).
+    """
     if os.path.isdir(path):
-        d = os.path.join(path, subfolder) if subfolder else path
-        if not os.path.isdir(d):
-            raise FileNotFoundError(f"{path}: no subfolder {subfolder!r} (found: {sorted(os.listdir(path))})")
-        return d
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        return path
+    if not is_hub_id(path):
         raise FileNotFoundError(f"{path}: not a directory, and not a Hub repo id of the form 'org/name'")
     from huggingface_hub import snapshot_download  # noqa: PLC0415 (network only when asked)
+    from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: PLC0415
 
-    patterns = [f"{subfolder}/*"] if subfolder else None
-    root = snapshot_download(repo_id=path, revision=revision, allow_patterns=patterns)
-    return os.path.join(root, subfolder) if subfolder else root
+    kw = dict(repo_id=path, revision=revision, cache_dir=cache_dir, token=token,
+              local_files_only=local_files_only, force_download=force_download)
+    tiers = [(ext, v) for ext in _formats(use_safetensors) for v in ([variant, None] if variant else [None])]
+    root = None
+    try:
+        if extra_patterns:
+            root = snapshot_download(allow_patterns=list(extra_patterns), **kw)
+        for sub, stems in components.items():
+            stems, pre = tuple(stems), f"{sub}/" if sub else ""
+            for ext, v in tiers:
+                pats = [f"{pre}config.json"] + [pre + p for p in weight_patterns(stems, ext, v)]
+                root = snapshot_download(allow_patterns=pats, **kw)
+                try:
+                    find_weight_files(os.path.join(root, sub), stems, variant,
+                                      formats=_formats(use_safetensors))
+                    break
+                except FileNotFoundError:
+                    continue
+    except LocalEntryNotFoundError as e:
+        where = f" (cache_dir={cache_dir})" if cache_dir else ""
+        raise FileNotFoundError(
+            f"{path}: not in the Hugging Face cache{where} and downloads are off (HF_HUB_OFFLINE=1 "
+            f"or local_files_only=True), or the Hub cannot be reached: {e}") from None
+    return root
 
 
-def find_weight_files(directory: str, names: Iterable[str], variant: str | None = None) -> list[str]:
+def resolve_dir(path: str, subfolder: str | None = None, stems: Iterable[str] = ("diffusion_pytorch_model",),
+                **hub) -> str:
+    """A local component directory for `path` (+ `subfolder`); see `resolve`."""
+    root = resolve(path, {subfolder or "": stems}, **hub)
+    d = os.path.join(root, subfolder) if subfolder else root
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"{path}: no subfolder {subfolder!r} (found: {sorted(os.listdir(root))})")
+    return d
+
+
+def find_weight_files(directory: str, names: Iterable[str], variant: str | None = None,
+                      formats: Iterable[str] = ("safetensors", "bin")) -> list[str]:
     """The weight file(s) of a component directory, safetensors first, variant first."""
     names = list(names)
     cands = []
-    for ext in ("safetensors", "bin"):
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such component directory")
+    for ext in formats:
         for name in names:
             stems = ([f"{name}.{variant}"] if variant else []) + [name]
             for stem in stems:
@@ -85,8 +153,8 @@ class PretrainedMixin:
         return state_dict
 
     @classmethod
-    def load_config(cls, path: str, subfolder: str | None = None, revision: str | None = None):
-        d = resolve_dir(path, subfolder, revision)
+    def load_config(cls, path: str, subfolder: str | None = None, **hub):
+        d = resolve_dir(path, subfolder, cls.WEIGHTS_NAMES, **hub)
         cfg_path = os.path.join(d, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{d}: no config.json")
@@ -112,18 +180,27 @@ class PretrainedMixin:
         *,
         subfolder: str | None = None,
         variant: str | None = None,
-        revision: str | None = None,
+        use_safetensors: bool | None = None,
         allow_missing: Iterable[str] = (),
         place: Callable[[tuple, np.ndarray], jax.Array] | None = None,
         return_report: bool = False,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        force_download: bool = False,
         **runtime,
     ):
         """Load a component directory (or Hub repo id). `runtime` goes to the constructor
         (`dtype`, `param_dtype`, `attention_impl`, `remat`, ...). `place(path, array)` puts each
-        param on devices (e.g. straight into its sharding); default: the default device."""
-        d = resolve_dir(path, subfolder, revision)
+        param on devices (e.g. straight into its sharding); default: the default device. Hub
+        options (`revision`, `cache_dir`, `local_files_only`, `token`, `force_download`,
+        `use_safetensors`) as in diffusers; see `resolve`."""
+        d = resolve_dir(path, subfolder, cls.WEIGHTS_NAMES, variant=variant,
+                        use_safetensors=use_safetensors, revision=revision, cache_dir=cache_dir,
+                        local_files_only=local_files_only, token=token, force_download=force_download)
         config = cls.load_config(d)
-        files = find_weight_files(d, cls.WEIGHTS_NAMES, variant)
+        files = find_weight_files(d, cls.WEIGHTS_NAMES, variant, formats=_formats(use_safetensors))
         sd = cls.rename_legacy_keys(stio.read_checkpoint_files(files))
         model = cls.from_config_and_state_dict(
             config, sd, source=", ".join(files), allow_missing=allow_missing, place=place,

@@ -22,6 +22,7 @@ from flax import nnx
 from pbe_jax.models import axes as ax
 from pbe_jax.models import layers
 from pbe_jax.models.hub import PretrainedMixin
+from pbe_jax.models.registry import register
 from pbe_jax.models.unet_blocks import (
     BlockOpts,
     CrossAttnDownBlock2D,
@@ -215,6 +216,7 @@ class TimestepEmbedding(nnx.Module):
         return self.linear_2(layers.activation(self.act_fn)(self.linear_1(x)))
 
 
+@register("diffusers")
 class UNet2DConditionModel(PretrainedMixin, nnx.Module):
     """diffusers `UNet2DConditionModel` (see module docstring). NHWC in and out."""
 

@@ -21,6 +21,7 @@ from flax import nnx
 
 from pbe_jax.models.hub import PretrainedMixin
 from pbe_jax.models.layers import activation, conv
+from pbe_jax.models.registry import register
 from pbe_jax.models.vae_blocks import Decoder, Encoder
 
 Dtype = Any
@@ -152,6 +153,7 @@ _LEGACY_ATTN = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\
 _LEGACY_ATTN_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
+@register("diffusers")
 class AutoencoderKL(PretrainedMixin, nnx.Module):
     """diffusers `AutoencoderKL` in NNX. Images [B, H, W, in_channels] in [-1, 1] <-> latents
     [B, H/f, W/f, latent_channels], f = `config.downsample_factor`.

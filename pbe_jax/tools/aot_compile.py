@@ -33,6 +33,14 @@ import sys
 import time
 from typing import Any
 
+import jax
+from absl import app, flags
+from jax.experimental import topologies
+from ml_collections import config_flags
+
+from pbe_jax import sharding as shd
+from pbe_jax.training.state import Setup, state_bytes_per_device, step_flops
+
 GiB = 2**30
 
 # Per-device memory (GiB): HBM per TPU chip / device as JAX sees it, GPU memory for the named GPUs.
@@ -101,7 +109,6 @@ class MissingLibtpu(RuntimeError):
 def target_devices(target: Target, num_slices: int = 1) -> list:
     """The devices to compile for. For fake targets this must run before any JAX backend is
     initialised (it sets the CPU device count), unless the CPU backend already has exactly N."""
-    import jax  # noqa: PLC0415
 
     if target.kind == "tpu":
         if importlib.util.find_spec("libtpu") is None:
@@ -109,7 +116,6 @@ def target_devices(target: Target, num_slices: int = 1) -> list:
                 f"--topology={target.name} needs libtpu to compile for TPUs (it runs on any CPU "
                 f"host): pip install 'pbe_jax[tpu]'  (or: pip install 'jax[tpu]'). "
                 f"For a GPU count or a CPU mesh use --topology=gpu:N / cpu:N.")
-        from jax.experimental import topologies  # noqa: PLC0415
 
         topo = topologies.get_topology_desc(
             platform="tpu", topology_name=target.topology_name, chip_config_name=target.chip_config_name,
@@ -131,14 +137,9 @@ def target_devices(target: Target, num_slices: int = 1) -> list:
 
 def compile_report(config, devices: list, device_memory_gib: float | None = None) -> dict[str, Any]:
     """Compile `config`'s train step over `devices` and measure memory per device (bytes)."""
-    from pbe_jax import sharding as shd  # noqa: PLC0415
-    from pbe_jax.train import Setup, state_bytes_per_device, step_flops  # noqa: PLC0415
 
     mesh = shd.make_mesh(config.mesh, devices=devices)
-    if config.train.batch_size % shd.batch_axis_size(mesh):
-        raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible by the "
-                         f"batch mesh axes (data x fsdp = {shd.batch_axis_size(mesh)}) of mesh {dict(mesh.shape)}")
-    setup = Setup(config, mesh)
+    setup = Setup(config, mesh)  # checks that the batch splits over the mesh
     t0 = time.perf_counter()
     compiled, oom = None, None
     try:
@@ -228,9 +229,6 @@ def format_report(r: dict[str, Any], target: Target) -> str:
 
 
 def _define_flags():
-    from absl import flags  # noqa: PLC0415
-    from ml_collections import config_flags  # noqa: PLC0415
-
     config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/pbe.py:sd15", lock_config=True)
     flags.DEFINE_string("topology", None, "v5p-64, v4-8, v5e-16, v6e-8, cpu:8, gpu:16, h100:16, ...")
     flags.DEFINE_integer("num_slices", 1, "TPU multislice: number of slices of --topology")
@@ -247,8 +245,6 @@ def main(argv) -> int:
     # libtpu's compile-only client, which needs no TPU here). Env vars are read at jax import,
     # hence the config update; flag parsing imported jax but initialised no backend.
     if not os.environ.get("JAX_PLATFORMS"):
-        import jax  # noqa: PLC0415
-
         jax.config.update("jax_platforms", "cpu")
     try:
         target = parse_topology(f.topology)
@@ -266,7 +262,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _FLAGS = _define_flags()
     app.run(lambda argv: sys.exit(main(argv)))

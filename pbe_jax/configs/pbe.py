@@ -1,0 +1,208 @@
+r"""Paint-by-Example training configs. One file, variants by argument. (`configs/pbe.py` at the
+top of the repository points here, so `--config=configs/pbe.py:demo` and the installed package
+read the same file.)
+
+Run (from the repo root):
+
+  # demo: tiny model, synthetic data, a laptop CPU, minutes. Writes checkpoints, a loss curve
+  # (metrics.jsonl + TensorBoard) and sample grids into the workdir.
+  python -m pbe_jax.train --config=configs/pbe.py:demo --workdir=/tmp/pbe_demo
+
+  # the paper's recipe (PBE_SPEC.md section 1): SD v1.x + CLIP ViT-L/14 init, 512 px, AdamW 1e-5,
+  # 10k linear warmup then constant, global batch 32, CFG drop 0.2, remat on.
+  python -m pbe_jax.train --config=configs/pbe.py:sd15 --workdir=gs://BUCKET/pbe_sd15 \
+      --config.data.source=openimages --config.data.annotations=.../oidv6-train-annotations-bbox.csv \
+      --config.data.images_dir=.../train
+
+  # mesh / precision / size are arguments; any field can be overridden (the config is locked, so
+  # a misspelt field fails):
+  python -m pbe_jax.train --config=configs/pbe.py:sd15,mesh=data:-1,fsdp:8,tensor:1,dtype=bf16 \
+      --workdir=DIR --config.train.batch_size=256
+
+Arguments (comma separated after the variant): `mesh=AXIS:SIZE,...` (axes data/fsdp/tensor, one
+size may be -1), `dtype=bf16|fp32` (compute dtype; params stay fp32), `res=INT` (image size),
+`batch=INT` (global batch), `steps=INT`.
+
+Departures from the official recipe, on purpose: `sd15` computes in bf16 by default (the paper
+trained in fp32; pass dtype=fp32 for the exact recipe).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from pbe_jax.data.config import data_config
+from pbe_jax.evals.config import evals_config
+from pbe_jax.schedulers import pbe_scheduler_config
+from pbe_jax.sharding import DEFAULT_RULES
+
+VARIANTS = ("demo", "sd15")
+_TYPES = {"mesh": str, "dtype": str, "res": int, "batch": int, "steps": int}
+
+
+def parse_arg(arg: str | None) -> tuple[str, dict]:
+    """'sd15,mesh=data:-1,fsdp:8,dtype=bf16' -> ('sd15', {'mesh': 'data:-1,fsdp:8', 'dtype': 'bf16'})."""
+    variant, kw, last = "demo", {}, None
+    for tok in filter(None, (t.strip() for t in (arg or "").split(","))):
+        if "=" in tok:
+            key, _, val = tok.partition("=")
+            if key not in _TYPES:
+                raise ValueError(f"unknown config argument {key!r}; known: {sorted(_TYPES)}")
+            kw[key], last = val, key
+        elif last == "mesh" and ":" in tok:  # the mesh spec itself contains commas
+            kw["mesh"] += "," + tok
+        elif tok in VARIANTS:
+            variant, last = tok, None
+        else:
+            raise ValueError(f"bad config argument {tok!r}; variants are {VARIANTS}")
+    return variant, {k: _TYPES[k](v) for k, v in kw.items()}
+
+
+def demo_models() -> ml_collections.ConfigDict:
+    # Tiny widths, 2 UNet levels, 8x VAE downsampling is overkill at 64 px so the VAE has 3 levels
+    # (factor 4, 16x16 latents). The CLIP tower has 4 layers so the mapper has (4+1)//5 = 1 block.
+    return ml_collections.ConfigDict({
+        "unet": {
+            "in_channels": 9, "out_channels": 4, "sample_size": 16,
+            "block_out_channels": (32, 64), "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "attention_head_dim": 4, "cross_attention_dim": 32, "norm_num_groups": 8,
+        },
+        "vae": {
+            "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 64,
+            "block_out_channels": (16, 32, 32), "layers_per_block": 1, "norm_num_groups": 8,
+            "down_block_types": ("DownEncoderBlock2D",) * 3,
+            "up_block_types": ("UpDecoderBlock2D",) * 3,
+            # The demo's frozen VAE is random: scale its latents to unit variance, the way SD's
+            # 0.18215 was picked for its VAE (with 0.18215 they would have std 0.03, and the
+            # denoiser would learn almost nothing).
+            "scaling_factor": 5.3,
+        },
+        "image_encoder": {
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "image_size": 32, "patch_size": 8, "projection_dim": 32,
+            "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "proj_size": 32,
+        },
+        # The one noise schedule (diffusers scheduler_config.json): training loss, samples,
+        # evals and export all read it. SD's betas, PNDM (PLMS) as released.
+        "scheduler": pbe_scheduler_config(),
+    })
+
+
+def sd15_models() -> ml_collections.ConfigDict:
+    # diffusers config.json fields of the released Fantasy-Studio/Paint-by-Example components.
+    return ml_collections.ConfigDict({
+        "unet": {
+            "in_channels": 9, "out_channels": 4, "sample_size": 64,
+            "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2,
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "attention_head_dim": 8, "cross_attention_dim": 768, "norm_num_groups": 32,
+        },
+        "vae": {
+            "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 512,
+            "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32,
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4, "scaling_factor": 0.18215,
+        },
+        "image_encoder": {
+            "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+            "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "projection_dim": 768,
+            "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "proj_size": 768,
+        },
+        # Replaced by the init checkpoint's scheduler config when `init_from` has one.
+        "scheduler": pbe_scheduler_config(),
+    })
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant, kw = parse_arg(arg)
+    demo = variant == "demo"
+    c = ml_collections.ConfigDict()
+    c.variant = variant
+    c.seed = 0
+    c.dtype = kw.get("dtype", "fp32" if demo else "bf16")
+    c.mesh = kw.get("mesh", "data:-1,fsdp:1,tensor:1")
+    c.sharding_rules = tuple(DEFAULT_RULES)
+    c.attention_impl = "xla"  # 'cudnn' on NVIDIA GPUs (bf16), or a registered TPU kernel
+    c.remat = not demo
+    c.remat_policy = ""  # '' recomputes everything; or a jax.checkpoint_policies name
+    c.model = demo_models() if demo else sd15_models()
+
+    # Where weights come from when the workdir has no checkpoint (precedence at the restore site:
+    # workdir checkpoint > init_from > random init). format: '' (random init), 'diffusers' (a
+    # PbE repo dir / hub id), 'ldm' (the original model.ckpt), 'sd-init' (the paper's init: SD
+    # v1.x `path` + CLIP ViT-L/14 vision tower `clip`), 'orbax' (a pbe_jax checkpoint dir).
+    c.init_from = ml_collections.ConfigDict({"format": "", "path": "", "clip": ""})
+    if not demo:
+        c.init_from.format = "sd-init"
+        c.init_from.path = "CompVis/stable-diffusion-v1-4"
+        c.init_from.clip = "openai/clip-vit-large-patch14"
+
+    c.train = ml_collections.ConfigDict()
+    t = c.train
+    t.num_steps = kw.get("steps", 600 if demo else 2_000_000)  # paper: 40 epochs ~ 2M steps at 32
+    t.batch_size = kw.get("batch", 8 if demo else 32)  # global
+    t.lr = 1e-3 if demo else 1e-5
+    t.warmup_steps = 20 if demo else 10_000
+    t.warmup_init_factor = 1e-6  # LambdaLinearScheduler f_start
+    t.weight_decay = 0.01  # torch AdamW default, used by the official code
+    t.b1, t.b2, t.eps = 0.9, 0.999, 1e-8
+    t.grad_clip = 0.0  # global-norm clipping; 0 = off (the paper does not clip)
+    t.grad_accum = 1
+    t.ema_decay = 0.0  # 0 = no EMA (the paper's use_ema False)
+    t.cond_drop_prob = 0.2
+    t.cond_drop_mode = "batch"  # official: one draw per batch; 'sample' draws per sample
+    t.nan_policy = "skip"  # 'skip' the update and count it, or 'stop' (last good ckpt intact)
+    # The noise schedule (betas, num_train_timesteps, prediction_type) is config.model.scheduler.
+
+    c.data = data_config("demo" if demo else "paper")
+    if "res" in kw:
+        c.data.resolution = kw["res"]
+
+    c.log_every_steps = 25 if demo else 50
+    c.ckpt_every_steps = 200 if demo else 5000
+    c.keep_checkpoints = 3
+    c.sample_every_steps = 300 if demo else 5000
+    c.sample_steps = 20 if demo else 50
+    c.sample_guidance = 5.0
+    c.sample_num = 4
+    c.peak_flops = 0.0  # per device, for MFU; 0 = look up the device kind (or CPU estimate)
+    # COCOEE metrics during training (off by default): set every_steps, bench and the metric
+    # weights (clip_model / inception / fid_ref / gmm), see pbe_jax/evaluate.py.
+    c.evals = evals_config()
+    return c
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps: python -m pbe_jax.sweep --config=configs/pbe.py:VARIANT,sweep=NAME --workdir=ROOT
+# --------------------------------------------------------------------------------------------
+
+SWEEPS = ("lr_batch", "cond_drop", "mask_mix", "resolution")
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+    """One override dict per run (dotted config fields -> values), for `pbe_jax.sweep`.
+
+    ARG is get_config's argument plus an optional `sweep=NAME` token (default `lr_batch`):
+    - lr_batch: learning rate x global batch (sd15: the paper's 1e-5 @ 32 and its neighbours).
+    - cond_drop: the classifier-free-guidance drop rate (paper 0.2).
+    - mask_mix: the share of Bezier-warped masks vs plain boxes (paper 0.5).
+    - resolution: training image side (sd15 256 / 512; demo 32 / 64).
+    """
+    tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
+    names = [t.partition("=")[2] for t in tokens if t.startswith("sweep=")]
+    name = names[-1] if names else "lr_batch"
+    variant, _ = parse_arg(",".join(t for t in tokens if not t.startswith("sweep=")))
+    demo = variant == "demo"
+    if name == "lr_batch":
+        lrs = (3e-4, 1e-3) if demo else (5e-6, 1e-5, 2e-5)
+        batches = (8, 16) if demo else (32, 64)
+        return [{"train.lr": lr, "train.batch_size": b} for b in batches for lr in lrs]
+    if name == "cond_drop":
+        return [{"train.cond_drop_prob": p} for p in (0.1, 0.2, 0.3)]
+    if name == "mask_mix":
+        return [{"data.arbitrary_mask_prob": p} for p in (0.0, 0.5, 1.0)]
+    if name == "resolution":
+        return [{"data.resolution": r} for r in ((32, 64) if demo else (256, 512))]
+    raise ValueError(f"unknown sweep {name!r}; known: {SWEEPS}")

@@ -1,0 +1,17 @@
+"""The `config.evals` block: COCOEE metrics during training (off unless `every_steps` > 0)."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def evals_config() -> ml_collections.ConfigDict:
+    """The default `config.evals` block (off: every_steps 0)."""
+    return ml_collections.ConfigDict({
+        "every_steps": 0,  # 0 = off
+        "bench": "",  # COCOEE folder or manifest
+        "limit": 16,  # first N triplets
+        "steps": 50, "guidance": 5.0, "scheduler": "plms", "seed": 0,
+        "batch_size": 8,
+        "clip_model": "", "inception": "", "fid_ref": "", "fid_features": "inception",
+        "fid_ref_cache": "", "gmm": "",
+    })

@@ -1,0 +1,147 @@
+"""`PaintByExampleModel`: the three networks of Paint by Example plus their scheduler and
+preprocessing configs, as one NNX module: the container every loader builds and training
+splits. (`pbe_jax.PaintByExample` adds `from_pretrained` / `save_pretrained` / `__call__`.)
+
+Training splits it into trainable params (UNet, mapper, final LN, proj_out, uncond_vector) and
+frozen ones (VAE, CLIP vision tower) with the `TRAINABLE` / `FROZEN` filters.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+from flax import nnx
+
+from pbe_jax.models.clip import CLIP_MEAN, CLIP_STD
+from pbe_jax.models.registry import COMPONENTS, slot_class
+
+
+def default_feature_extractor_config(size: int = 224) -> dict[str, Any]:
+    """transformers `CLIPImageProcessor` config of the released model, for a `size` px tower."""
+    return {
+        "crop_size": {"height": size, "width": size},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_processor_type": "CLIPImageProcessor",
+        "image_std": list(CLIP_STD),
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": size},
+    }
+
+
+def is_frozen(path: tuple) -> bool:
+    """VAE and the CLIP vision tower are frozen (PBE_SPEC 1.2-1.3); everything else trains."""
+    head = tuple(str(p) for p in path[:2])
+    return head[0] == "vae" or head == ("image_encoder", "model")
+
+
+def TRAINABLE(path, x) -> bool:  # noqa: N802 (an nnx filter, used like a constant)
+    return isinstance(x, nnx.Param) and not is_frozen(path)
+
+
+def FROZEN(path, x) -> bool:  # noqa: N802
+    return isinstance(x, nnx.Param) and is_frozen(path)
+
+
+def component_kwargs(component: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                     attention_impl: str = "xla", remat: bool = False,
+                     remat_policy: str | None = None) -> dict:
+    """Constructor kwargs of one component from the runtime settings: only the UNet (the big
+    trained network) takes remat; the VAE and the image encoder run without it."""
+    kw = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+    if component == "unet":
+        kw.update(remat=remat, remat_policy=remat_policy)
+    return kw
+
+
+def _plain(x):
+    """ConfigDicts / nested mappings -> plain dicts (lists -> tuples, as the dataclasses hold)."""
+    if hasattr(x, "to_dict"):
+        x = x.to_dict()
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(_plain(v) for v in x)
+    return x
+
+
+def parse_component_configs(model_config: Mapping | None) -> dict[str, Any] | None:
+    """`{'unet': {...}, 'vae': {...}, 'image_encoder': {...}}` (a ConfigDict, or config.json
+    dicts) -> config objects per component, each of its registered class; None stays None."""
+    if model_config is None:
+        return None
+    raw = _plain(model_config)
+    missing = [c for c in COMPONENTS if c not in raw]
+    if missing:
+        raise ValueError(f"model config lacks components {missing}; it has {sorted(raw)}")
+    return {c: slot_class(c, raw[c]).config_class.from_dict(dict(raw[c])) for c in COMPONENTS}
+
+
+class PaintByExampleModel(nnx.Module):
+    """unet [B,h,w,9]->[B,h,w,4], vae, image_encoder [B,224,224,3]->[B,1,768] + configs.
+
+    `scheduler_config` is the model's diffusers `scheduler_config.json`: the one noise schedule
+    that training (betas, `num_train_timesteps`, `prediction_type`), sampling and export use.
+    """
+
+    def __init__(self, unet, vae, image_encoder, *, scheduler_config: Mapping[str, Any],
+                 feature_extractor_config: Mapping[str, Any] | None = None):
+        if not scheduler_config or not scheduler_config.get("_class_name"):
+            raise ValueError("PaintByExampleModel needs its scheduler config (a diffusers "
+                             f"scheduler_config.json with _class_name), got {scheduler_config!r}")
+        self.unet = unet
+        self.vae = vae
+        self.image_encoder = image_encoder
+        size = image_encoder.config.vision.image_size
+        # Stored as JSON text: static attributes of an NNX module are part of its (hashed)
+        # graph definition, which jit uses as a static argument; a dict is unhashable.
+        self._scheduler_json = json.dumps(_plain(dict(scheduler_config)), sort_keys=True)
+        self._feature_extractor_json = json.dumps(
+            dict(feature_extractor_config or default_feature_extractor_config(size)), sort_keys=True)
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        """diffusers `scheduler/scheduler_config.json` (a fresh copy)."""
+        return json.loads(self._scheduler_json)
+
+    @property
+    def feature_extractor_config(self) -> dict[str, Any]:
+        """transformers `feature_extractor/preprocessor_config.json` (a fresh copy)."""
+        return json.loads(self._feature_extractor_json)
+
+    @classmethod
+    def from_model_config(cls, model_cfg: Mapping[str, Any], *, seed: int = 0, dtype=jnp.float32,
+                          param_dtype=jnp.float32, attention_impl: str = "xla", remat: bool = False,
+                          remat_policy: str | None = None):
+        """Random init from `config.model` of configs/pbe.py: `{'unet': {...}, 'vae': {...},
+        'image_encoder': {...}, 'scheduler': {...}[, 'feature_extractor': {...}]}` (diffusers /
+        transformers config.json fields; each component's class from the registry)."""
+        rngs = nnx.Rngs(seed)
+        rt = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                  remat=remat, remat_policy=remat_policy)
+        configs = parse_component_configs(model_cfg)
+        parts = {c: slot_class(c, _plain(model_cfg[c]))(configs[c], rngs=rngs, **component_kwargs(c, **rt))
+                 for c in COMPONENTS}
+        if "scheduler" not in model_cfg:
+            raise ValueError("model config lacks 'scheduler' (the diffusers scheduler config that "
+                             "fixes the noise schedule); see configs/pbe.py")
+        fe = model_cfg["feature_extractor"] if "feature_extractor" in model_cfg else None
+        return cls(**parts, scheduler_config=_plain(model_cfg["scheduler"]),
+                   feature_extractor_config=_plain(fe) if fe else None)
+
+    def configs(self) -> dict[str, Any]:
+        """Every config of the model: `config.model`-shaped, plus the feature extractor."""
+        return {
+            "unet": self.unet.config.to_dict(),
+            "vae": self.vae.config.to_dict(),
+            "image_encoder": self.image_encoder.config.to_dict(),
+            "scheduler": copy.deepcopy(self.scheduler_config),
+            "feature_extractor": copy.deepcopy(self.feature_extractor_config),
+        }

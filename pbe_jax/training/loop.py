@@ -1,0 +1,213 @@
+"""The training run: `train_and_evaluate(config, workdir)`, in named sections always in this
+order: mesh, data, noise schedule, model (abstract), shardings, params (restore > init_from >
+random), step, loop. `python -m pbe_jax.train` is its command line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from pbe_jax import checkpoint
+from pbe_jax import sharding as shd
+from pbe_jax.checkpoint import Checkpointer
+from pbe_jax.convert.load import load_pipeline, load_scheduler_config
+from pbe_jax.convert.orbax_io import scheduler_of_run
+from pbe_jax.data.pipeline import make_loader
+from pbe_jax.evals.benchmark import training_eval
+from pbe_jax.metrics import MetricWriter, image_grid, peak_flops_per_device
+from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE
+from pbe_jax.training.samples import training_samples
+from pbe_jax.training.state import Setup, config_runtime, step_flops
+
+log = logging.getLogger("pbe_jax")
+
+
+def resolve_noise_schedule(config: ml_collections.ConfigDict, ckpt: Checkpointer) -> dict:
+    """Fix `config.model.scheduler`, the run's one noise schedule, before anything uses it: a
+    run that has checkpoints keeps the schedule it trained with; a new run initialised from a
+    checkpoint (`config.init_from`) takes that checkpoint's scheduler config (an SD 2.x
+    v-prediction init stays v-prediction); otherwise the config's own. Returns it."""
+    current = config.model.scheduler.to_dict()
+    found, source = None, ""
+    steps = ckpt.steps()
+    if steps:
+        step_dir = epath.Path(ckpt.directory) / str(steps[-1])
+        try:
+            found, source = scheduler_of_run(checkpoint.read_config(step_dir)), f"checkpoint {step_dir}"
+        except Exception as e:  # noqa: BLE001 (a corrupt step: restore will fall back and say so)
+            log.warning("cannot read the noise schedule of %s (%s); using config.model.scheduler", step_dir, e)
+    elif config.init_from.format:
+        found = load_scheduler_config(config.init_from.format, config.init_from.path)
+        source = f"init_from {config.init_from.format}:{config.init_from.path}"
+    if found and found != current:
+        log.info("noise schedule from %s: %s", source, json.dumps(found, sort_keys=True))
+        with config.unlocked():
+            config.model.scheduler = ml_collections.ConfigDict(found)
+    return config.model.scheduler.to_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint at the current step and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._prev = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        log.warning("SIGTERM received: checkpointing at the current step, then exiting")
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.array(self.requested))
+        return bool(np.any(flags))
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._prev)
+
+
+def _init_params(setup: Setup, config):
+    """Precedence when the workdir has no checkpoint: config.init_from > random init."""
+    fmt = config.init_from.format
+    if not fmt:
+        log.info("init: random (config.init_from.format is empty)")
+        return setup.random_params()
+    log.info("init: %s from %s", fmt, config.init_from.path)
+    model = load_pipeline(fmt, config.init_from.path, clip=config.init_from.clip or None,
+                          model_config=config.model, place=setup.place_fn(), seed=config.seed,
+                          **config_runtime(config))
+    _, p, f, _ = nnx.split(model, TRAINABLE, FROZEN, ...)
+    return nnx.to_pure_dict(p), nnx.to_pure_dict(f)
+
+
+def _input_grid(batch) -> np.ndarray:
+    """Training inputs at step 0: image, masked image, reference (first 4 local samples)."""
+    loc = {k: np.asarray(v.addressable_shards[0].data if hasattr(v, "addressable_shards") else v)[:4]
+           for k, v in batch.items()}
+    img = loc["image"].astype(np.float32) / 255
+    mask = loc["mask"].astype(np.float32) / 255
+    ref = loc["reference"].astype(np.float32) / 255
+    h = img.shape[1]
+    ref = np.stack([np.asarray(jax.image.resize(r, (h, h, 3), "linear")) for r in ref])
+    return image_grid([img, img * mask + 0.5 * (1 - mask), ref])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
+    # ---- mesh
+    mesh = shd.make_mesh(config.mesh)
+    log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
+    shd.check_batch_size(config.train.batch_size, mesh, jax.process_count(), what="config.train.batch_size")
+    # ---- data
+    loader = make_loader(config.data, global_batch_size=config.train.batch_size, seed=config.seed,
+                         mesh=mesh)
+    # ---- model (abstract) and shardings; the run's noise schedule is fixed first
+    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+    resolve_noise_schedule(config, ckpt)
+    setup = Setup(config, mesh)
+    writer = MetricWriter(workdir)
+    # ---- params. Precedence: workdir checkpoint > config.init_from > random init.
+    restored = ckpt.restore_latest(setup.abstract_state(), setup.abstract_frozen()) \
+        if ckpt.steps() else None
+    if restored is not None:
+        step0, r = restored
+        state, frozen = r.state, r.frozen
+        if r.data:
+            loader.set_state(r.data)
+        log.info("resumed from %s/%d", ckpt.directory, step0)
+    else:
+        params, frozen = _init_params(setup, config)
+        state = setup.new_state(params)
+        step0 = 0
+        if jax.process_index() == 0:
+            (epath.Path(workdir) / "config.json").write_text(config.to_json(indent=2))
+    # ---- step
+    t0 = time.perf_counter()
+    it = iter(loader)
+    batch = next(it) if step0 < config.train.num_steps else None
+    compiled = setup.jit_step().lower(state, frozen, batch).compile() if batch is not None else None
+    flops = step_flops(compiled) if compiled is not None else 0.0
+    peak = peak_flops_per_device(config.peak_flops)
+    log.info("compiled the train step in %.1fs; %.3g FLOPs/step/device; peak %.3g FLOP/s/device",
+             time.perf_counter() - t0, flops, peak)
+    if step0 == 0 and batch is not None:
+        writer.image(0, "train_inputs", _input_grid(batch))
+    # ---- loop
+    pre = _Preemption()
+    last = {}
+    step = step0
+    t_last, n_last = time.perf_counter(), step0
+    try:
+        while step < config.train.num_steps:
+            state, m = compiled(state, frozen, batch)
+            step += 1
+            stop_nan = config.train.nan_policy == "stop" and not bool(m["update_ok"])
+            if stop_nan:
+                raise FloatingPointError(f"non-finite loss/grad at step {step}: stopping "
+                                         f"(nan_policy='stop'); the last good checkpoint is intact")
+            is_last = step == config.train.num_steps
+            if step % config.log_every_steps == 0 or is_last:
+                m = jax.device_get(m)
+                dt = (time.perf_counter() - t_last) / max(step - n_last, 1)
+                t_last, n_last = time.perf_counter(), step
+                ips = config.train.batch_size / dt
+                mfu = flops / dt / peak if flops and peak else 0.0
+                last = {**{k: float(v) for k, v in m.items()}, "step_time": dt, "images_per_s": ips,
+                        "mfu": mfu}
+                last.update({f"data/{k}": v for k, v in loader.bad_data_counts().items()})
+                writer.scalars(step, last)
+                log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g %.2f img/s %.3fs/step MFU %.2f%% skips %d",
+                         step, config.train.num_steps, last["loss"], last["lr"], last["grad_norm"], ips,
+                         dt, 100 * mfu, int(last["nan_skips"]))
+            preempted = pre.agreed()
+            if step % config.ckpt_every_steps == 0 or is_last or preempted:
+                ckpt.save(step, state, frozen, loader.get_state(), json.loads(config.to_json()),
+                          wait=preempted or is_last)
+            if preempted:
+                log.warning("checkpoint at step %d written; exiting on SIGTERM", step)
+                break
+            if config.sample_every_steps and step % config.sample_every_steps == 0:
+                _log_samples(setup, state, frozen, batch, writer, step)
+            if config.evals.every_steps and step % config.evals.every_steps == 0:
+                _run_evals(setup, state, frozen, writer, step)
+            if not is_last:
+                batch = next(it)
+    finally:
+        pre.restore()
+        ckpt.close()
+        writer.close()
+        loader.close()  # stops grain worker processes / threads
+    return last
+
+
+def _log_samples(setup: Setup, state, frozen, batch, writer: MetricWriter, step: int) -> None:
+    """A grid of sampler outputs on the current batch's first images (process 0 writes)."""
+    model = setup.model(state["params"], frozen)
+    grid = training_samples(model, batch, setup.config)
+    if grid is not None:
+        writer.image(step, "samples", grid)
+
+
+def _run_evals(setup: Setup, state, frozen, writer: MetricWriter, step: int) -> None:
+    """COCOEE metrics of the current params (`config.evals`), on every process."""
+    model = setup.model(state["params"], frozen)
+    values = training_eval(model, setup.config, step)
+    if values:
+        writer.scalars(step, values)
+        log.info("step %d evals: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))

@@ -1,0 +1,184 @@
+"""Everything derived from (config, mesh) before any array exists: the abstract model, the
+shardings of params / optimizer state / frozen encoders / batch, the jitted step, random init.
+Shared by training, AOT compilation, benchmarks and tests."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pbe_jax import sharding as shd
+from pbe_jax.data.batch import HOST_KEYS, host_batch_spec
+from pbe_jax.diffusion import NoiseSchedule
+from pbe_jax.models.hub import cast_dtype
+from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE, PaintByExampleModel
+from pbe_jax.training.optim import make_optimizer
+from pbe_jax.training.step import make_train_step
+
+
+def config_runtime(config) -> dict:
+    """The runtime settings of a training config (compute dtype, attention kernel, remat)."""
+    return dict(dtype=cast_dtype(config.dtype), attention_impl=config.attention_impl,
+                remat=bool(config.remat), remat_policy=config.remat_policy or None)
+
+
+def abstract_model(config) -> PaintByExampleModel:
+    return nnx.eval_shape(lambda: PaintByExampleModel.from_model_config(
+        config.model, seed=config.seed, **config_runtime(config)))
+
+
+class Setup:
+    """Everything derived from (config, mesh) before any array exists."""
+
+    def __init__(self, config, mesh):
+        self.config, self.mesh = config, mesh
+        shd.check_batch_size(config.train.batch_size, mesh, what="config.train.batch_size")
+        rules = tuple(tuple(r) for r in config.sharding_rules)
+        self.abstract = abstract_model(config)
+        self.graphdef, p_abs, f_abs, rest = nnx.split(self.abstract, TRAINABLE, FROZEN, ...)
+        if jax.tree.leaves(rest):
+            raise ValueError(f"model has state that is neither trainable nor frozen: {rest}")
+        self.rest = nnx.to_pure_dict(rest)
+        self.params_sharding = shd.state_shardings(p_abs, mesh, rules)
+        self.frozen_sharding = shd.state_shardings(f_abs, mesh, rules)
+        self.tx, self.schedule = make_optimizer(config.train)
+        # The one noise schedule: the model's scheduler config (`config.model.scheduler`).
+        self.noise = NoiseSchedule.from_config(self.abstract.scheduler_config)
+        p_shapes = nnx.to_pure_dict(p_abs)
+        opt_shapes = jax.eval_shape(self.tx.init, p_shapes)
+        rep = shd.replicated(mesh)
+        self.state_sharding = {
+            "step": rep, "params": self.params_sharding,
+            "opt_state": shd.opt_state_shardings(opt_shapes, self.params_sharding, mesh),
+            "rng": rep, "nan_skips": rep,
+        }
+        if config.train.ema_decay > 0:
+            self.state_sharding["ema"] = self.params_sharding
+
+    def model(self, params, frozen):
+        """The model with these params (e.g. a train state's, sharded as training placed them)."""
+        return nnx.merge(self.graphdef, params, frozen, self.rest)
+
+    def random_params(self):
+        """Random init (training from scratch, the demo), each array built on the host and put
+        straight into its sharding; see `host_init`."""
+        place = self.place_fn()
+        seed = int(self.config.seed)
+
+        def make(tree):
+            flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+            leaves = []
+            for path, x in flat:
+                key = tuple(str(getattr(k, "key", k)) for k in path)
+                leaves.append(place(key, host_init(key, x.shape, seed)))
+            return jax.tree.unflatten(treedef, leaves)
+
+        return make(self.abstract_params()), make(self.abstract_frozen())
+
+    def place_fn(self) -> Callable[[tuple, np.ndarray], jax.Array]:
+        """For checkpoint loaders: put a host array straight into its sharding. Each process
+        copies only the shards its devices hold (works multi-host)."""
+        flat = {}
+        for tree in (self.params_sharding, self.frozen_sharding):
+            for path, s in jax.tree_util.tree_flatten_with_path(tree)[0]:
+                flat[tuple(str(getattr(k, "key", k)) for k in path)] = s
+
+        def place(path, arr):
+            s = flat[tuple(str(p) for p in path)]
+            return jax.make_array_from_callback(arr.shape, s, lambda idx: arr[idx])
+
+        return place
+
+    def new_state(self, params) -> dict:
+        config = self.config
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding["opt_state"])(params)
+        rep = shd.replicated(self.mesh)
+        state = {
+            "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
+            "params": params,
+            "opt_state": opt_state,
+            "rng": jax.device_put(jax.random.PRNGKey(config.seed + 1), rep),
+            "nan_skips": jax.device_put(jnp.zeros((), jnp.int32), rep),
+        }
+        if "ema" in self.state_sharding:
+            state["ema"] = jax.tree.map(jnp.copy, params)
+        return state
+
+    def jit_step(self) -> Callable:
+        step = make_train_step(self.graphdef, self.rest, self.config.train, self.tx, self.schedule,
+                               self.noise)
+        batch_sh = {k: shd.batch_sharding(self.mesh, 4) for k in HOST_KEYS}
+        return jax.jit(step, in_shardings=(self.state_sharding, self.frozen_sharding, batch_sh),
+                       out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
+                       donate_argnums=(0,))
+
+    def abstract_batch(self) -> dict:
+        c = self.config
+        spec = host_batch_spec(c.train.batch_size, c.data.resolution, c.data.reference_size)
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shd.batch_sharding(self.mesh, v.ndim))
+                for k, v in spec.items()}
+
+    def _with_sharding(self, shapes, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+    def abstract_params(self) -> dict:
+        shapes = nnx.to_pure_dict(nnx.split(self.abstract, TRAINABLE, ...)[1])
+        return self._with_sharding(shapes, self.params_sharding)
+
+    def abstract_frozen(self) -> dict:
+        shapes = nnx.to_pure_dict(nnx.split(self.abstract, FROZEN, ...)[1])
+        return self._with_sharding(shapes, self.frozen_sharding)
+
+    def abstract_state(self) -> dict:
+        """The train state's shapes with shardings: restore targets and AOT-compile inputs."""
+        return self._with_sharding(jax.eval_shape(self.new_state, self.abstract_params()), self.state_sharding)
+
+    def compile(self):
+        """The compiled step for abstract inputs (cost and memory analysis, AOT checks)."""
+        return self.jit_step().lower(self.abstract_state(), self.abstract_frozen(), self.abstract_batch()).compile()
+
+
+def host_init(path: tuple[str, ...], shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """PyTorch-default-style init of one param from (seed, its path): deterministic, the same
+    for any mesh or process count, and built on the host. (NNX's own initialisers run one
+    threefry draw per param inside a jitted init, whose XLA compile takes minutes on CPU for a
+    model of hundreds of arrays; random init only seeds demos and from-scratch runs.)
+    kernels: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch Linear/Conv); norms: scale 1, bias 0;
+    biases 0; embeddings N(0, 0.02); other vectors (`uncond_vector`, `class_embedding`) N(0, 1).
+    """
+    name = path[-1]
+    digest = np.frombuffer(("/".join(path)).encode(), np.uint8)
+    rng = np.random.default_rng([seed, *np.resize(digest, 64).tolist()])
+    if name == "scale":
+        return np.ones(shape, np.float32)
+    if name == "bias":
+        return np.zeros(shape, np.float32)
+    if name == "kernel":
+        bound = 1.0 / np.sqrt(max(int(np.prod(shape[:-1])), 1))
+        return rng.uniform(-bound, bound, shape).astype(np.float32)
+    if name == "embedding":
+        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def step_flops(compiled) -> float:
+    """FLOPs of one step per device, from XLA's cost analysis (0 when unavailable)."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 (some backends do not implement it)
+        return 0.0
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    return float((ca or {}).get("flops", 0.0))
+
+
+def state_bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of a tree of (abstract or concrete) sharded arrays."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        total += int(np.prod(shard)) * np.dtype(x.dtype).itemsize
+    return total

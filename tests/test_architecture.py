@@ -1,0 +1,137 @@
+"""The seams of the architecture: one noise schedule (loss, in-training sampler and export all
+follow `config.model.scheduler`), one cached jitted edit function (a second training sample
+grid compiles nothing), and no package code that reads files relative to the checkout."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from pbe_jax import inference
+from pbe_jax import sharding as shd
+from pbe_jax.convert.__main__ import main as convert_main
+from pbe_jax.diffusion import NoiseSchedule
+from pbe_jax.schedulers import noise_schedule, pbe_scheduler_config
+from pbe_jax.training import step as step_lib
+from pbe_jax.training.loop import train_and_evaluate
+from pbe_jax.training.samples import training_samples
+from pbe_jax.training.state import Setup
+from tests.train_utils import REPO, tiny_config
+
+CUSTOM = {"beta_schedule": "linear", "beta_start": 0.0005, "beta_end": 0.015}
+
+
+@contextlib.contextmanager
+def compile_events():
+    """Every trace / lowering / backend compile JAX does inside the block."""
+    events = []
+
+    def listener(name, *args, **kw):
+        if name.startswith("/jax/core/compile/"):
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_loss_sampler_and_export_follow_the_model_scheduler(tmp_path, monkeypatch):
+    cfg = tiny_config(**{"train.num_steps": 2, "sample_every_steps": 2, "sample_steps": 2,
+                         "sample_num": 2, "train.batch_size": 8})
+    for k, v in CUSTOM.items():
+        cfg.model.scheduler[k] = v
+    want = noise_schedule(cfg.model.scheduler.to_dict())
+    default = noise_schedule(pbe_scheduler_config())
+    assert np.abs(want - default).max() > 1e-3  # the change is visible
+    seen = {}
+    real_loss, real_sched = step_lib.pbe_loss, inference.scheduler_for
+
+    def loss_spy(model, batch, rng, schedule, **kw):
+        seen["loss"] = np.asarray(schedule.alphas_cumprod)
+        return real_loss(model, batch, rng, schedule, **kw)
+
+    def sched_spy(model_config, name, steps, eta=0.0):
+        s = real_sched(model_config, name, steps, eta)
+        seen["sampler"] = np.asarray(s.alphas_cumprod)
+        return s
+
+    monkeypatch.setattr(step_lib, "pbe_loss", loss_spy)
+    monkeypatch.setattr(inference, "scheduler_for", sched_spy)
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(cfg, workdir)
+    assert os.listdir(os.path.join(workdir, "images"))  # the sample grid was made
+    out = str(tmp_path / "export")
+    assert convert_main(["--from", "orbax", "--src", workdir, "--to", "diffusers", "--dst", out,
+                         "--no-progress"]) == 0
+    with open(os.path.join(out, "scheduler", "scheduler_config.json")) as f:
+        exported = json.load(f)
+    seen["export"] = noise_schedule(exported)
+    for where in ("loss", "sampler", "export"):
+        np.testing.assert_array_equal(seen[where], want, err_msg=where)
+    assert {k: exported[k] for k in CUSTOM} == CUSTOM
+
+
+def test_loss_target_follows_prediction_type():
+    cfg = tiny_config()
+    eps = NoiseSchedule.from_config({**cfg.model.scheduler.to_dict(), "prediction_type": "epsilon"})
+    v = NoiseSchedule.from_config({**cfg.model.scheduler.to_dict(), "prediction_type": "v_prediction"})
+    z0, noise = np.ones((2, 4, 4, 4), np.float32), np.full((2, 4, 4, 4), 2.0, np.float32)
+    t = np.array([10, 900])
+    np.testing.assert_array_equal(eps.target(z0, noise, t), noise)
+    a = v.alphas_cumprod[t][:, None, None, None]
+    np.testing.assert_allclose(v.target(z0, noise, t), np.sqrt(a) * noise - np.sqrt(1 - a) * z0, rtol=1e-6)
+    with pytest.raises(ValueError, match="prediction_type"):
+        NoiseSchedule.from_config({**cfg.model.scheduler.to_dict(), "prediction_type": "sample"})
+
+
+def test_second_training_grid_compiles_nothing():
+    cfg = tiny_config(**{"sample_steps": 3, "sample_num": 2})
+    mesh = shd.make_mesh("data:4,fsdp:2")
+    setup = Setup(cfg, mesh)
+    params, frozen = setup.random_params()
+    state = setup.new_state(params)
+    rng = np.random.default_rng(0)
+    host = {"image": rng.integers(0, 256, (8, 32, 32, 3), np.uint8),
+            "mask": np.where(rng.random((8, 32, 32, 1)) < 0.3, 0, 255).astype(np.uint8),
+            "reference": rng.integers(0, 256, (8, 32, 32, 3), np.uint8)}
+    batch = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in host.items()}
+    grid = lambda st: training_samples(setup.model(st["params"], frozen), batch, cfg)  # noqa: E731
+    first = grid(state)
+    # the next step's params: new arrays, same shardings (what the loop hands the grid)
+    state, _ = setup.jit_step()(state, frozen, batch)
+    with compile_events() as events:
+        second = grid(state)
+    assert events == [], f"the second grid compiled: {events}"
+    assert first.shape == second.shape and np.abs(first - second).max() > 0
+
+
+@pytest.mark.slow
+def test_bench_runs_from_a_plain_install_outside_the_checkout(tmp_path):
+    """`pip install .` (not editable), then the bench from another directory: no package code
+    reads configs or anything else relative to the checkout."""
+    target, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    build = tmp_path / "src"  # the working tree, without the venv and build leftovers
+    shutil.copytree(REPO, build, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "build",
+                                                               "*.egg-info", ".pytest_cache"))
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                          "--target", str(target), str(build)], capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(target), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    where = subprocess.run([sys.executable, "-c", "import pbe_jax; print(pbe_jax.__file__)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+    assert where.stdout.startswith(str(target)), where.stdout
+    r = subprocess.run([sys.executable, "-m", "pbe_jax.bench", "--what=train", "--size=tiny", "--reps=1",
+                        "--warmup=1", "--torch_threads=1"], cwd=elsewhere, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "train/tiny/images_per_s" in r.stdout
