@@ -7,14 +7,17 @@ used:
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
-from pbe_jax.convert import diffusers_io, orbax_io
+from pbe_jax.convert import diffusers_io, ldm_io, orbax_io
 from pbe_jax.convert.load import load_pipeline
+from pbe_jax.convert.model_card import CardInfo, as_card_info, write_model_card
 from pbe_jax.inference import edit
+from pbe_jax.models import hub
 from pbe_jax.models.hub import cast_dtype
 from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE, PaintByExampleModel
 
@@ -60,17 +63,41 @@ class PaintByExample(PaintByExampleModel):
 
     def save_pretrained(self, path: str, *, dtype=None, variant: str | None = None,
                         format: str = "diffusers", progress: bool = False,  # noqa: A002
-                        **kwargs) -> str:
+                        max_shard_size: int | str | None = None, push_to_hub: bool = False,
+                        repo_id: str | None = None, card: CardInfo | str | None = None,
+                        **push_kwargs) -> str:
         """Write a diffusers repository (`format='diffusers'`: model_index.json, unet/, vae/,
         image_encoder/, scheduler/, feature_extractor/; every folder loads with its own diffusers /
-        transformers class) or an orbax params checkpoint (`format='orbax'`). `dtype` ('fp16',
-        'bf16', np.float16, ...) casts the saved tensors; `variant` names diffusers weight files."""
+        transformers class), an orbax params checkpoint (`format='orbax'`), or one original-layout
+        LDM file (`format='ldm'`, `path` ending in .safetensors, or .ckpt for a PyTorch pickle).
+        `dtype` ('fp16', 'bf16', np.float16, ...) casts the saved tensors; `variant` names
+        diffusers weight files; `max_shard_size` (bytes or '5GB') shards diffusers weights.
+
+        Folders get a model card (`README.md`, `convert.model_card`); `card` is what it says
+        about the weights' origin: a `CardInfo`, or the path of the pbe_jax training run they
+        come from (its config and evaluation metrics go into the card). `push_to_hub=True`
+        uploads the folder to `repo_id` (default: the folder's name) with huggingface_hub;
+        `push_kwargs`: `token`, `private`, `commit_message`, `create_pr` (diffusers' names).
+        Returns `path`."""
         np_dtype = None if dtype is None else np.dtype(cast_dtype(dtype))
+        if format not in ("diffusers", "orbax", "ldm"):
+            raise ValueError(f"save_pretrained: unknown format {format!r}; use 'diffusers', 'orbax' or 'ldm'")
+        if variant and format != "diffusers":
+            raise ValueError(f"variant names diffusers weight files; a {format} checkpoint has none")
+        if max_shard_size is not None and format != "diffusers":
+            raise ValueError(f"max_shard_size shards diffusers weight files; a {format} checkpoint has none")
+        if format == "ldm":
+            if push_to_hub:
+                raise ValueError("push_to_hub uploads a folder; an LDM checkpoint is one file "
+                                 "(upload it with huggingface_hub.upload_file)")
+            return ldm_io.save_ldm(self, path, dtype=np_dtype)
         if format == "diffusers":
-            return diffusers_io.save_diffusers(self, path, dtype=np_dtype, variant=variant,
-                                               progress=progress, **kwargs)
-        if format == "orbax":
-            if variant:
-                raise ValueError("variant names diffusers weight files; an orbax checkpoint has none")
-            return orbax_io.save_orbax(self, path, dtype=np_dtype, progress=progress)
-        raise ValueError(f"save_pretrained: unknown format {format!r}; use 'diffusers' or 'orbax'")
+            diffusers_io.save_diffusers(self, path, dtype=np_dtype, variant=variant,
+                                        max_shard_size=max_shard_size, progress=progress)
+        else:
+            path = orbax_io.save_orbax(self, path, dtype=np_dtype, progress=progress)
+        repo_id = repo_id or (os.path.basename(os.path.normpath(path)) if push_to_hub else None)
+        write_model_card(self, path, as_card_info(card), repo_id=repo_id, fmt=format)
+        if push_to_hub:
+            hub.push_to_hub(path, repo_id, **push_kwargs)
+        return path
