@@ -334,3 +334,23 @@ def test_card_reads_the_run(tmp_path):
     assert metrics == {"fid": 7.0, "clip_score": 80.0} and src.endswith("(step 20)")
     info = card_info("diffusers", "Fantasy-Studio/Paint-by-Example")
     assert info.base_model == "Fantasy-Studio/Paint-by-Example" and info.train_config is None
+
+
+def test_card_of_a_training_run(pipes, tmp_path):
+    """`convert --from orbax` of a training workdir: the card carries the run's config, step,
+    EMA choice and the evaluation metrics of its metrics.jsonl."""
+    from pbe_jax.convert.__main__ import main as convert_main
+    from tests.test_weights_orbax import _train_checkpoint
+
+    model = PaintByExample.from_pretrained(_saved(pipes[0], tmp_path / "src"))
+    workdir = str(tmp_path / "run")
+    _train_checkpoint(model, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 7, "loss": 0.1, "eval/clip_score": 81.5, "eval/fid": 12.25}) + "\n")
+    out = str(tmp_path / "export")
+    assert convert_main(["--from", "orbax", "--src", workdir, "--use-ema", "--to", "diffusers", "--dst", out,
+                         "--no-progress"]) == 0
+    card = huggingface_hub.ModelCard.load(os.path.join(out, "README.md"))
+    assert "exported from step 7 of the run (EMA weights)" in card.text
+    assert '"beta_schedule": "linear"' in card.text and "| FID | 12.25 |" in card.text
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {"clip_score": 81.5, "fid": 12.25}
