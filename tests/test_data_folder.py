@@ -159,6 +159,8 @@ def test_box_manifests(tmp_path):
     assert len(src) == 1 and src.index_counts["box_degenerate"] == 1
     np.testing.assert_allclose(src[0].boxes, [[0.1, 0.1, 0.9, 0.9]])
     cfg.use_given_masks = True
+    with pytest.raises(ValueError, match="use_given_masks needs object masks, but .*b.csv gives boxes"):
+        make_source(cfg)
     cfg.source = "coco"
     with pytest.raises(ValueError, match="use_given_masks needs object masks"):
         make_source(cfg)

@@ -265,6 +265,9 @@ def folder_source(cfg):
                    if e.is_file() and e.name.lower().endswith(IMAGE_EXTS))
     if manifest:
         _require(manifest, "annotations", "annotation file")
+        if cfg.use_given_masks:
+            raise ValueError(f"config.data.use_given_masks needs object masks, but {manifest} gives "
+                             "boxes; remove it (and config.data.annotations) to use NAME_mask.png files")
         return _folder_boxes(cfg, manifest, set(names))
     suffix = cfg.mask_suffix
     masks = {n[: -len(suffix) - 4] for n in names if n.lower().endswith(suffix + ".png")}
