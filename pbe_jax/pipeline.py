@@ -42,7 +42,9 @@ class PaintByExample(PaintByExampleModel):
                         attention_impl: str = "xla", remat: bool = False,
                         remat_policy: str | None = None, allow_missing=(), place=None,
                         use_ema: bool = False, model_config: Mapping[str, Any] | None = None,
-                        seed: int = 0, return_report: bool = False, **hub_kwargs):
+                        seed: int = 0, return_report: bool = False, cache_dir: str | None = None,
+                        local_files_only: bool = False, token: str | bool | None = None,
+                        force_download: bool = False, use_safetensors: bool | None = None):
         """Load a diffusers Paint-by-Example repository (local dir or Hub id, e.g.
         `Fantasy-Studio/Paint-by-Example`; safetensors or .bin; `variant='fp16'`), or a pbe_jax
         orbax checkpoint (a params checkpoint, a training workdir or one of its steps).
@@ -50,16 +52,20 @@ class PaintByExample(PaintByExampleModel):
         `dtype` is the compute dtype, `param_dtype` the params' (fp16/bf16 weights are cast to
         it). `place(path, array)` puts each param on devices. `use_ema` picks a training
         checkpoint's EMA params. `allow_missing` globs (`unet.conv_in.*`) accept absent params,
-        which keep their initial values (seeded by `seed`). Hub options as in diffusers:
-        `cache_dir`, `local_files_only`, `token`, `force_download`, `use_safetensors`
-        (`HF_HUB_OFFLINE=1` is honoured). Returns the model, or (model, PipelineReport).
+        which keep their initial values (seeded by `seed`). Hub options, with diffusers' names
+        and meanings (`models.hub.resolve`): `revision`, `cache_dir`, `local_files_only`,
+        `token`, `force_download`, `use_safetensors` (None: safetensors, else .bin; True / False:
+        only that format); `HF_HUB_OFFLINE=1` loads from the cache. Returns the model, or
+        (model, PipelineReport).
         """
         fmt = "orbax" if orbax_io.is_checkpoint(path_or_hub_id) else "diffusers"
         return load_pipeline(fmt, path_or_hub_id, variant=variant, revision=revision, dtype=dtype,
                              param_dtype=param_dtype, attention_impl=attention_impl, remat=remat,
                              remat_policy=remat_policy, allow_missing=allow_missing, place=place,
                              use_ema=use_ema, model_config=model_config, seed=seed,
-                             return_report=return_report, cls=cls, **hub_kwargs)
+                             return_report=return_report, cls=cls, cache_dir=cache_dir,
+                             local_files_only=local_files_only, token=token,
+                             force_download=force_download, use_safetensors=use_safetensors)
 
     def save_pretrained(self, path: str, *, dtype=None, variant: str | None = None,
                         format: str = "diffusers", progress: bool = False,  # noqa: A002
