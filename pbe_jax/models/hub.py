@@ -1,10 +1,14 @@
 """`from_pretrained` / `save_pretrained` for every pbe_jax model, in diffusers/transformers format.
 
 A component directory holds `config.json` plus weights: `<name>.safetensors`,
-`<name>.<variant>.safetensors` (e.g. fp16), a sharded `<name>.safetensors.index.json`, or the
-legacy pickle `<name>.bin` (read with `torch.load(weights_only=True)`, the only path that needs
-torch). `<name>` is `diffusion_pytorch_model` for diffusers and `model` / `pytorch_model` for
-transformers. A path that is not a local directory is treated as a Hugging Face Hub repo id.
+`<name>.<variant>.safetensors` (e.g. fp16), shards with their index (`<name>.safetensors.index.json`,
+`<name>.safetensors.index.<variant>.json`), or the legacy pickle `<name>.bin` (read with
+`torch.load(weights_only=True)`, the only path that needs torch). `<name>` is
+`diffusion_pytorch_model` for diffusers and `model` / `pytorch_model` for transformers.
+
+This module is also the one place that talks to the Hugging Face Hub: `resolve` (a path that
+is not a local directory is a Hub repo id, fetched into / read from the cache) and
+`push_to_hub` (upload an exported folder).
 
 Each model class sets:
 - `config_class`: a dataclass with `from_dict(dict)` (rejects unsupported settings) and
