@@ -7,6 +7,7 @@ broken pairs are counted; the mask's bounding box is the training box, its shape
 import io
 import json
 import os
+import subprocess
 
 import cv2
 import numpy as np
@@ -19,7 +20,7 @@ from pbe_jax.data.config import data_config
 from pbe_jax.data.pipeline import PbeSample
 from pbe_jax.data.sources import make_source
 from pbe_jax.data.synthetic import synthetic_scene
-from tests.train_utils import read_metrics, tiny_config
+from tests.train_utils import REPO, read_metrics, subprocess_env, tiny_config, train_cmd
 
 
 def _pair(i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,15 +59,16 @@ def _folder(root, n_good=10) -> str:
 
 
 def test_folder_trains_and_counts_broken_pairs(tmp_path):
-    from pbe_jax.training.loop import train_and_evaluate
-
+    """The training CLI on the folder (one device, the tiny config the other CLI tests compile)."""
     images = _folder(str(tmp_path))
-    cfg = tiny_config(**{"data.source": "folder", "data.images_dir": images, "data.use_given_masks": True,
-                         "train.num_steps": 5, "ckpt_every_steps": 5})
-    source = make_source(cfg.data)
+    over = {"data.source": "folder", "data.images_dir": images, "data.use_given_masks": True}
+    source = make_source(tiny_config(**over).data)
     assert len(source) == 12 and source.index_counts == {"missing_mask": 1}
-    train_and_evaluate(cfg, str(tmp_path / "run"))
-    rows = read_metrics(str(tmp_path / "run"))
+    workdir = str(tmp_path / "run")
+    r = subprocess.run(train_cmd(workdir, **over, **{"train.num_steps": 5, "ckpt_every_steps": 5}), cwd=REPO,
+                       env=subprocess_env(1), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(workdir)
     assert sorted(rows) == [1, 2, 3, 4, 5] and all(np.isfinite(r["loss"]) for r in rows.values())
     last = rows[5]  # 40 samples drawn from 12 records: each broken pair came up and was counted
     assert last["data/missing_mask"] == 1
