@@ -55,8 +55,8 @@ def test_to_ldm_ckpt_only_by_name(tiny, tmp_path):
     sd = torch.load(ckpt, weights_only=True)["state_dict"]
     assert {v.dtype for v in sd.values()} == {torch.float16}
     model = PaintByExample.from_pretrained(src)
-    want = ldm.to_ldm_checkpoint(*(getattr(model, c).torch_state_dict(np.float16) for c in ("unet", "vae", "image_encoder")),
-                                 model.unet.config, model.vae.config)
+    parts = (getattr(model, c).torch_state_dict(np.float16) for c in ("unet", "vae", "image_encoder"))
+    want = ldm.to_ldm_checkpoint(*parts, model.unet.config, model.vae.config)
     assert_state_dicts_equal({k: v.numpy() for k, v in sd.items()}, want, "model.ckpt")
     # a .ckpt carries no architecture: read back with --model-config
     back = str(tmp_path / "back")

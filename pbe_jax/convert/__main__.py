@@ -139,8 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = model.save_pretrained(
             f.dst, dtype=f.dtype if f.dtype != "fp32" else None, variant=f.variant, format=dst_format,
-            progress=not f.no_progress, max_shard_size=int(shard) if shard and shard.isdigit() else shard, repo_id=f.push_to_hub,
-            card=card_info(src_format, f.src, use_ema=f.use_ema))
+            progress=not f.no_progress, max_shard_size=int(shard) if shard and shard.isdigit() else shard,
+            repo_id=f.push_to_hub, card=card_info(src_format, f.src, use_ema=f.use_ema))
     except ValueError as e:  # an option the output format does not take
         print(f"error: {e}", file=sys.stderr)
         return 2

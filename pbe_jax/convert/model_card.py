@@ -189,7 +189,8 @@ def make_model_card(model, info: CardInfo | None = None, *, repo_id: str | None 
             f"pbe_jax as a {fmt} {'repository' if fmt == 'diffusers' else 'checkpoint'}."
             + source, "",
             "## Architecture", "", *_architecture(model), "",
-            f"Noise schedule (`scheduler/scheduler_config.json`): `{json.dumps(model.scheduler_config, sort_keys=True)}`",
+            "Noise schedule (`scheduler/scheduler_config.json`): "
+            f"`{json.dumps(model.scheduler_config, sort_keys=True)}`",
             "", *_training(info), *_evaluation(info), *_usage(where, fmt)]
     return huggingface_hub.ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
 
