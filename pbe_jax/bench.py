@@ -5,8 +5,9 @@ r"""Benchmarks: pbe_jax side by side with the PyTorch stack it replaces, in one 
   python -m pbe_jax.bench --what=train,sample --size=small --dtype=bf16   # on a GPU / TPU host
   python -m pbe_jax.bench --what=memory --size=sd15                  # AOT only, 8 fake devices
   python -m pbe_jax.bench --what=data                                # data pipeline
+  python -m pbe_jax.bench --what=load --size=sd15 --reps=1           # checkpoint load time
 
-`--what` takes a comma-separated list of {train, sample, data, memory} or `all`:
+`--what` takes a comma-separated list of {train, sample, data, memory, load} or `all`:
 - train: the full PbE training step, pbe_jax vs eager PyTorch (diffusers/transformers modules,
   the official recipe): images/s, step time, FLOPs/step, achieved FLOP/s and MFU
   (pbe_jax/benchmarks/train.py).
@@ -16,6 +17,8 @@ r"""Benchmarks: pbe_jax side by side with the PyTorch stack it replaces, in one 
   scaling with grain workers (pbe_jax/data/bench.py).
 - memory: per-device bytes of the compiled train step, FSDP vs pure data parallel over 8 fake
   devices, remat off/on (pbe_jax/benchmarks/memory.py; runs in a subprocess when needed).
+- load: seconds to read every tensor of a diffusers-layout checkpoint through the safetensors
+  package, and to load it whole with `PaintByExample.from_pretrained` (pbe_jax/benchmarks/load.py).
 `--size` is tiny | small | sd15 (pbe_jax/benchmarks/sizes.py). Each benchmark prints a markdown
 table of medians (warm-up excluded) with the ratio pbe_jax / reference; `--json OUT` writes
 `{name: {"ours", "reference", "ratio", "unit"}}` for every row.
@@ -28,14 +31,14 @@ from typing import Callable
 
 from absl import app, flags
 
-from pbe_jax.benchmarks import memory, sample, train
+from pbe_jax.benchmarks import load, memory, sample, train
 from pbe_jax.benchmarks.report import Row, machine_line, markdown_table
 from pbe_jax.benchmarks.sizes import get_size
 from pbe_jax.data.bench import run
 
-ALL = ("train", "sample", "data", "memory")
+ALL = ("train", "sample", "data", "memory", "load")
 
-_WHAT = flags.DEFINE_string("what", "data", "comma-separated benchmarks (train,sample,data,memory) or 'all'")
+_WHAT = flags.DEFINE_string("what", "data", "comma-separated benchmarks (train,sample,data,memory,load) or 'all'")
 _SIZE = flags.DEFINE_enum("size", "small", ["tiny", "small", "sd15"], "model size")
 _DTYPE = flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "compute dtype (params stay fp32)")
 _JSON = flags.DEFINE_string("json", "", "write every result row to this JSON file")
@@ -86,6 +89,10 @@ def bench_memory() -> list:
     return memory.run(_size(), dtype=_DTYPE.value, compile=_MEMORY_COMPILE.value)
 
 
+def bench_load() -> list:
+    return load.run(_size(), reps=_REPS.value, warmup=_warmup(1))
+
+
 def bench_data() -> list:
     r = run(resolution=_DATA_RES.value, num_images=_DATA_IMAGES.value,
             num_samples=_DATA_SAMPLES.value,
@@ -106,6 +113,7 @@ BENCHMARKS: dict[str, Callable[[], list]] = {
     "sample": bench_sample,
     "data": bench_data,
     "memory": bench_memory,
+    "load": bench_load,
 }
 
 

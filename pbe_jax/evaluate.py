@@ -36,6 +36,7 @@ features for its share of the images on its local devices, and the features are 
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
@@ -79,10 +80,14 @@ def main(argv) -> int:
     extra: dict[str, Any] = {"bench": F.bench}
     if F.model:
         results_dir = os.path.join(F.out, "results")
-        load = lambda: PaintByExample.from_pretrained(F.model, dtype=cast_dtype(F.dtype))  # noqa: E731
-        failed = sample_bench(load, rows, results_dir, model=F.model, steps=F.steps, guidance=F.guidance,
+        load = lambda: PaintByExample.from_pretrained(  # noqa: E731
+            F.model, dtype=cast_dtype(F.dtype), use_ema=F.use_ema, variant=F.variant, revision=F.revision)
+        # which weights of --model: part of the settings a resumed run must share
+        chosen = {k: v for k, v in (("use_ema", F.use_ema), ("variant", F.variant), ("revision", F.revision)) if v}
+        model_id = F.model + (f" {json.dumps(chosen, sort_keys=True)}" if chosen else "")
+        failed = sample_bench(load, rows, results_dir, model=model_id, steps=F.steps, guidance=F.guidance,
                               scheduler=F.scheduler, seed=F.seed, dtype=F.dtype, batch_size=F.batch_size)
-        extra.update(model=F.model, failed=failed, sampling={"steps": F.steps, "guidance": F.guidance,
+        extra.update(model=model_id, failed=failed, sampling={"steps": F.steps, "guidance": F.guidance,
                                                             "scheduler": F.scheduler, "seed": F.seed})
         sample_index = 0
     else:
@@ -109,6 +114,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "base seed (row i uses seed + 1000 i)")
     flags.DEFINE_integer("batch_size", 8, "images per batch, for sampling and feature extraction")
     flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "sampling compute dtype")
+    flags.DEFINE_bool("use_ema", False, "--model is a training run: load its EMA params")
+    flags.DEFINE_string("variant", None, "diffusers weight variant of --model (e.g. fp16)")
+    flags.DEFINE_string("revision", None, "Hub revision (branch, tag or commit) of --model")
     flags.DEFINE_integer("sample_index", 0, "--results: which <id>_<k> sample to score")
     flags.DEFINE_string("clip_model", None, "CLIP ViT-B/32 (transformers dir or hub id): CLIP score, CLIP FID/QS")
     flags.DEFINE_string("inception", None, "FID Inception weights (pt_inception .pth / .safetensors)")

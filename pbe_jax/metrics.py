@@ -4,6 +4,7 @@ Only process 0 writes. Images go to TensorBoard and as PNGs under `WORKDIR/image
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -51,12 +52,34 @@ def measure_matmul_peak(n: int = 1024, reps: int = 10) -> float:
     return 2 * n**3 / best
 
 
+# Python packages a gs:// workdir needs (module, distribution): etils.epath writes metrics.jsonl,
+# config and images through gcsfs, tensorboardX its events through google-cloud-storage.
+GCS_PACKAGES = (("gcsfs", "gcsfs"), ("google.cloud.storage", "google-cloud-storage"))
+
+
+def check_workdir_backend(workdir: str) -> None:
+    """Fail at start, naming the `gcs` extra, when a gs:// workdir lacks its packages (else the
+    run would fail at the first write, or TensorBoard would silently be off)."""
+    if not str(workdir).startswith("gs://"):
+        return
+    missing = []
+    for module, dist in GCS_PACKAGES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(dist)
+    if missing:
+        raise ImportError(f"workdir {workdir}: writing to gs:// needs {' and '.join(missing)}: "
+                          "pip install 'pbe_jax[gcs]'")
+
+
 class MetricWriter:
     def __init__(self, workdir: str, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.workdir = workdir
         self._tb = None
         if self.enabled:
+            check_workdir_backend(workdir)
             # epath: local paths and gs:// (or any fsspec/tf.io) workdirs alike
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)
             self._jsonl = (epath.Path(workdir) / "metrics.jsonl").open("a")

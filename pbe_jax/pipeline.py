@@ -7,14 +7,17 @@ used:
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
-from pbe_jax.convert import diffusers_io, orbax_io
+from pbe_jax.convert import diffusers_io, ldm_io, orbax_io
 from pbe_jax.convert.load import load_pipeline
+from pbe_jax.convert.model_card import CardInfo, as_card_info, write_model_card
 from pbe_jax.inference import edit
+from pbe_jax.models import hub
 from pbe_jax.models.hub import cast_dtype
 from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE, PaintByExampleModel
 
@@ -39,7 +42,9 @@ class PaintByExample(PaintByExampleModel):
                         attention_impl: str = "xla", remat: bool = False,
                         remat_policy: str | None = None, allow_missing=(), place=None,
                         use_ema: bool = False, model_config: Mapping[str, Any] | None = None,
-                        seed: int = 0, return_report: bool = False, **hub_kwargs):
+                        seed: int = 0, return_report: bool = False, cache_dir: str | None = None,
+                        local_files_only: bool = False, token: str | bool | None = None,
+                        force_download: bool = False, use_safetensors: bool | None = None):
         """Load a diffusers Paint-by-Example repository (local dir or Hub id, e.g.
         `Fantasy-Studio/Paint-by-Example`; safetensors or .bin; `variant='fp16'`), or a pbe_jax
         orbax checkpoint (a params checkpoint, a training workdir or one of its steps).
@@ -47,30 +52,58 @@ class PaintByExample(PaintByExampleModel):
         `dtype` is the compute dtype, `param_dtype` the params' (fp16/bf16 weights are cast to
         it). `place(path, array)` puts each param on devices. `use_ema` picks a training
         checkpoint's EMA params. `allow_missing` globs (`unet.conv_in.*`) accept absent params,
-        which keep their initial values (seeded by `seed`). Hub options as in diffusers:
-        `cache_dir`, `local_files_only`, `token`, `force_download`, `use_safetensors`
-        (`HF_HUB_OFFLINE=1` is honoured). Returns the model, or (model, PipelineReport).
+        which keep their initial values (seeded by `seed`). Hub options, with diffusers' names
+        and meanings (`models.hub.resolve`): `revision`, `cache_dir`, `local_files_only`,
+        `token`, `force_download`, `use_safetensors` (None: safetensors, else .bin; True / False:
+        only that format); `HF_HUB_OFFLINE=1` loads from the cache. Returns the model, or
+        (model, PipelineReport).
         """
         fmt = "orbax" if orbax_io.is_checkpoint(path_or_hub_id) else "diffusers"
         return load_pipeline(fmt, path_or_hub_id, variant=variant, revision=revision, dtype=dtype,
                              param_dtype=param_dtype, attention_impl=attention_impl, remat=remat,
                              remat_policy=remat_policy, allow_missing=allow_missing, place=place,
                              use_ema=use_ema, model_config=model_config, seed=seed,
-                             return_report=return_report, cls=cls, **hub_kwargs)
+                             return_report=return_report, cls=cls, cache_dir=cache_dir,
+                             local_files_only=local_files_only, token=token,
+                             force_download=force_download, use_safetensors=use_safetensors)
 
     def save_pretrained(self, path: str, *, dtype=None, variant: str | None = None,
                         format: str = "diffusers", progress: bool = False,  # noqa: A002
-                        **kwargs) -> str:
+                        max_shard_size: int | str | None = None, push_to_hub: bool = False,
+                        repo_id: str | None = None, card: CardInfo | str | None = None,
+                        **push_kwargs) -> str:
         """Write a diffusers repository (`format='diffusers'`: model_index.json, unet/, vae/,
         image_encoder/, scheduler/, feature_extractor/; every folder loads with its own diffusers /
-        transformers class) or an orbax params checkpoint (`format='orbax'`). `dtype` ('fp16',
-        'bf16', np.float16, ...) casts the saved tensors; `variant` names diffusers weight files."""
+        transformers class), an orbax params checkpoint (`format='orbax'`), or one original-layout
+        LDM file (`format='ldm'`, `path` ending in .safetensors, or .ckpt for a PyTorch pickle).
+        `dtype` ('fp16', 'bf16', np.float16, ...) casts the saved tensors; `variant` names
+        diffusers weight files; `max_shard_size` (bytes or '5GB') shards diffusers weights.
+
+        Folders get a model card (`README.md`, `convert.model_card`); `card` is what it says
+        about the weights' origin: a `CardInfo`, or the path of the pbe_jax training run they
+        come from (its config and evaluation metrics go into the card). `push_to_hub=True`
+        uploads the folder to `repo_id` (default: the folder's name) with huggingface_hub;
+        `push_kwargs`: `token`, `private`, `commit_message`, `create_pr` (diffusers' names).
+        Returns `path`."""
         np_dtype = None if dtype is None else np.dtype(cast_dtype(dtype))
+        if format not in ("diffusers", "orbax", "ldm"):
+            raise ValueError(f"save_pretrained: unknown format {format!r}; use 'diffusers', 'orbax' or 'ldm'")
+        if variant and format != "diffusers":
+            raise ValueError(f"variant names diffusers weight files; a {format} checkpoint has none")
+        if max_shard_size is not None and format != "diffusers":
+            raise ValueError(f"max_shard_size shards diffusers weight files; a {format} checkpoint has none")
+        if format == "ldm":
+            if push_to_hub:
+                raise ValueError("push_to_hub uploads a folder; an LDM checkpoint is one file "
+                                 "(upload it with huggingface_hub.upload_file)")
+            return ldm_io.save_ldm(self, path, dtype=np_dtype)
         if format == "diffusers":
-            return diffusers_io.save_diffusers(self, path, dtype=np_dtype, variant=variant,
-                                               progress=progress, **kwargs)
-        if format == "orbax":
-            if variant:
-                raise ValueError("variant names diffusers weight files; an orbax checkpoint has none")
-            return orbax_io.save_orbax(self, path, dtype=np_dtype, progress=progress)
-        raise ValueError(f"save_pretrained: unknown format {format!r}; use 'diffusers' or 'orbax'")
+            diffusers_io.save_diffusers(self, path, dtype=np_dtype, variant=variant,
+                                        max_shard_size=max_shard_size, progress=progress)
+        else:
+            path = orbax_io.save_orbax(self, path, dtype=np_dtype, progress=progress)
+        repo_id = repo_id or (os.path.basename(os.path.normpath(path)) if push_to_hub else None)
+        write_model_card(self, path, as_card_info(card), repo_id=repo_id, fmt=format)
+        if push_to_hub:
+            hub.push_to_hub(path, repo_id, **push_kwargs)
+        return path

@@ -38,7 +38,7 @@ log = logging.getLogger("pbe_jax")
 
 def _settings(flags_) -> dict:
     keys = ("model", "steps", "guidance", "scheduler", "seed", "num_samples", "paste_back",
-            "reference_preprocess", "batch_size", "dtype")
+            "reference_preprocess", "batch_size", "dtype", "use_ema", "variant", "revision")
     return {k: getattr(flags_, k) for k in keys}
 
 
@@ -52,7 +52,8 @@ def main(argv) -> int:
         raise SystemExit("--source, --mask and --reference go together")
     if not single and not F.manifest:
         raise SystemExit("give --manifest FILE, or --source/--mask/--reference")
-    pipe = PaintByExample.from_pretrained(F.model, dtype=cast_dtype(F.dtype))
+    pipe = PaintByExample.from_pretrained(F.model, dtype=cast_dtype(F.dtype), use_ema=F.use_ema,
+                                          variant=F.variant, revision=F.revision)
     mesh = make_mesh("data:-1") if jax.device_count() > 1 else None
     kw = dict(log=log, batch_size=F.batch_size, steps=F.steps, guidance=F.guidance, scheduler=F.scheduler,
               num_samples=F.num_samples, paste_back=F.paste_back,
@@ -94,6 +95,9 @@ def define_flags() -> None:
     flags.DEFINE_bool("paste_back", False, "blend the source back outside a feathered mask")
     flags.DEFINE_enum("reference_preprocess", "squash", ["squash", "center_crop"], "reference resize")
     flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "compute dtype")
+    flags.DEFINE_bool("use_ema", False, "--model is a training run: load its EMA params")
+    flags.DEFINE_string("variant", None, "diffusers weight variant of --model (e.g. fp16)")
+    flags.DEFINE_string("revision", None, "Hub revision (branch, tag or commit) of --model")
     flags.mark_flags_as_required(["model", "out"])
     distributed.define_flags()
 

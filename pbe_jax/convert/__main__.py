@@ -12,12 +12,21 @@ r"""Convert Paint-by-Example checkpoints between formats.
   python -m pbe_jax.convert --from sd-init --src CompVis/stable-diffusion-v1-4 \
       --clip openai/clip-vit-large-patch14 --to orbax --dst /ckpt/pbe_init
 
-  # a training run (newest checkpoint of the workdir, EMA params) -> diffusers
-  python -m pbe_jax.convert --from orbax --src /runs/pbe_sd15 --use-ema --to diffusers --dst /ckpt/mine
+  # a training run (newest checkpoint of the workdir, EMA params) -> diffusers, with a model card
+  # (training config, the run's evaluation metrics); list what --push_to_hub would upload
+  python -m pbe_jax.convert --from orbax --src /runs/pbe_sd15 --use-ema --to diffusers --dst /ckpt/mine \
+      --push_to_hub me/pbe-mine --dry_run
+
+  # one original-layout (LDM) file, for tools that load single-file checkpoints
+  python -m pbe_jax.convert --from diffusers --src /ckpt/mine --to ldm --dst /ckpt/mine.safetensors
 
 `--model-config` gives the architecture (required for `ldm` checkpoints that are not the released
 model; otherwise a check): a JSON file `{"unet": {...}, "vae": {...}, "image_encoder": {...}}`, a
-diffusers PbE directory, or a training config `configs/pbe.py:demo`.
+diffusers PbE directory, or a training config `configs/pbe.py:demo`. An LDM `.safetensors` written
+by `--to ldm` carries its architecture and needs none.
+
+`--push_to_hub REPO` uploads the written folder (diffusers or orbax) to the Hub model repo REPO with
+huggingface_hub (token from `huggingface-cli login` / HF_TOKEN); `--dry_run` only lists the files.
 """
 from __future__ import annotations
 
@@ -33,11 +42,12 @@ from absl import flags
 
 from pbe_jax.configs import load_config
 from pbe_jax.convert.load import FORMATS, load_pipeline, param_counts
-from pbe_jax.models.hub import cast_dtype
+from pbe_jax.convert.model_card import card_info
+from pbe_jax.models.hub import cast_dtype, push_to_hub
 from pbe_jax.models.registry import COMPONENTS
 from pbe_jax.pipeline import PaintByExample
 
-FORMATS_OUT = ("diffusers", "orbax")
+FORMATS_OUT = ("diffusers", "orbax", "ldm")
 DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -49,7 +59,8 @@ def make_flags() -> flags.FlagValues:
     flags.DEFINE_string("src", None, "checkpoint path or Hub repo id", flag_values=fv)
     flags.DEFINE_string("clip", None, "sd-init: the CLIP vision tower (transformers dir / Hub id)", flag_values=fv)
     flags.DEFINE_enum("to", None, list(FORMATS_OUT), "output format", flag_values=fv)
-    flags.DEFINE_string("dst", None, "output directory", flag_values=fv)
+    flags.DEFINE_string("dst", None, "output directory (--to ldm: a .safetensors or .ckpt file)",
+                        flag_values=fv)
     flags.DEFINE_enum("dtype", "fp32", list(DTYPES), "dtype of the saved weights", flag_values=fv)
     flags.DEFINE_string("variant", None, "diffusers variant name of the saved weight files (e.g. fp16)",
                         flag_values=fv)
@@ -62,7 +73,14 @@ def make_flags() -> flags.FlagValues:
                         flag_values=fv)
     flags.DEFINE_integer("seed", 0, "seed of freshly initialised params (sd-init)", flag_values=fv)
     flags.DEFINE_bool("no_progress", False, "no progress bars", flag_values=fv)
-    for name in ("src_variant", "allow_missing", "use_ema", "model_config", "no_progress"):
+    flags.DEFINE_string("max_shard_size", None, "diffusers: split weight files larger than this "
+                        "(e.g. 5GB) into shards + index", flag_values=fv)
+    flags.DEFINE_string("push_to_hub", None, "upload the written folder to this Hub model repo "
+                        "(org/name)", flag_values=fv)
+    flags.DEFINE_bool("dry_run", False, "with --push_to_hub: list the files, upload nothing", flag_values=fv)
+    flags.DEFINE_bool("private", False, "with --push_to_hub: create the repo private", flag_values=fv)
+    for name in ("src_variant", "allow_missing", "use_ema", "model_config", "no_progress",
+                 "max_shard_size", "push_to_hub", "dry_run"):
         flags.DEFINE_alias(name.replace("_", "-"), name, flag_values=fv)
     for name in ("from", "src", "to", "dst"):
         flags.mark_flag_as_required(name, flag_values=fv)
@@ -103,6 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     f = fv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     src_format, dst_format = f["from"].value, f.to
+    if f.push_to_hub and dst_format == "ldm":
+        print("error: --push_to_hub uploads a folder (--to diffusers or orbax); an LDM checkpoint is "
+              "one file", file=sys.stderr)
+        return 2
+    shard = f.max_shard_size
     t0 = time.perf_counter()
     try:
         model, report = load_pipeline(
@@ -113,8 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot load {src_format} checkpoint {f.src}:\n{e}", file=sys.stderr)
         return 1
     t1 = time.perf_counter()
-    out = model.save_pretrained(f.dst, dtype=f.dtype if f.dtype != "fp32" else None, variant=f.variant,
-                                format=dst_format, progress=not f.no_progress)
+    try:
+        out = model.save_pretrained(
+            f.dst, dtype=f.dtype if f.dtype != "fp32" else None, variant=f.variant, format=dst_format,
+            progress=not f.no_progress, max_shard_size=int(shard) if shard and shard.isdigit() else shard,
+            repo_id=f.push_to_hub, card=card_info(src_format, f.src, use_ema=f.use_ema))
+    except ValueError as e:  # an option the output format does not take
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     t2 = time.perf_counter()
     counts = param_counts(model)
     print(report.summary())
@@ -123,6 +152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for comp, n in counts.items():
         print(f"  {comp:<14} {n:>14,d} params")
     print(f"  {'total':<14} {sum(counts.values()):>14,d} params; read {t1 - t0:.1f}s, write {t2 - t1:.1f}s")
+    if f.push_to_hub:
+        files = push_to_hub(out, f.push_to_hub, private=f.private or None, dry_run=f.dry_run)
+        print(f"{'would upload' if f.dry_run else 'uploaded'} {len(files)} files to "
+              f"https://huggingface.co/{f.push_to_hub}" + (" (dry run)" if f.dry_run else "") + ":")
+        for name in files:
+            print(f"  {name}")
     return 0
 
 

@@ -98,10 +98,11 @@ def model_index(model) -> dict[str, Any]:
 
 
 def save_diffusers(model, path: str, *, dtype=None, variant: str | None = None,
-                   progress: bool = False) -> str:
+                   max_shard_size: int | str | None = None, progress: bool = False) -> str:
     """Write `model` (a PaintByExampleModel) as a diffusers repository that every component's
     own class loads with no missing or unexpected keys. `dtype` (e.g. np.float16) casts the
-    saved tensors; `variant` names the weight files (`diffusion_pytorch_model.<variant>.safetensors`).
+    saved tensors; `variant` names the weight files (`diffusion_pytorch_model.<variant>.safetensors`);
+    `max_shard_size` (bytes or '5GB') splits larger weight files into shards plus an index.
 
     In diffusers >= 0.40 assemble the pipeline from its components:
 
@@ -118,7 +119,8 @@ def save_diffusers(model, path: str, *, dtype=None, variant: str | None = None,
     """
     os.makedirs(path, exist_ok=True)
     for comp in each_with_progress(COMPONENTS, progress, f"writing {path}"):
-        getattr(model, comp).save_pretrained(os.path.join(path, comp), dtype=dtype, variant=variant)
+        getattr(model, comp).save_pretrained(os.path.join(path, comp), dtype=dtype, variant=variant,
+                                             max_shard_size=max_shard_size)
     for rel, cfg in ((SCHEDULER_FILE, model.scheduler_config),
                      (FEATURE_EXTRACTOR_FILE, model.feature_extractor_config)):
         os.makedirs(os.path.dirname(os.path.join(path, rel)), exist_ok=True)

@@ -1,8 +1,15 @@
-"""The original Paint-by-Example `model.ckpt` (LDM key names, `pbe_jax.convert.ldm`), or an
-LDM-keyed .safetensors, -> a pipeline."""
+"""The original single-file Paint-by-Example layout (`model.ckpt`: LDM key names,
+`pbe_jax.convert.ldm`): read (`load_ldm`, a `.ckpt` or an LDM-keyed `.safetensors`) and write
+(`save_ldm`), the form ComfyUI / A1111-style tools load.
+
+A `.safetensors` that `save_ldm` writes carries the model's configs in its `__metadata__`
+(`pbe_jax.configs`), so reading it back needs no `model_config` even for a non-released
+architecture; the tensors are exactly the original layout's.
+"""
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 from typing import Any, Iterable, Mapping
 
@@ -16,6 +23,9 @@ from pbe_jax.models.paint_by_example import PaintByExampleModel, parse_component
 from pbe_jax.models.registry import COMPONENTS, slot_class
 from pbe_jax.models.unet import UNetConfig
 from pbe_jax.models.vae import VAEConfig
+
+# `__metadata__` key of an LDM .safetensors written by `save_ldm`: the model's configs as JSON.
+CONFIGS_KEY = "pbe_jax.configs"
 
 
 def default_configs() -> dict[str, Any]:
@@ -53,9 +63,14 @@ def load_ldm(path: str, *, model_config: Mapping | None = None, allow_missing: I
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file (an LDM checkpoint is one .ckpt / "
                                 ".safetensors file)")
+    report = PipelineReport(source=path, format="ldm")
+    if model_config is None and path.endswith(".safetensors"):
+        saved = stio.read_metadata(path).get(CONFIGS_KEY)
+        if saved:
+            model_config = json.loads(saved)
+            report.notes.append(f"architecture from the file's metadata ({CONFIGS_KEY})")
     configs = parse_component_configs(model_config) or default_configs()
     scheduler = dict(model_config["scheduler"]) if model_config and "scheduler" in model_config else None
-    report = PipelineReport(source=path, format="ldm")
     ckpt = stio.read_checkpoint(path)  # .ckpt: torch.load(weights_only=True), never full unpickling
     parts_sd = ldm.split_ldm_checkpoint(ckpt, configs["unet"], configs["vae"], use_ema=use_ema)
     raise_unexpected(parts_sd.unexpected, path)
@@ -68,4 +83,24 @@ def load_ldm(path: str, *, model_config: Mapping | None = None, allow_missing: I
                            component_patterns(allow_missing, comp), path, configs["unet"], configs["vae"])
         parts[comp] = load_component(comp, configs[comp], sd, source=path, report=report,
                                      allow_missing=allow_missing, place=place, seed=seed, **runtime)
-    return assemble(parts, scheduler, report=report, cls=cls), report
+    fe = model_config.get("feature_extractor") if model_config else None
+    return assemble(parts, scheduler, fe, report=report, cls=cls), report
+
+
+def save_ldm(model, path: str, *, dtype=None) -> str:
+    """Write `model` (a `PaintByExampleModel`) as one original-layout checkpoint file: a
+    `.safetensors` (with the configs in its metadata) or, only when the name asks for it, a
+    PyTorch `.ckpt` (`{'state_dict': ...}`, needs torch). `dtype` (e.g. np.float16) casts."""
+    if not path.endswith((".safetensors", ".ckpt")):
+        raise ValueError(f"{path}: an LDM checkpoint is one file; name it *.safetensors (or *.ckpt "
+                         "for a PyTorch pickle)")
+    sd = ldm.to_ldm_checkpoint(model.unet.torch_state_dict(dtype), model.vae.torch_state_dict(dtype),
+                               model.image_encoder.torch_state_dict(dtype), model.unet.config,
+                               model.vae.config)
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    if path.endswith(".ckpt"):
+        stio.write_torch_ckpt(path, sd)
+    else:
+        stio.write_safetensors(path, sd, metadata={CONFIGS_KEY: json.dumps(model.configs(), sort_keys=True)})
+    return path

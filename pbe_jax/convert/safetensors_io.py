@@ -1,9 +1,15 @@
-"""Read and write `.safetensors` (and `.bin` via restricted unpickling) without torch in the core.
+"""Read and write `.safetensors` (through the `safetensors` package) and `.bin` (restricted
+unpickling) without torch in the core.
 
-The reader parses the format itself (8-byte little-endian header size, JSON header, raw bytes)
-over a memory map, so that: bf16 tensors load (through ml_dtypes), nothing is copied until a
-tensor is used, and a truncated or corrupt file fails with a message naming the file and the
-tensor instead of a generic error.
+Reading is lazy, one tensor at a time: `open_safetensors` validates the header (the package does,
+in Rust) and returns `LazyTensor`s that read their bytes only when converted to an array, so a
+loader that converts, places and drops each tensor in turn never holds a multi-GB checkpoint in
+host memory twice (once as numpy copies, once on device). bf16 tensors load through ml_dtypes.
+
+The package's errors say what is wrong but not where: every failure is re-raised as one
+`CheckpointFormatError` naming the file, and for a malformed header (truncated file, a list or a
+string where an object belongs, negative shapes or offsets, deep nesting, unknown dtypes) our own
+header check names the tensor too.
 """
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ from typing import Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 _DTYPES = {
     "F64": np.float64,
@@ -24,6 +32,9 @@ _DTYPES = {
     "I32": np.int32,
     "I16": np.int16,
     "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
@@ -34,66 +45,154 @@ class CheckpointFormatError(ValueError):
     """A checkpoint file is unreadable: truncated, corrupt header, unknown dtype."""
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file as numpy arrays (memory-mapped, read-only)."""
-    size = os.path.getsize(path)
-    if size < 8:
-        raise CheckpointFormatError(f"{path}: {size} bytes, too short for a safetensors header")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
-            raise CheckpointFormatError(
-                f"{path}: header claims {n} bytes but the file has {size - 8} after the size "
-                "field (truncated or not a safetensors file)"
-            )
+class LazyTensor:
+    """One tensor of a safetensors file, read when it becomes an array (`np.asarray(t)`,
+    `t[...]`). `shape` and `dtype` come from the header and cost nothing."""
+
+    __slots__ = ("_file", "key", "shape", "dtype")
+
+    def __init__(self, file: _OpenFile, key: str, shape: tuple[int, ...], dtype: np.dtype):
+        self._file, self.key, self.shape, self.dtype = file, key, shape, dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def read(self) -> np.ndarray:
+        """The tensor's values: a fresh host array."""
+        return self._file.read(self.key, self.shape, self.dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self.read()
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def __getitem__(self, index):
+        return self.read()[index]
+
+    def astype(self, dtype) -> np.ndarray:
+        return self.read().astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({self._file.path}:{self.key}, shape={self.shape}, dtype={self.dtype})"
+
+
+class _OpenFile:
+    """A `safe_open` handle shared by the LazyTensors of one file (closed with the last one)."""
+
+    def __init__(self, path: str):
+        self.path = path
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointFormatError(f"{path}: corrupt safetensors header ({e})") from None
-    header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else None
-    avail = size - 8 - n
+            self.handle = safe_open(path, framework="np")
+        except SafetensorError as e:
+            raise CheckpointFormatError(header_problem(path) or f"{path}: not a valid safetensors "
+                                        f"file ({e})") from None
+
+    def read(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        try:
+            arr = self.handle.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise CheckpointFormatError(f"{self.path}: cannot read tensor {key!r} {shape} "
+                                        f"{dtype} ({e})") from None
+        return arr
+
+
+def open_safetensors(path: str) -> dict[str, LazyTensor]:
+    """The tensors of a safetensors file, lazily read (see `LazyTensor`). The header is fully
+    validated here: a malformed or truncated file fails now, naming the file (and the tensor)."""
+    f = _OpenFile(path)
     out = {}
-    for key, info in header.items():
-        dt = info.get("dtype")
-        if dt not in _DTYPES:
-            raise CheckpointFormatError(f"{path}: tensor {key!r} has unsupported dtype {dt!r}")
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if end > avail:
-            raise CheckpointFormatError(
-                f"{path}: tensor {key!r} {shape} needs bytes [{start}, {end}) but the file "
-                f"holds only {avail} data bytes (truncated file)"
-            )
-        dtype = np.dtype(_DTYPES[dt])
-        if (end - start) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-            raise CheckpointFormatError(f"{path}: tensor {key!r} byte range does not match {shape} {dt}")
-        arr = data[start:end].view(dtype).reshape(shape) if end > start else np.zeros(shape, dtype)
-        out[key] = arr
+    for key in f.handle.keys():
+        info = f.handle.get_slice(key)
+        name = info.get_dtype()
+        if name not in _DTYPES:
+            raise CheckpointFormatError(f"{path}: tensor {key!r} has unsupported dtype {name!r}")
+        out[key] = LazyTensor(f, key, tuple(int(d) for d in info.get_shape()), np.dtype(_DTYPES[name]))
     return out
 
 
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file as numpy arrays (read now; for large files prefer
+    `open_safetensors`)."""
+    return {k: t.read() for k, t in open_safetensors(path).items()}
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    """The file's `__metadata__` (string -> string), {} when absent."""
+    return dict(_OpenFile(path).handle.metadata() or {})
+
+
+def header_problem(path: str) -> str | None:
+    """What is wrong with a safetensors header, naming the file and, where one is to blame, the
+    tensor; None when the header looks well formed (then the package's message stands)."""
+    size = os.path.getsize(path)
+    if size < 8:
+        return f"{path}: {size} bytes, too short for a safetensors header"
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            return (f"{path}: header claims {n} bytes but the file has {size - 8} after the size "
+                    "field (truncated or not a safetensors file)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        return f"{path}: corrupt safetensors header ({type(e).__name__}: {str(e)[:200]})"
+    if not isinstance(header, dict):
+        return f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)"
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        return f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)"
+    avail = size - 8 - n
+    for key, info in header.items():
+        problem = _entry_problem(info, avail)
+        if problem:
+            return f"{path}: tensor {key!r}: {problem}"
+    return None
+
+
+def _entry_problem(info, avail: int) -> str | None:
+    if not isinstance(info, dict):
+        return f"header entry is a JSON {type(info).__name__}, not an object"
+    dt, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dt not in _DTYPES:
+        return f"unsupported dtype {dt!r}"
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        return f"shape {shape!r} is not a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and o >= 0 for o in offsets) and offsets[0] <= offsets[1]):
+        return f"data_offsets {offsets!r} are not [start, end] with 0 <= start <= end"
+    start, end = offsets
+    if end > avail:
+        return (f"{tuple(shape)} needs bytes [{start}, {end}) but the file holds only {avail} data "
+                "bytes (truncated file)")
+    if end - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dt]).itemsize:
+        return f"byte range [{start}, {end}) does not match {tuple(shape)} {dt}"
+    return None
+
+
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: dict | None = None):
-    """Write tensors (numpy, any `_DTYPES` dtype) as a safetensors file, keys sorted."""
-    header, offset, arrays = {}, 0, []
+    """Write tensors (numpy or LazyTensor, any `_DTYPES` dtype) as a safetensors file, through a
+    temp file renamed into place (a crash never leaves a half-written file under `path`)."""
+    arrays = {}
     for key in sorted(tensors):
         arr = np.ascontiguousarray(tensors[key])
         if arr.dtype not in _NAMES:
-            raise CheckpointFormatError(f"cannot write tensor {key!r}: dtype {arr.dtype}")
-        nbytes = arr.nbytes
-        header[key] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
-                       "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-        arrays.append(arr)
-    header["__metadata__"] = {"format": "pt", **(metadata or {})}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * ((8 - len(blob) % 8) % 8)  # align data to 8 bytes like the reference writer
+            raise CheckpointFormatError(f"cannot write tensor {key!r} to {path}: dtype {arr.dtype}")
+        arrays[key] = arr
+    meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for arr in arrays:
-            f.write(arr.tobytes())
+    try:
+        save_file(arrays, tmp, metadata=meta)
+    except (SafetensorError, ValueError) as e:
+        raise CheckpointFormatError(f"{path}: cannot write safetensors ({e})") from None
     os.replace(tmp, path)
 
 
@@ -123,15 +222,35 @@ def read_torch_bin(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def read_checkpoint(path: str) -> dict[str, np.ndarray]:
+def write_torch_ckpt(path: str, tensors: Mapping[str, np.ndarray]) -> None:
+    """A Lightning-style `{'state_dict': {...}}` PyTorch pickle (the original LDM `.ckpt`
+    layout). Needs torch; written only when a `.ckpt` is asked for by name."""
+    try:
+        import torch  # noqa: PLC0415 (torch only for writing its own pickle format)
+    except ImportError as e:
+        raise CheckpointFormatError(f"{path}: writing a PyTorch .ckpt needs torch; write "
+                                    ".safetensors instead or `pip install torch`") from e
+    sd = {}
+    for k in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[k])
+        sd[k] = (torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
+                 if arr.dtype == ml_dtypes.bfloat16 else torch.from_numpy(arr))
+    tmp = path + ".tmp"
+    torch.save({"state_dict": sd}, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str) -> dict[str, np.ndarray | LazyTensor]:
+    """A weights file's tensors: safetensors lazily (`LazyTensor`), pickles eagerly."""
     if path.endswith(".safetensors"):
-        return read_safetensors(path)
+        return open_safetensors(path)
     return read_torch_bin(path)
 
 
-def read_checkpoint_files(paths: Iterable[str]) -> dict[str, np.ndarray]:
-    """Merge several shard files, failing on a key present in two shards."""
-    out: dict[str, np.ndarray] = {}
+def read_checkpoint_files(paths: Iterable[str]) -> dict[str, np.ndarray | LazyTensor]:
+    """Merge several shard files (lazily, see `read_checkpoint`), failing on a key present in
+    two shards."""
+    out: dict[str, np.ndarray | LazyTensor] = {}
     for p in paths:
         for k, v in read_checkpoint(p).items():
             if k in out:

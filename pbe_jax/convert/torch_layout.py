@@ -83,6 +83,12 @@ def module_to_torch_state_dict(module: nnx.Module, dtype=None) -> dict[str, np.n
     return out
 
 
+def _shape_only(src) -> np.ndarray:
+    """A zero-stride stand-in with `src`'s shape and dtype: the checks run the layout change on
+    it, so a lazily read tensor (`safetensors_io.LazyTensor`) is read once, when it is placed."""
+    return np.broadcast_to(np.zeros((), src.dtype), tuple(src.shape))
+
+
 def _matches(key: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
@@ -123,7 +129,7 @@ def load_torch_state_dict(
         if not (np.issubdtype(src.dtype, np.floating) or src.dtype.name == "bfloat16"):
             bad_dtype.append(f"{key}: dtype {src.dtype}, expected a float tensor")
             continue
-        arr = from_torch_layout(str(path[-1]), np.asarray(src), expected)
+        arr = from_torch_layout(str(path[-1]), _shape_only(src), expected)
         if arr.shape != expected:
             bad_shape.append(f"{key}: checkpoint {tuple(src.shape)} (as NHWC {arr.shape}), model {expected}")
             continue

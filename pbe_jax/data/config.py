@@ -31,9 +31,11 @@ def data_config(profile: str = "demo") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     # --- where samples come from ---
-    c.source = "synthetic"  # synthetic | coco | openimages | tfds (pbe_jax.data.sources)
-    c.annotations = ""  # coco: instances JSON; openimages: bbox CSV
-    c.images_dir = ""  # coco / openimages: folder holding the image files
+    c.source = "synthetic"  # synthetic | coco | openimages | tfds | folder (pbe_jax.data.sources)
+    c.annotations = ""  # coco: instances JSON; openimages: bbox CSV; folder: boxes .jsonl/.csv (optional)
+    c.images_dir = ""  # coco / openimages / folder: folder holding the image files
+    c.mask_suffix = "_mask"  # folder: NAME<mask_suffix>.png is the object mask of NAME.jpg (white = object)
+    c.use_given_masks = False  # folder: the hole is the mask's shape, not a Bezier / box hole
     c.image_ext = ".jpg"  # openimages: file name = ImageID + image_ext
     c.tfds_name = "coco/2017"  # tfds: any dataset with `image` + `objects/bbox`
     c.tfds_split = "train"

@@ -42,6 +42,10 @@ BAD_REASONS = (
     "box_clipped",
     "box_degenerate",
     "upsampled",
+    # skipped: a `folder` source's object mask (NAME_mask.png) cannot be used
+    "mask_undecodable",
+    "mask_empty",
+    "mask_size_mismatch",
 )
 REASON_INDEX = {r: i for i, r in enumerate(BAD_REASONS)}
 
@@ -204,3 +208,30 @@ def boxes_in_raw_frame(header: Header, annotated_size: tuple[int, int] | None) -
     aw, ah = annotated_size
     rw, rh = header.raw_size
     return (aw, ah) == (rw, rh) and (aw, ah) != header.size
+
+
+def decode_mask(data: bytes, header: Header, key: str = "") -> np.ndarray:
+    """An object mask file (white = object) -> `[H, W]` bool in the displayed frame of the image
+    whose `header` is given.
+
+    Any bit depth or channel count: 16-bit and float masks are scaled to [0, 1] before the 0.5
+    threshold (not clipped), colour masks go through their luma, an alpha channel is ignored.
+    The mask is taken as the image is displayed; a mask of the stored (un-rotated) size of an
+    EXIF-rotated image is rotated with its pixels. Raises BadImage('mask_undecodable' |
+    'mask_size_mismatch')."""
+    m = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if m is None or m.ndim not in (2, 3) or m.size == 0:
+        raise BadImage("mask_undecodable", key)
+    if m.ndim == 3:  # BGR(A) as cv2 decodes it
+        m = cv2.cvtColor(np.ascontiguousarray(m[..., :3]), cv2.COLOR_BGR2GRAY) if m.shape[2] >= 3 else m[..., 0]
+    if np.issubdtype(m.dtype, np.integer):
+        full = np.iinfo(m.dtype).max
+    else:  # float masks are in [0, 1]
+        full = 1.0
+    mask = m.astype(np.float32) > 0.5 * full
+    h, w = mask.shape
+    if (w, h) == header.size:
+        return mask
+    if (w, h) == header.raw_size and header.orientation != 1:
+        return orient(mask[..., None], header.orientation)[..., 0]
+    raise BadImage("mask_size_mismatch", f"{key}: mask {w}x{h}, image {header.size[0]}x{header.size[1]}")

@@ -22,6 +22,7 @@ making it), so the counts survive worker processes; the Loader sums them and str
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -108,8 +109,11 @@ class PbeSample(grain.transforms.RandomMap):
             size = header.size
         if min(size) < cfg.min_image_side:
             raise dec.BadImage("image_too_small", f"{rec.key} {size}")
-        boxes = rec.boxes
-        if header is not None and dec.boxes_in_raw_frame(header, rec.annotated_size):
+        boxes, hole = rec.boxes, None
+        if rec.mask_path is not None:  # a `folder` source: the box is the object mask's
+            hole = dec.decode_mask(_read(rec.mask_path), header, rec.key)
+            boxes = tr.mask_box(hole)
+        elif header is not None and dec.boxes_in_raw_frame(header, rec.annotated_size):
             boxes = dec.orient_boxes(boxes, header.orientation)
             counts[dec.REASON_INDEX["exif_boxes_rotated"]] += 1
         boxes, box_counts = tr.pixel_boxes(boxes, size, cfg)
@@ -118,6 +122,8 @@ class PbeSample(grain.transforms.RandomMap):
         if not len(boxes):
             raise dec.BadImage("no_valid_box", rec.key)
         geom = tr.draw_geometry(size, boxes, rng, cfg)
+        if hole is not None and cfg.use_given_masks:
+            geom = dataclasses.replace(geom, polygon=None, hole=hole)
         self._mark("probe+geometry")
         if header is None:
             image = rec.pixels

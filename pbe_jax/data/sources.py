@@ -1,4 +1,5 @@
-"""Random-access sources of (image, boxes) records: COCO JSON, OpenImages CSV, TFDS, synthetic.
+"""Random-access sources of (image, boxes) records: COCO JSON, OpenImages CSV, TFDS, synthetic,
+and a folder of your own images with a mask (or box) each.
 
 Every source is a sequence (`len`, `[i]`) of `Record`s. Boxes are normalised (x0, y0, x1, y1)
 in the displayed image (see decode.py for EXIF). The file-based sources apply the official box
@@ -39,6 +40,7 @@ class Record:
     data: bytes | None = None
     pixels: np.ndarray | None = None
     annotated_size: tuple[int, int] | None = None
+    mask_path: str | None = None  # an object mask file: its bounding box replaces `boxes`
 
 
 def clean_boxes(boxes: np.ndarray, min_area: float, max_area: float
@@ -222,6 +224,136 @@ def openimages_source(cfg) -> BoxIndex:
                     f"openimages {cfg.annotations}")
 
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+BOX_MANIFESTS = ("boxes.jsonl", "boxes.csv")
+
+
+class MaskFolder:
+    """Images with an object mask each, as flat arrays: record i is `paths[i]` with the mask
+    `masks[i]` (both relative to `root`). The mask's bounding box is the training box, found
+    when the sample is made (reading every mask up front would decode the whole folder)."""
+
+    def __init__(self, root: str, paths: list[str], masks: list[str], index_counts, name: str):
+        if not paths:
+            raise ValueError(f"{name}: no image with a mask (counts: {dict(index_counts)})")
+        self.root, self.name = root, name
+        self.paths = np.array([p.encode() for p in paths], dtype=np.bytes_)
+        self.masks = np.array([p.encode() for p in masks], dtype=np.bytes_)
+        self.index_counts = {k: int(v) for k, v in index_counts.items() if v}
+        log.info("%s: %d image + mask pairs; dropped at index time: %s", name, len(paths), self.index_counts)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Record:
+        rel = self.paths[i].decode("utf-8")
+        return Record(key=rel, boxes=np.zeros((0, 4), np.float32), path=os.path.join(self.root, rel),
+                      mask_path=os.path.join(self.root, self.masks[i].decode("utf-8")))
+
+
+def folder_source(cfg):
+    """Your own images: `images_dir` holds `NAME.{jpg,png,...}` with either an object mask
+    `NAME<mask_suffix>.png` each (white = object; its bounding box is the training box and, with
+    `use_given_masks`, its shape the hole), or a box manifest (`annotations`, else
+    `images_dir/boxes.jsonl` or `boxes.csv`): rows `{"image": "NAME.jpg", "box": [x0, y0, x1,
+    y1]}` (or `"boxes": [[...], ...]`) / CSV columns `image,x0,y0,x1,y1`, in pixels of the image
+    as displayed. Images without a mask / box, and masks or rows without an image, are counted."""
+    _require(cfg.images_dir, "images_dir", "images folder")
+    manifest = cfg.annotations or next((os.path.join(cfg.images_dir, m) for m in BOX_MANIFESTS
+                                        if os.path.isfile(os.path.join(cfg.images_dir, m))), "")
+    names = sorted(e.name for e in os.scandir(cfg.images_dir)
+                   if e.is_file() and e.name.lower().endswith(IMAGE_EXTS))
+    if manifest:
+        _require(manifest, "annotations", "annotation file")
+        if cfg.use_given_masks:
+            raise ValueError(f"config.data.use_given_masks needs object masks, but {manifest} gives "
+                             "boxes; remove it (and config.data.annotations) to use NAME_mask.png files")
+        return _folder_boxes(cfg, manifest, set(names))
+    suffix = cfg.mask_suffix
+    masks = {n[: -len(suffix) - 4] for n in names if n.lower().endswith(suffix + ".png")}
+    images = [n for n in names if not n.lower().endswith(suffix + ".png")]
+    counts = collections.Counter()
+    paths, mask_paths = [], []
+    for name in images:
+        stem = os.path.splitext(name)[0]
+        if stem in masks:
+            paths.append(name)
+            mask_paths.append(f"{stem}{suffix}.png")
+            masks.discard(stem)
+        else:
+            counts["missing_mask"] += 1
+    counts["missing_file"] += len(masks)  # masks whose image is absent
+    return MaskFolder(cfg.images_dir, paths, mask_paths, counts, f"folder {cfg.images_dir}")
+
+
+def _manifest_rows(path: str):
+    """(line, image, [[x0, y0, x1, y1], ...]) of a boxes .jsonl / .csv; malformed rows give
+    boxes None."""
+    if path.endswith(".csv"):
+        with open(path, newline="") as f:
+            for n, row in enumerate(csv.DictReader(f), 2):
+                try:
+                    yield n, row["image"], [[float(row[k]) for k in ("x0", "y0", "x1", "y1")]]
+                except (KeyError, TypeError, ValueError):
+                    yield n, (row.get("image") or ""), None
+        return
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                boxes = row["boxes"] if "boxes" in row else [row["box"]]
+                yield n, str(row["image"]), [[float(v) for v in b] for b in boxes]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                yield n, "", None
+
+
+def _display_size(path: str) -> tuple[int, int]:
+    """(W, H) of an image as displayed (EXIF orientation applied), from its header; (0, 0) if
+    unreadable."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = int(im.getexif().get(0x0112, 1))
+    except Exception:
+        return 0, 0
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _folder_boxes(cfg, manifest: str, present: set[str]) -> BoxIndex:
+    by_image = collections.defaultdict(list)
+    counts = collections.Counter()
+    for line, image, boxes in _manifest_rows(manifest):
+        if boxes is None or any(len(b) != 4 for b in boxes):
+            if not counts["box_degenerate"]:
+                log.warning("%s:%d: not a row with an image and [x0, y0, x1, y1] box(es); counted as "
+                            "box_degenerate (further ones are counted quietly)", manifest, line)
+            counts["box_degenerate"] += 1
+        else:
+            by_image[image] += boxes
+    paths, kept_boxes = [], []
+    for image in sorted(by_image):
+        if image not in present:
+            counts["missing_file"] += 1
+            continue
+        w, h = _display_size(os.path.join(cfg.images_dir, image))
+        if w <= 0:
+            counts["undecodable"] += 1
+            continue
+        b = np.asarray(by_image[image], np.float64) / np.array([w, h, w, h])
+        kept, c = clean_boxes(b, cfg.min_box_area, cfg.max_box_area)
+        counts.update(c)
+        if not len(kept):
+            counts["no_valid_box"] += 1
+            continue
+        paths.append(image)
+        kept_boxes.append(kept)
+    counts["missing_box"] += len(present - set(by_image) - {os.path.basename(manifest)})
+    return BoxIndex(cfg.images_dir, paths, kept_boxes, [(0, 0)] * len(paths), counts,
+                    f"folder {cfg.images_dir} ({os.path.basename(manifest)})")
+
+
 class TfdsSource:
     """A TFDS dataset with `image` and `objects/bbox` ((ymin, xmin, ymax, xmax) normalised),
     e.g. coco/2017 or open_images_v4, read with `tfds.data_source` (random access, ArrayRecord;
@@ -293,7 +425,10 @@ class SyntheticSource:
 def make_source(cfg):
     """The source named by `cfg.source`."""
     builders = {"coco": coco_source, "openimages": openimages_source, "tfds": TfdsSource,
-                "synthetic": SyntheticSource}
+                "synthetic": SyntheticSource, "folder": folder_source}
     if cfg.source not in builders:
         raise ValueError(f"config.data.source={cfg.source!r}; expected one of {sorted(builders)}")
+    if cfg.use_given_masks and cfg.source != "folder":
+        raise ValueError(f"config.data.use_given_masks needs object masks, which only the 'folder' "
+                         f"source reads; config.data.source={cfg.source!r}")
     return builders[cfg.source](cfg)

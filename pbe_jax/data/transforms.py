@@ -20,6 +20,8 @@ import dataclasses
 import cv2
 import numpy as np
 
+from pbe_jax.data.decode import BadImage
+
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels; x1 / y1 exclusive (numpy slicing)
 
 
@@ -27,7 +29,9 @@ Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels; x1 / y1 exclusive (
 class Geometry:
     """Where one sample comes from, in pixels of the full-size displayed image `size` (W, H).
 
-    `polygon` `[K, 2]` (x, y) is the Bezier hole outline, or None for the extended-box hole.
+    `polygon` `[K, 2]` (x, y) is the Bezier hole outline, or None for the extended-box hole;
+    `hole` `[H, W]` bool (full size), when set, is a given object mask used as the hole instead
+    (`config.data.use_given_masks`).
     """
 
     size: tuple[int, int]
@@ -36,6 +40,7 @@ class Geometry:
     crop: Box
     reference: Box
     polygon: np.ndarray | None
+    hole: np.ndarray | None = None
 
 
 def _randint(rng: np.random.Generator, lo: int, hi: int) -> int:
@@ -177,7 +182,11 @@ def render_source(image: np.ndarray, geom: Geometry, resolution: int
     cx0, cy0, cx1, cy1 = _scaled(geom.crop, sx, sy, (h, w))
     crop = image[cy0:cy1, cx0:cx1]
     mask = np.full(crop.shape[:2], 255, np.uint8)
-    if geom.polygon is None:
+    if geom.hole is not None:
+        # cut at full size, then brought to the decoded crop's size with the image
+        x0, y0, x1, y1 = geom.crop
+        mask = np.where(geom.hole[y0:y1, x0:x1], 0, 255).astype(np.uint8)
+    elif geom.polygon is None:
         ex0, ey0, ex1, ey1 = _scaled(geom.extended, sx, sy, (h, w))
         mask[max(ey0 - cy0, 0):max(ey1 - cy0, 0), max(ex0 - cx0, 0):max(ex1 - cx0, 0)] = 0
     else:
@@ -291,6 +300,16 @@ def pixel_boxes(boxes: np.ndarray, size: tuple[int, int], cfg) -> tuple[np.ndarr
     keep = ok & (area >= cfg.min_box_area) & (area <= cfg.max_box_area)
     counts = {"box_clipped": int((clipped & ok).sum()), "box_degenerate": int((~ok).sum())}
     return px[keep], counts
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """The bounding box of a `[H, W]` bool object mask, normalised `[1, 4]` (x0, y0, x1, y1),
+    x1 / y1 exclusive. Raises BadImage('mask_empty') when the mask holds no object pixel."""
+    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if not len(ys):
+        raise BadImage("mask_empty", f"{mask.shape[1]}x{mask.shape[0]} mask with no white pixel")
+    h, w = mask.shape
+    return np.array([[xs[0] / w, ys[0] / h, (xs[-1] + 1) / w, (ys[-1] + 1) / h]], np.float32)
 
 
 def pick_reduce(geom: Geometry, cfg) -> int:

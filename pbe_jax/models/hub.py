@@ -1,10 +1,14 @@
 """`from_pretrained` / `save_pretrained` for every pbe_jax model, in diffusers/transformers format.
 
 A component directory holds `config.json` plus weights: `<name>.safetensors`,
-`<name>.<variant>.safetensors` (e.g. fp16), a sharded `<name>.safetensors.index.json`, or the
-legacy pickle `<name>.bin` (read with `torch.load(weights_only=True)`, the only path that needs
-torch). `<name>` is `diffusion_pytorch_model` for diffusers and `model` / `pytorch_model` for
-transformers. A path that is not a local directory is treated as a Hugging Face Hub repo id.
+`<name>.<variant>.safetensors` (e.g. fp16), shards with their index (`<name>.safetensors.index.json`,
+`<name>.safetensors.index.<variant>.json`), or the legacy pickle `<name>.bin` (read with
+`torch.load(weights_only=True)`, the only path that needs torch). `<name>` is
+`diffusion_pytorch_model` for diffusers and `model` / `pytorch_model` for transformers.
+
+This module is also the one place that talks to the Hugging Face Hub: `resolve` (a path that
+is not a local directory is a Hub repo id, fetched into / read from the cache) and
+`push_to_hub` (upload an exported folder).
 
 Each model class sets:
 - `config_class`: a dataclass with `from_dict(dict)` (rejects unsupported settings) and
@@ -15,14 +19,17 @@ Each model class sets:
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from typing import Any, Callable, Iterable, Mapping
 
+import huggingface_hub
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
 from pbe_jax.convert import safetensors_io as stio
 from pbe_jax.convert.torch_layout import (
@@ -42,11 +49,15 @@ def is_hub_id(path: str) -> bool:
 
 
 def weight_patterns(stems: Iterable[str], ext: str, variant: str | None) -> list[str]:
-    """Glob patterns of the weight files `find_weight_files` reads, for one format / variant."""
+    """Glob patterns of the weight files `find_weight_files` reads, for one format / variant:
+    the single file, the shard index (ours and diffusers' / transformers' variant spelling
+    `<stem>.<ext>.index.<variant>.json`) and the shards."""
     out = []
     for stem in stems:
         s = f"{stem}.{variant}" if variant else stem
         out += [f"{s}.{ext}", f"{s}.{ext}.index.json", f"{s}-*-of-*.{ext}"]
+        if variant:
+            out.append(f"{stem}.{ext}.index.{variant}.json")
     return out
 
 
@@ -75,31 +86,36 @@ def resolve(path: str, components: Mapping[str, Iterable[str]], *, extra_pattern
         return path
     if not is_hub_id(path):
         raise FileNotFoundError(f"{path}: not a directory, and not a Hub repo id of the form 'org/name'")
-    from huggingface_hub import snapshot_download  # noqa: PLC0415 (network only when asked)
-    from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: PLC0415
-
     kw = dict(repo_id=path, revision=revision, cache_dir=cache_dir, token=token,
               local_files_only=local_files_only, force_download=force_download)
     tiers = [(ext, v) for ext in _formats(use_safetensors) for v in ([variant, None] if variant else [None])]
     root = None
     try:
         if extra_patterns:
-            root = snapshot_download(allow_patterns=list(extra_patterns), **kw)
+            root = huggingface_hub.snapshot_download(allow_patterns=list(extra_patterns), **kw)
         for sub, stems in components.items():
             stems, pre = tuple(stems), f"{sub}/" if sub else ""
+            incomplete = None
             for ext, v in tiers:
                 pats = [f"{pre}config.json"] + [pre + p for p in weight_patterns(stems, ext, v)]
-                root = snapshot_download(allow_patterns=pats, **kw)
                 try:
-                    find_weight_files(os.path.join(root, sub), stems, variant,
-                                      formats=_formats(use_safetensors))
+                    root = huggingface_hub.snapshot_download(allow_patterns=pats, **kw)
+                except IncompleteSnapshotError as e:  # offline, and this format is not cached
+                    incomplete = incomplete or e
+                    continue
+                try:
+                    find_weight_files(os.path.join(root, sub), stems, v, formats=(ext,))
                     break
                 except FileNotFoundError:
                     continue
+            else:
+                if incomplete is not None:
+                    raise incomplete
     except LocalEntryNotFoundError as e:
         where = f" (cache_dir={cache_dir})" if cache_dir else ""
+        rev = f" at revision {revision!r}" if revision else ""
         raise FileNotFoundError(
-            f"{path}: not in the Hugging Face cache{where} and downloads are off (HF_HUB_OFFLINE=1 "
+            f"{path}{rev}: not in the Hugging Face cache{where} and downloads are off (HF_HUB_OFFLINE=1 "
             f"or local_files_only=True), or the Hub cannot be reached: {e}") from None
     return root
 
@@ -116,7 +132,8 @@ def resolve_dir(path: str, subfolder: str | None = None, stems: Iterable[str] = 
 
 def find_weight_files(directory: str, names: Iterable[str], variant: str | None = None,
                       formats: Iterable[str] = ("safetensors", "bin")) -> list[str]:
-    """The weight file(s) of a component directory, safetensors first, variant first."""
+    """The weight file(s) of a component directory, safetensors first, variant first; a shard
+    index gives its shards, each of which must lie inside `directory`."""
     names = list(names)
     cands = []
     if not os.path.isdir(directory):
@@ -127,18 +144,43 @@ def find_weight_files(directory: str, names: Iterable[str], variant: str | None 
             for stem in stems:
                 cands.append(f"{stem}.{ext}")
                 cands.append(f"{stem}.{ext}.index.json")
+                if stem != name:
+                    cands.append(f"{name}.{ext}.index.{variant}.json")
     for c in cands:
         p = os.path.join(directory, c)
         if not os.path.isfile(p):
             continue
-        if c.endswith(".index.json"):
-            with open(p) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-            return [os.path.join(directory, x) for x in files]
+        if c.endswith(".json"):
+            return shard_files(p)
         return [p]
     raise FileNotFoundError(
         f"{directory}: no weights file; looked for {cands[:6]}... ; present: {sorted(os.listdir(directory))}"
     )
+
+
+def shard_files(index_path: str) -> list[str]:
+    """The shard files a `*.index.json` names in its `weight_map`, refusing any name that points
+    outside the index's folder (an absolute path, `..`). The check is on the names, not on
+    resolved links: a Hugging Face cache snapshot is links into its blob store."""
+    directory = os.path.dirname(index_path)
+    try:
+        with open(index_path) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise stio.CheckpointFormatError(f"{index_path}: not a shard index with a 'weight_map' "
+                                         f"object ({type(e).__name__}: {e})") from None
+    root = os.path.normpath(os.path.abspath(directory))
+    out = []
+    for name in names:
+        full = os.path.normpath(os.path.join(root, name)) if isinstance(name, str) else ""
+        if not isinstance(name, str) or os.path.isabs(name) or not full.startswith(root + os.sep):
+            raise stio.CheckpointFormatError(
+                f"{index_path}: weight_map names {name!r}, which lies outside {directory} "
+                "(shards must be files in the index's own folder)")
+        if not os.path.isfile(full):
+            raise FileNotFoundError(f"{index_path}: shard {name!r} is missing from {directory}")
+        out.append(os.path.join(directory, name))
+    return out
 
 
 class PretrainedMixin:
@@ -227,16 +269,65 @@ class PretrainedMixin:
         return load_torch_state_dict(self, self.rename_legacy_keys(dict(state_dict)),
                                      ignore_unexpected=self.IGNORE_KEYS, **kw)
 
-    def save_pretrained(self, path: str, *, dtype=None, variant: str | None = None) -> str:
+    def save_pretrained(self, path: str, *, dtype=None, variant: str | None = None,
+                        max_shard_size: int | str | None = None) -> str:
         """Write `config.json` + `<WEIGHTS_NAMES[0]>[.variant].safetensors` (PyTorch layout);
-        `dtype` (e.g. np.float16) casts the saved tensors."""
+        `dtype` (e.g. np.float16) casts the saved tensors. With `max_shard_size` (bytes or
+        '5GB', as diffusers) weights larger than that are split into
+        `<stem>[.variant]-0000i-of-0000n.safetensors` plus the index diffusers / transformers
+        read (`<stem>.safetensors.index[.variant].json`). Returns the weights file (or index)."""
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(self.config.to_dict(), f, indent=2, sort_keys=True)
-        stem = self.WEIGHTS_NAMES[0] + (f".{variant}" if variant else "")
-        out = os.path.join(path, stem + ".safetensors")
-        stio.write_safetensors(out, self.torch_state_dict(dtype=dtype))
-        return out
+        return write_weights(path, self.WEIGHTS_NAMES[0], self.torch_state_dict(dtype=dtype),
+                             variant=variant, max_shard_size=max_shard_size)
+
+
+def write_weights(path: str, name: str, state_dict: Mapping[str, np.ndarray], *,
+                  variant: str | None = None, max_shard_size: int | str | None = None) -> str:
+    """`state_dict` as `<name>[.variant].safetensors`, or sharded (see `save_pretrained`), after
+    removing the files an earlier export of the same name / variant left (a stale single file
+    would shadow a new index). Returns the weights file or the index."""
+    stem = f"{name}.{variant}" if variant else name
+    index_name = f"{name}.safetensors.index.{variant}.json" if variant else f"{name}.safetensors.index.json"
+    stale = {f"{stem}.safetensors", index_name}
+    for f in os.listdir(path):
+        if f in stale or fnmatch.fnmatchcase(f, f"{stem}-*-of-*.safetensors"):
+            os.remove(os.path.join(path, f))
+    split = huggingface_hub.split_state_dict_into_shards_factory(
+        dict(sorted(state_dict.items())), get_storage_size=lambda a: int(a.nbytes),
+        filename_pattern=stem + "{suffix}.safetensors",
+        max_shard_size=max_shard_size if max_shard_size is not None else 2**63)
+    for filename, keys in split.filename_to_tensors.items():
+        stio.write_safetensors(os.path.join(path, filename), {k: state_dict[k] for k in keys})
+    if not split.is_sharded:
+        return os.path.join(path, f"{stem}.safetensors")
+    index = os.path.join(path, index_name)
+    with open(index, "w") as f:
+        json.dump({"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename}, f,
+                  indent=2, sort_keys=True)
+    return index
+
+
+def push_to_hub(folder: str, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
+                commit_message: str | None = None, create_pr: bool = False,
+                dry_run: bool = False) -> list[str]:
+    """Upload every file of `folder` to the Hub model repo `repo_id` (created if absent) in one
+    commit, with huggingface_hub (`token`, `private`, `commit_message`, `create_pr` as in
+    diffusers' `push_to_hub`). `dry_run` uploads nothing. Returns the uploaded paths, relative
+    to `folder`, sorted."""
+    files = sorted(os.path.relpath(os.path.join(d, f), folder)
+                   for d, _, names in os.walk(folder) for f in names if not f.endswith(".tmp"))
+    if not files:
+        raise FileNotFoundError(f"push_to_hub: {folder} holds no files")
+    if dry_run:
+        return files
+    api = huggingface_hub.HfApi(token=token)
+    repo = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
+    api.upload_folder(repo_id=repo.repo_id, folder_path=folder, repo_type="model",
+                      commit_message=commit_message or "Upload Paint-by-Example model (pbe_jax)",
+                      create_pr=create_pr, allow_patterns=files)
+    return files
 
 
 def num_params(module: nnx.Module) -> int:

@@ -23,7 +23,7 @@ from pbe_jax.convert.load import load_pipeline, load_scheduler_config
 from pbe_jax.convert.orbax_io import scheduler_of_run
 from pbe_jax.data.pipeline import make_loader
 from pbe_jax.evals.benchmark import training_eval
-from pbe_jax.metrics import MetricWriter, image_grid, peak_flops_per_device
+from pbe_jax.metrics import MetricWriter, check_workdir_backend, image_grid, peak_flops_per_device
 from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE
 from pbe_jax.training.samples import training_samples
 from pbe_jax.training.state import Setup, config_runtime, step_flops
@@ -109,6 +109,7 @@ def _input_grid(batch) -> np.ndarray:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
+    check_workdir_backend(workdir)  # a gs:// workdir without its packages fails here, naming them
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
     # ---- mesh
     mesh = shd.make_mesh(config.mesh)
