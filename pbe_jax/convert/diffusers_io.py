@@ -16,6 +16,7 @@ from pbe_jax.models.hub import _formats, find_weight_files, resolve
 from pbe_jax.models.paint_by_example import PaintByExampleModel, parse_component_configs
 from pbe_jax.models.registry import COMPONENTS, library_of, slot_class
 from pbe_jax.models.unet import _DIFFUSERS_VERSION
+from pbe_jax.outputs import write_json
 
 SCHEDULER_FILE = os.path.join("scheduler", "scheduler_config.json")
 FEATURE_EXTRACTOR_FILE = os.path.join("feature_extractor", "preprocessor_config.json")
@@ -124,8 +125,6 @@ def save_diffusers(model, path: str, *, dtype=None, variant: str | None = None,
     for rel, cfg in ((SCHEDULER_FILE, model.scheduler_config),
                      (FEATURE_EXTRACTOR_FILE, model.feature_extractor_config)):
         os.makedirs(os.path.dirname(os.path.join(path, rel)), exist_ok=True)
-        with open(os.path.join(path, rel), "w") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-    with open(os.path.join(path, "model_index.json"), "w") as f:
-        json.dump(model_index(model), f, indent=2, sort_keys=True)
+        write_json(os.path.join(path, rel), cfg, sort_keys=True)
+    write_json(os.path.join(path, "model_index.json"), model_index(model), sort_keys=True)
     return path

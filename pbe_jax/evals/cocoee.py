@@ -24,6 +24,7 @@ from PIL import Image
 
 from pbe_jax.batch_edit import Row, read_manifest
 from pbe_jax.evals.images import IMAGE_EXTENSIONS, list_images
+from pbe_jax.outputs import decodes, write_png
 
 GT_DIR, REF_DIR, MASK_DIR = "GT_3500", "Ref_3500", "Mask_bbox_3500"
 FID_REF_SIZE = 512  # scripts/create_square_gt_for_fid.py: Resize(512) + CenterCrop(512)
@@ -153,13 +154,13 @@ def fid_reference_image(path: str, size: int = FID_REF_SIZE) -> Image.Image:
 
 def prepare_fid_reference(src_dir: str, out_dir: str, size: int = FID_REF_SIZE) -> int:
     """Write `fid_reference_image` of every image of `src_dir` to `out_dir/<stem>.png` (existing
-    files are kept, so a rerun resumes). Returns the number of files written."""
+    files that decode are kept, so a rerun resumes). Returns the number of files written."""
 
     os.makedirs(out_dir, exist_ok=True)
     written = 0
     for p in list_images(src_dir):
         dst = os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + ".png")
-        if not os.path.exists(dst):
-            fid_reference_image(p, size).save(dst)
+        if not decodes(dst):
+            write_png(dst, fid_reference_image(p, size))
             written += 1
     return written

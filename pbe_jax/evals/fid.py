@@ -17,6 +17,7 @@ ours load there.
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Callable, Iterable
 
@@ -24,6 +25,7 @@ import numpy as np
 import scipy.linalg
 
 from pbe_jax.evals.extract import iterate_features
+from pbe_jax.outputs import atomic_write
 
 METHODS = ("eigh", "sqrtm")
 
@@ -88,10 +90,9 @@ def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     _check_stats(mu, sigma, path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a bare path
-        np.savez(f, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
+    buf = io.BytesIO()  # a file object: np.savez would append '.npz' to a bare path
+    np.savez(buf, mu=mu, sigma=sigma)
+    atomic_write(path, buf.getvalue())
 
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:

@@ -27,6 +27,7 @@ pickled sklearn model once, in an environment where unpickling that file is acce
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -36,6 +37,7 @@ import numpy as np
 import scipy.linalg
 
 from pbe_jax.evals.extract import iterate_features
+from pbe_jax.outputs import atomic_write
 
 QS_LOW, QS_HIGH = 0.0, 300.0  # the official normalisation (min_number, max_number)
 
@@ -91,8 +93,9 @@ class GaussianMixture:
             return cls.from_covariances(weights, means, f["covariances"])
 
     def save(self, path: str) -> None:
-        with open(path, "wb") as f:
-            np.savez(f, weights=self.weights, means=self.means, precisions_cholesky=self.precisions_cholesky)
+        buf = io.BytesIO()
+        np.savez(buf, weights=self.weights, means=self.means, precisions_cholesky=self.precisions_cholesky)
+        atomic_write(path, buf.getvalue())
 
     def log_constants(self) -> np.ndarray:
         """Per component: log w_k + log det U_k - D/2 log(2 pi) (float64) `[K]`."""

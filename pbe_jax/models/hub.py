@@ -37,6 +37,7 @@ from pbe_jax.convert.torch_layout import (
     load_torch_state_dict,
     module_to_torch_state_dict,
 )
+from pbe_jax.outputs import write_json
 
 # Keyword arguments of every `from_pretrained`, with diffusers' names and meanings.
 HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download")
@@ -277,8 +278,7 @@ class PretrainedMixin:
         `<stem>[.variant]-0000i-of-0000n.safetensors` plus the index diffusers / transformers
         read (`<stem>.safetensors.index[.variant].json`). Returns the weights file (or index)."""
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2, sort_keys=True)
+        write_json(os.path.join(path, "config.json"), self.config.to_dict(), sort_keys=True)
         return write_weights(path, self.WEIGHTS_NAMES[0], self.torch_state_dict(dtype=dtype),
                              variant=variant, max_shard_size=max_shard_size)
 
@@ -303,9 +303,8 @@ def write_weights(path: str, name: str, state_dict: Mapping[str, np.ndarray], *,
     if not split.is_sharded:
         return os.path.join(path, f"{stem}.safetensors")
     index = os.path.join(path, index_name)
-    with open(index, "w") as f:
-        json.dump({"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename}, f,
-                  indent=2, sort_keys=True)
+    write_json(index, {"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename},
+               sort_keys=True)
     return index
 
 

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from etils import epath
 
 from pbe_jax.configs import load_config, load_module
+from pbe_jax.outputs import atomic_write
 
 MAX_NAME = 100
 SUMMARY_KEYS = ("step", "loss", "loss_last5", "grad_norm", "lr", "images_per_s", "mfu", "nan_skips")
@@ -162,7 +163,7 @@ def _write_point(run: Run, command: Sequence[str]) -> None:
     try:
         d = epath.Path(run.workdir)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "sweep_point.json").write_text(text)
+        atomic_write(d / "sweep_point.json", text)
     except Exception as e:  # noqa: BLE001 (e.g. gs:// without a GCS filesystem backend here)
         if "://" not in run.workdir:
             raise
