@@ -1,6 +1,11 @@
 """Run logging: console progress lines, `WORKDIR/metrics.jsonl`, TensorBoard event files.
 
 Only process 0 writes. Images go to TensorBoard and as PNGs under `WORKDIR/images/`.
+
+`metrics.jsonl` stays a clean history through kills and resumes: each row is one write of a
+whole line, flushed; a line cut short (a kill or a full disk mid-write) is removed when the file
+is next opened, never appended to; a resumed run drops the rows past the step it restored
+(`MetricWriter.keep_until`), so the file holds exactly one row per logged step.
 """
 from __future__ import annotations
 
@@ -15,9 +20,12 @@ import jax
 import numpy as np
 from absl import logging as absl_logging
 from etils import epath
-from PIL import Image
+
+from pbe_jax.outputs import atomic_write, write_png
 
 log = logging.getLogger("pbe_jax")
+
+METRICS_FILE = "metrics.jsonl"
 
 # Dense bf16 peak FLOP/s per device, for MFU when `config.peak_flops` is 0.
 PEAK_FLOPS = {
@@ -82,7 +90,9 @@ class MetricWriter:
             check_workdir_backend(workdir)
             # epath: local paths and gs:// (or any fsspec/tf.io) workdirs alike
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-            self._jsonl = (epath.Path(workdir) / "metrics.jsonl").open("a")
+            self._path = epath.Path(workdir) / METRICS_FILE
+            _drop_cut_line(self._path)
+            self._jsonl = self._path.open("ab")
             try:
                 from tensorboardX import SummaryWriter  # noqa: PLC0415
 
@@ -94,11 +104,26 @@ class MetricWriter:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.write((json.dumps(row) + "\n").encode())  # one write of the whole line
         self._jsonl.flush()
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, float(v), step)
+
+    def keep_until(self, step: int) -> int:
+        """Drop the rows logged after `step` (a run resumed at `step` logs them again; 0 for a
+        fresh start). Returns how many were dropped."""
+        if not self.enabled:
+            return 0
+        self._jsonl.close()
+        rows = _rows(self._path)
+        keep = [line for line, row in rows if row.get("step", 0) <= step]
+        if len(keep) < len(rows):
+            atomic_write(self._path, b"".join(keep))
+            log.info("%s: dropped %d rows past step %d (the run resumes there)", self._path,
+                     len(rows) - len(keep), step)
+        self._jsonl = self._path.open("ab")
+        return len(rows) - len(keep)
 
     def image(self, step: int, name: str, img: np.ndarray) -> str | None:
         """img: [H, W, 3] uint8 or float in [0, 1]. Also saved as WORKDIR/images/<name>_<step>.png."""
@@ -110,8 +135,7 @@ class MetricWriter:
         d = epath.Path(self.workdir) / "images"
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"{name}_{step:07d}.png"
-        with path.open("wb") as f:
-            Image.fromarray(img).save(f, format="PNG")
+        write_png(path, img)
         if self._tb is not None:
             self._tb.add_image(name, img, step, dataformats="HWC")
         return str(path)
@@ -125,6 +149,39 @@ class MetricWriter:
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def _drop_cut_line(path: epath.Path) -> None:
+    """Cut an unterminated last line (a write stopped by a kill or a full disk) off `path`."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        whole = data[:data.rfind(b"\n") + 1]
+        log.warning("%s: removing a cut last line (%d bytes) left by an interrupted write",
+                    path, len(data) - len(whole))
+        atomic_write(path, whole)
+
+
+def _rows(path: epath.Path) -> list[tuple[bytes, dict]]:
+    """(line, parsed row) of each whole JSON line of `path`; other lines are left out."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if line.endswith(b"\n") and isinstance(row, dict):
+            out.append((line, row))
+    return out
+
+
+def last_logged_step(workdir: str) -> int:
+    """The highest step in `WORKDIR/metrics.jsonl` (0 when there is none)."""
+    return max((int(r.get("step", 0)) for _, r in _rows(epath.Path(workdir) / METRICS_FILE)),
+               default=0)
 
 
 def image_grid(rows: list[np.ndarray]) -> np.ndarray:

@@ -40,11 +40,13 @@ from typing import Sequence
 import numpy as np
 from absl import flags
 
+from pbe_jax.checkpoint import CheckpointError
 from pbe_jax.configs import load_config
 from pbe_jax.convert.load import FORMATS, load_pipeline, param_counts
 from pbe_jax.convert.model_card import card_info
 from pbe_jax.models.hub import cast_dtype, push_to_hub
 from pbe_jax.models.registry import COMPONENTS
+from pbe_jax.outputs import NotWritableError, ensure_writable
 from pbe_jax.pipeline import PaintByExample
 
 FORMATS_OUT = ("diffusers", "orbax", "ldm")
@@ -126,13 +128,18 @@ def main(argv: Sequence[str] | None = None) -> int:
               "one file", file=sys.stderr)
         return 2
     shard = f.max_shard_size
+    try:  # before reading gigabytes; an LDM checkpoint is one file, written into its folder
+        ensure_writable(os.path.dirname(os.path.abspath(f.dst)) if dst_format == "ldm" else f.dst, "--dst")
+    except NotWritableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     t0 = time.perf_counter()
     try:
         model, report = load_pipeline(
             src_format, f.src, clip=f.clip, model_config=read_model_config(f.model_config),
             seed=f.seed, variant=f.src_variant, revision=f.revision, allow_missing=f.allow_missing,
             use_ema=f.use_ema, progress=not f.no_progress, return_report=True, cls=PaintByExample)
-    except (OSError, ValueError, KeyError) as e:  # mismatches, bad files, bad configs: the message says it
+    except (OSError, ValueError, KeyError, CheckpointError) as e:  # the message says what is wrong
         print(f"error: cannot load {src_format} checkpoint {f.src}:\n{e}", file=sys.stderr)
         return 1
     t1 = time.perf_counter()

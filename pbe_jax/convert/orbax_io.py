@@ -8,7 +8,8 @@ Two layouts are read:
 - a **training checkpoint** (layout owned by `pbe_jax.checkpoint`), where `state['params']` (or
   `state['ema']`) holds the trainable params and `frozen` the VAE and CLIP tower; the
   architecture and the noise schedule come from the run's `config['model']`. A workdir (newest
-  step), its `checkpoints/` dir or one `checkpoints/<step>` dir are accepted.
+  step that reads: `pbe_jax.checkpoint.restore_newest`, the fallback training applies too), its
+  `checkpoints/` dir or one `checkpoints/<step>` dir are accepted.
 
 Arrays are restored to host numpy (only the items needed: never the optimizer state) and put on
 devices with `place(path, array)`, so a sharded training layout can be restored on any host.
@@ -34,6 +35,7 @@ from pbe_jax.convert.report import PipelineReport, check_architecture
 from pbe_jax.convert.torch_layout import CheckpointMismatchError, param_leaves, path_to_torch_key
 from pbe_jax.models.paint_by_example import PaintByExampleModel, parse_component_configs
 from pbe_jax.models.registry import COMPONENTS
+from pbe_jax.outputs import write_json
 from pbe_jax.schedulers import pbe_scheduler_config
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,8 @@ def save_orbax(model, path: str, *, dtype=None, progress: bool = False) -> str:
                 params = jax.tree.map(lambda x: x.astype(dtype), params)
             ocp.PyTreeCheckpointer().save(root / PARAMS_ITEM, args=ocp.args.PyTreeSave(params), force=True)
         else:
-            (root / CONFIG_FILE).write_text(json.dumps(
-                {"format": FORMAT_TAG, "configs": model.configs()}, indent=2, sort_keys=True))
+            write_json(root / CONFIG_FILE, {"format": FORMAT_TAG, "configs": model.configs()},
+                       sort_keys=True)
     return str(root)
 
 
@@ -118,7 +120,8 @@ def scheduler_of_run(config: Mapping) -> dict:
 
 
 def _read_train(step_dir: epath.Path, use_ema: bool, report: PipelineReport):
-    """(flat params, configs) of a training checkpoint step."""
+    """(flat params, configs) of a training checkpoint step; `report` gets notes only once
+    the step has been read."""
     config = ckpt.read_config(step_dir)
     if "model" not in config:
         raise ValueError(f"{step_dir}/config: no 'model' field (not a pbe_jax training config)")
@@ -127,9 +130,9 @@ def _read_train(step_dir: epath.Path, use_ema: bool, report: PipelineReport):
     if use_ema and not has_ema:
         raise ValueError(f"{step_dir}: use_ema asked, but the train state has no 'ema' params "
                          "(the run had train.ema_decay = 0)")
+    notes = []
     if has_ema and not use_ema:
-        report.notes.append("the checkpoint also holds EMA params; pass use_ema=True / --use-ema "
-                            "to load them")
+        notes.append("the checkpoint also holds EMA params; pass use_ema=True / --use-ema to load them")
     item = "ema" if use_ema else "params"
     trained = ckpt.restore_numpy(step_dir / ckpt.STATE, [item])[item]
     frozen = ckpt.restore_numpy(step_dir / ckpt.FROZEN)
@@ -140,7 +143,8 @@ def _read_train(step_dir: epath.Path, use_ema: bool, report: PipelineReport):
         flat[k] = v
     configs = {c: config["model"][c] for c in COMPONENTS}
     configs["scheduler"] = scheduler_of_run(config)
-    report.notes.append(f"training checkpoint at step {step_dir.name}, {'EMA' if use_ema else 'raw'} params")
+    notes.append(f"training checkpoint at step {step_dir.name}, {'EMA' if use_ema else 'raw'} params")
+    report.notes += notes
     return flat, configs
 
 
@@ -179,26 +183,36 @@ def _check_params(leaves: Mapping[tuple, Any], flat: Mapping[tuple, np.ndarray],
     return allowed
 
 
+def _newest(path: str, d: epath.Path, read):
+    """(step dir, read(step dir)) of a training run: the step `path` names, or the newest
+    step of a workdir / `checkpoints/` dir that reads (newer ones that do not are moved
+    aside and reported, as when training resumes)."""
+    if ckpt.is_step_dir(path):
+        return d, read(d)
+    return ckpt.restore_newest(ckpt.training_steps(path), read)
+
+
 def read_configs(path: str) -> dict:
     """The configs of a params checkpoint or a training run (`config.model`-shaped: unet, vae,
     image_encoder, scheduler[, feature_extractor]), without reading any array."""
     kind, d = locate(path)
     if kind == "train":
-        config = ckpt.read_config(d)
+        _, config = _newest(path, d, ckpt.read_config)
         return {**{c: config["model"][c] for c in COMPONENTS}, "scheduler": scheduler_of_run(config)}
     return json.loads((d / CONFIG_FILE).read_text())["configs"]
 
 
-def _read(kind: str, d: epath.Path, use_ema: bool, report: PipelineReport):
-    """(flat params, configs) of a params or training checkpoint."""
+def _read(kind: str, path: str, d: epath.Path, use_ema: bool, report: PipelineReport):
+    """(directory read, flat params, configs) of a params or training checkpoint."""
     if kind == "train":
-        return _read_train(d, use_ema, report)
+        d, (flat, configs) = _newest(path, d, lambda step: _read_train(step, use_ema, report))
+        return d, flat, configs
     meta = json.loads((d / CONFIG_FILE).read_text())
     if meta.get("format") != FORMAT_TAG:
         raise ValueError(f"{d / CONFIG_FILE}: format {meta.get('format')!r}, expected {FORMAT_TAG!r}")
     if use_ema:
         raise ValueError(f"{d}: a params checkpoint has no EMA copy (it holds one set of params)")
-    return _flatten(ckpt.restore_numpy(d / PARAMS_ITEM)), meta["configs"]
+    return d, _flatten(ckpt.restore_numpy(d / PARAMS_ITEM)), meta["configs"]
 
 
 def load_orbax(path: str, *, model_config: Mapping | None = None, allow_missing: Iterable[str] = (),
@@ -210,7 +224,8 @@ def load_orbax(path: str, *, model_config: Mapping | None = None, allow_missing:
     report = PipelineReport(source=str(d), format=f"orbax ({kind})")
     steps = iter(each_with_progress(("read", "check", "place"), progress, f"loading {d}"))
     next(steps)
-    flat, configs = _read(kind, d, use_ema, report)
+    d, flat, configs = _read(kind, path, d, use_ema, report)
+    report.source = str(d)
     next(steps)
     found = parse_component_configs({c: configs[c] for c in COMPONENTS})
     check_architecture(found, parse_component_configs(model_config), str(d))

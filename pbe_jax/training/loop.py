@@ -23,8 +23,10 @@ from pbe_jax.convert.load import load_pipeline, load_scheduler_config
 from pbe_jax.convert.orbax_io import scheduler_of_run
 from pbe_jax.data.pipeline import make_loader
 from pbe_jax.evals.benchmark import training_eval
-from pbe_jax.metrics import MetricWriter, check_workdir_backend, image_grid, peak_flops_per_device
+from pbe_jax.metrics import (MetricWriter, check_workdir_backend, image_grid, last_logged_step,
+                             peak_flops_per_device)
 from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE
+from pbe_jax.outputs import atomic_write, ensure_writable
 from pbe_jax.training.samples import training_samples
 from pbe_jax.training.state import Setup, config_runtime, step_flops
 
@@ -39,13 +41,14 @@ def resolve_noise_schedule(config: ml_collections.ConfigDict, ckpt: Checkpointer
     current = config.model.scheduler.to_dict()
     found, source = None, ""
     steps = ckpt.steps()
-    if steps:
-        step_dir = epath.Path(ckpt.directory) / str(steps[-1])
+    for step in reversed(steps):  # newest readable: restore moves corrupt steps aside and says so
+        step_dir = epath.Path(ckpt.directory) / str(step)
         try:
             found, source = scheduler_of_run(checkpoint.read_config(step_dir)), f"checkpoint {step_dir}"
-        except Exception as e:  # noqa: BLE001 (a corrupt step: restore will fall back and say so)
-            log.warning("cannot read the noise schedule of %s (%s); using config.model.scheduler", step_dir, e)
-    elif config.init_from.format:
+            break
+        except Exception as e:  # noqa: BLE001
+            log.warning("cannot read the noise schedule of %s (%s)", step_dir, e)
+    if not steps and config.init_from.format:
         found = load_scheduler_config(config.init_from.format, config.init_from.path)
         source = f"init_from {config.init_from.format}:{config.init_from.path}"
     if found and found != current:
@@ -107,10 +110,33 @@ def _input_grid(batch) -> np.ndarray:
     return image_grid([img, img * mask + 0.5 * (1 - mask), ref])
 
 
+def _refuse_lost_history(workdir: str, had_checkpoints: bool, config) -> None:
+    """No checkpoint restores and there is none to restore: start at step 0, unless
+    `metrics.jsonl` shows that this run did finish a checkpoint (then they were deleted or
+    moved, and starting over would silently drop the history). Rows up to 2 * ckpt_every_steps
+    can predate the first finished checkpoint (the save at 2k waits for the one at k); every
+    run creates `checkpoints/` before its first step."""
+    logged = last_logged_step(workdir)
+    if not logged:
+        return
+    ckdir = checkpoint.ckpt_dir(workdir)
+    if had_checkpoints and logged <= 2 * config.ckpt_every_steps:
+        log.warning("%s/metrics.jsonl has steps up to %d but no checkpoint was finished: the run "
+                    "was stopped before its first one; starting again from step 0", workdir, logged)
+        return
+    where = "does not exist" if not had_checkpoints else "holds no checkpoint"
+    raise checkpoint.CheckpointError(
+        f"{workdir}/metrics.jsonl records training up to step {logged}, but {ckdir} {where}: the "
+        "run's checkpoints were deleted or moved, and starting again from step 0 would silently "
+        f"discard that history. To continue the run, put its checkpoints back in {ckdir}; to "
+        f"start over, use a new --workdir or delete {workdir}/metrics.jsonl.")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
     check_workdir_backend(workdir)  # a gs:// workdir without its packages fails here, naming them
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
+    ensure_writable(workdir, "--workdir")  # local or gs://; before any compute
+    had_checkpoints = epath.Path(checkpoint.ckpt_dir(workdir)).is_dir()
     # ---- mesh
     mesh = shd.make_mesh(config.mesh)
     log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
@@ -133,11 +159,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             loader.set_state(r.data)
         log.info("resumed from %s/%d", ckpt.directory, step0)
     else:
+        _refuse_lost_history(workdir, had_checkpoints, config)
         params, frozen = _init_params(setup, config)
         state = setup.new_state(params)
         step0 = 0
         if jax.process_index() == 0:
-            (epath.Path(workdir) / "config.json").write_text(config.to_json(indent=2))
+            atomic_write(epath.Path(workdir) / "config.json", config.to_json(indent=2))
+    writer.keep_until(step0)  # the rows past step0 are logged again
     # ---- step
     t0 = time.perf_counter()
     it = iter(loader)
@@ -176,6 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g %.2f img/s %.3fs/step MFU %.2f%% skips %d",
                          step, config.train.num_steps, last["loss"], last["lr"], last["grad_norm"], ips,
                          dt, 100 * mfu, int(last["nan_skips"]))
+            ckpt.check()  # a failed background save stops the run now, not at the next save
             preempted = pre.agreed()
             if step % config.ckpt_every_steps == 0 or is_last or preempted:
                 ckpt.save(step, state, frozen, loader.get_state(), json.loads(config.to_json()),
