@@ -54,6 +54,9 @@ def data_config(profile: str = "demo") -> ml_collections.ConfigDict:
     c.max_box_area = 0.8
     c.min_box_side = 2  # px in the source image; thinner boxes are degenerate
     c.min_image_side = 16 if demo else 32  # px; smaller images are skipped (counted)
+    # px (W x H); larger images (decompression bombs, huge scans) are skipped, counted as
+    # 'too_large', before any pixel is decoded: 64 MP is ~200 MB of RGB per decode.
+    c.max_image_pixels = 64_000_000
 
     # --- mask and crop (open-images.py __getitem__) ---
     c.arbitrary_mask_prob = 0.5  # Bezier mask with this probability, else the extended box

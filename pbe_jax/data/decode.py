@@ -46,6 +46,8 @@ BAD_REASONS = (
     "mask_undecodable",
     "mask_empty",
     "mask_size_mismatch",
+    # skipped: over config.data.max_image_pixels (a decompression bomb, or just too big to decode)
+    "too_large",
 )
 REASON_INDEX = {r: i for i, r in enumerate(BAD_REASONS)}
 
@@ -94,6 +96,8 @@ def probe(data: bytes) -> Header:
         high = im.mode.startswith("I") or (fmt == "PNG" and len(data) > 24 and data[24] == 16)
         return Header(raw_size=im.size, orientation=orientation, mode=im.mode, format=fmt,
                       high_bit_depth=high)
+    except Image.DecompressionBombError as e:  # PIL's own limit; not an OSError
+        raise BadImage("too_large", str(e)) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadImage("undecodable", str(e)) from e
 

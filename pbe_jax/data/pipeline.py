@@ -15,9 +15,9 @@ processes (a 2-process run reproduces a 1-process run, and a job can be resumed 
 number of hosts with the same batches).
 
 Bad records never stop a run: a record that cannot be used (missing, undecodable, truncated,
-too small, no valid box) is replaced by another random record of the shard, drawn from the
-sample's own rng, so the stream stays deterministic and independent of worker timing. Every
-sample carries `bad_counts` (`[len(BAD_REASONS)]` int32: what was fixed or skipped while
+too small, too large, no valid box) is replaced by another random record of the shard, drawn
+from the sample's own rng, so the stream stays deterministic and independent of worker timing.
+Every sample carries `bad_counts` (`[len(BAD_REASONS)]` int32: what was fixed or skipped while
 making it), so the counts survive worker processes; the Loader sums them and strips the key.
 """
 from __future__ import annotations
@@ -107,6 +107,9 @@ class PbeSample(grain.transforms.RandomMap):
             self._mark("read")
             header = dec.probe(data)
             size = header.size
+        if size[0] * size[1] > cfg.max_image_pixels:  # before a single pixel is decoded
+            raise dec.BadImage("too_large", f"{rec.key} {size[0]}x{size[1]} is over "
+                               f"config.data.max_image_pixels={cfg.max_image_pixels}")
         if min(size) < cfg.min_image_side:
             raise dec.BadImage("image_too_small", f"{rec.key} {size}")
         boxes, hole = rec.boxes, None

@@ -6,7 +6,9 @@ in the displayed image (see decode.py for EXIF). The file-based sources apply th
 filter once, when the index is built (scripts/read_bbox.py: normalised area in [0.02, 0.8];
 images with no surviving box are left out), and count what they drop in `index_counts`; the
 per-sample transform checks the boxes again against the decoded image size. A missing
-annotation file or image folder fails here, at start, naming the config key.
+annotation file or image folder fails here, at start, naming the config key; so does a field of
+the wrong type (naming the file, the record and the field). CSV lines are parsed one by one
+(`csv_lines`): a malformed line is one counted `malformed_row`, never the rest of the file.
 
 The index is a few flat numpy arrays (not a list of dicts) because grain pickles the source
 into every worker process.
@@ -19,6 +21,7 @@ import dataclasses
 import json
 import logging
 import os
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -105,6 +108,48 @@ def _require(path: str, key: str, kind: str) -> None:
         raise FileNotFoundError(f"config.data.{key}: {kind} {path!r} does not exist")
 
 
+def csv_lines(path: str) -> Iterator[tuple[int, list[str] | None]]:
+    """(line number, fields) of each non-blank line of a CSV file, header included; (n, None)
+    for a malformed line. Each line is parsed on its own, so a stray `"` costs its own line
+    (a whole-file `csv.reader` reads on to the next quote, swallowing thousands of rows into one
+    field). Quoted fields may hold commas and quotes, not line breaks. Lines without a quote,
+    nearly all of a big annotation file, are a plain split."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if '"' not in line:
+                yield n, line.split(",")
+                continue
+            try:
+                rows = list(csv.reader([line], strict=True))
+            except csv.Error:
+                rows = []
+            yield n, rows[0] if len(rows) == 1 else None
+
+
+def _field(record: Any, key: str, convert: Callable, kind: str, where: str):
+    """`convert(record[key])`, None when the field is absent or null; a ValueError naming the
+    file and record (`where`) and the field when the record is not an object or the value is
+    not `kind`."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: is {record!r}, not an object")
+    value = record.get(key)
+    if value is None:
+        return None
+    try:
+        return convert(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{where}: field {key!r} is {value!r}, not {kind}") from None
+
+
+def _box(v) -> list[float]:
+    if isinstance(v, (str, bytes, dict)) or any(isinstance(x, (str, bool)) for x in v):
+        raise TypeError(v)
+    return [float(x) for x in v]
+
+
 def coco_source(cfg) -> BoxIndex:
     """A COCO-format instances JSON (`images` with file_name/width/height, `annotations` with
     image_id and bbox [x, y, w, h] in pixels): COCO, LVIS, Objects365 and most tools' exports."""
@@ -121,21 +166,26 @@ def coco_source(cfg) -> BoxIndex:
                              "is it a COCO instances file?")
     counts = collections.Counter()
     by_image = collections.defaultdict(list)
-    for a in meta["annotations"]:
-        bbox = a.get("bbox")
+    src = f"config.data.annotations {cfg.annotations!r}"
+    for i, a in enumerate(meta["annotations"]):
+        where = f"{src}: annotations[{i}]"
+        bbox = _field(a, "bbox", _box, "a list of numbers [x, y, w, h]", where)
+        image_id = _field(a, "image_id", _image_id, "an image id (number or string)", where)
         if bbox is None or len(bbox) != 4:
             counts["box_degenerate"] += 1
             continue
-        by_image[a.get("image_id")].append(bbox)
+        by_image[image_id].append(bbox)
     paths, boxes, sizes = [], [], []
-    for im in meta["images"]:
-        raw = by_image.pop(im.get("id"), [])
-        if not im.get("file_name"):
+    for i, im in enumerate(meta["images"]):
+        where = f"{src}: images[{i}]"
+        raw = by_image.pop(_field(im, "id", _image_id, "an image id (number or string)", where), [])
+        name = _field(im, "file_name", _text, "a file name", where)
+        if not name:
             counts["missing_file"] += 1
             continue
-        w, h = int(im.get("width") or 0), int(im.get("height") or 0)
+        w, h = (_field(im, k, int, "an integer pixel size", where) or 0 for k in ("width", "height"))
         if w <= 0 or h <= 0:
-            w, h = _header_size(os.path.join(cfg.images_dir, im["file_name"]))
+            w, h = _header_size(os.path.join(cfg.images_dir, name))
             counts["size_from_file"] += 1
             if w <= 0:
                 counts["missing_file"] += 1
@@ -148,12 +198,26 @@ def coco_source(cfg) -> BoxIndex:
         if not len(kept):
             counts["no_valid_box"] += 1
             continue
-        paths.append(im["file_name"])
+        paths.append(name)
         boxes.append(kept)
         sizes.append((w, h))
     counts["box_unknown_image"] += sum(len(v) for v in by_image.values())
     paths, boxes, sizes = _drop_missing(cfg.images_dir, paths, boxes, sizes, counts)
     return BoxIndex(cfg.images_dir, paths, boxes, sizes, counts, f"coco {cfg.annotations}")
+
+
+def _image_id(v):
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise TypeError(v)
+    return v
+
+
+def _text(v) -> str:
+    if not isinstance(v, str):
+        raise TypeError(v)
+    return v
 
 
 def _header_size(path: str) -> tuple[int, int]:
@@ -192,21 +256,25 @@ def openimages_source(cfg) -> BoxIndex:
     files = _scan_images(cfg.images_dir, cfg.image_ext)
     by_image = collections.defaultdict(list)
     counts = collections.Counter()
-    with open(cfg.annotations, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, [])
+    lines = csv_lines(cfg.annotations)
+    _, header = next(lines, (0, None))
+    try:
+        col = {k: (header or []).index(k) for k in ("ImageID", "XMin", "XMax", "YMin", "YMax")}
+    except ValueError:
+        raise ValueError(f"config.data.annotations {cfg.annotations!r}: header {header} "
+                         "lacks ImageID/XMin/XMax/YMin/YMax; is it an OpenImages box CSV?")
+    for n, row in lines:
+        if row is None or len(row) != len(header):
+            counts["malformed_row"] += 1
+            log.debug("%s:%d: malformed CSV line (%s fields, header has %d)", cfg.annotations, n,
+                      "unparseable" if row is None else len(row), len(header))
+            continue
         try:
-            col = {k: header.index(k) for k in ("ImageID", "XMin", "XMax", "YMin", "YMax")}
+            by_image[row[col["ImageID"]]].append(
+                (float(row[col["XMin"]]), float(row[col["YMin"]]),
+                 float(row[col["XMax"]]), float(row[col["YMax"]])))
         except ValueError:
-            raise ValueError(f"config.data.annotations {cfg.annotations!r}: header {header} "
-                             "lacks ImageID/XMin/XMax/YMin/YMax; is it an OpenImages box CSV?")
-        for row in reader:
-            try:
-                by_image[row[col["ImageID"]]].append(
-                    (float(row[col["XMin"]]), float(row[col["YMin"]]),
-                     float(row[col["XMax"]]), float(row[col["YMax"]])))
-            except (ValueError, IndexError):
-                counts["box_degenerate"] += 1
+            counts["box_degenerate"] += 1
     paths, boxes = [], []
     for image_id in sorted(by_image):  # sorted: the index order must not depend on the CSV's
         kept, c = clean_boxes(np.asarray(by_image[image_id]), cfg.min_box_area,
