@@ -50,6 +50,7 @@ from pbe_jax.evals.benchmark import markdown, sample_bench, score_results
 from pbe_jax.evals.scoring import FID_FEATURES, MetricSpec
 from pbe_jax.metrics import setup_logging
 from pbe_jax.models.hub import cast_dtype
+from pbe_jax.outputs import NotWritableError, ensure_writable
 from pbe_jax.pipeline import PaintByExample
 from pbe_jax.schedulers import scheduler_names
 
@@ -74,7 +75,9 @@ def main(argv) -> int:
     try:
         spec = _spec_from_flags(F)
         rows = cocoee.read_bench(F.bench, seed=F.seed, limit=F.limit)
-    except (FileNotFoundError, ValueError) as e:
+        if F.out or os.path.isdir(F.results or ""):  # where the scores go, before any compute
+            ensure_writable(F.out or F.results, "--out" if F.out else "--results")
+    except (FileNotFoundError, ValueError, NotWritableError) as e:
         raise SystemExit(str(e)) from None
     failed: dict[str, str] = {}
     extra: dict[str, Any] = {"bench": F.bench}

@@ -53,30 +53,53 @@ def _open(x: ImageLike, what: str) -> Image.Image:
             img.load()
         except (OSError, ValueError) as e:
             raise ValueError(f"{what}: cannot read image {x!r} ({e})") from None
+        except Image.DecompressionBombError as e:  # not an OSError: it would end the whole run
+            raise ValueError(f"{what}: image {x!r} is too large to decode ({e})") from None
         return ImageOps.exif_transpose(img)
     if isinstance(x, Image.Image):
         return x
     arr = np.asarray(x)
     if arr.dtype != np.uint8:
-        if arr.max(initial=0) <= 1.0:
-            arr = arr * 255.0
-        arr = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+        arr = np.clip(np.round(_unit_scale(arr) * 255), 0, 255).astype(np.uint8)
     return Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+
+
+def _unit_scale(pixels) -> np.ndarray:
+    """Pixels of any depth (a numpy array or a PIL image) -> float32 in [0, 1], scaled by the
+    depth they are stored at, never clipped nor stretched to the image's own maximum: 16-bit
+    storage (uint16, PIL 'I;16') by 65535; otherwise values within [0, 1] as they are, up to
+    255 as 8-bit, up to 65535 as 16-bit."""
+    sixteen = isinstance(pixels, Image.Image) and pixels.mode.startswith("I;16")
+    a = np.asarray(pixels)
+    sixteen = sixteen or a.dtype == np.uint16
+    f = a.astype(np.float32)
+    if sixteen:
+        return f / 65535.0
+    peak = float(f.max(initial=0))
+    if peak <= 1.0:
+        return f
+    return f / (255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak)
+
+
+_HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I", "F")  # PIL modes of 16-bit / 32-bit / float pixels
 
 
 def load_rgb(x: ImageLike, what: str = "image") -> np.ndarray:
     """uint8 [H, W, 3] (grayscale, palette, RGBA, 16-bit converted)."""
     img = _open(x, what)
-    if img.mode in ("I;16", "I;16B", "I", "F"):
-        a = np.asarray(img, np.float32)
-        img = Image.fromarray(np.clip(a / max(a.max(), 1) * 255, 0, 255).astype(np.uint8))
+    if img.mode in _HIGH_DEPTH:
+        img = Image.fromarray(np.round(_unit_scale(img) * 255).astype(np.uint8))
     return np.asarray(img.convert("RGB"))
 
 
 def load_edit_mask(x: ImageLike, what: str = "mask") -> np.ndarray:
-    """bool [H, W]: True where the user painted white (the region to edit), binarised at 0.5."""
+    """bool [H, W]: True where the user painted white (the region to edit), binarised at 0.5.
+    16-bit and float masks are scaled by their depth (a 30% grey stays 30%), not clipped."""
     img = _open(x, what)
-    a = np.asarray(img.convert("L"), np.float32) / 255.0
+    if img.mode in _HIGH_DEPTH:
+        a = _unit_scale(img)
+    else:
+        a = np.asarray(img.convert("L"), np.float32) / 255.0
     # official: mask = 1 - L/255; mask[mask < 0.5] = 0; mask[mask >= 0.5] = 1 (1 = keep)
     return (1.0 - a) < 0.5
 
@@ -104,6 +127,26 @@ def size_multiple(pipe) -> int:
     vae = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     unet = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     return vae * unet
+
+
+# The largest working size (pixels, after padding) an edit runs at unless told otherwise. The
+# UNet's attention memory grows with the square of the pixel count: at 768 x 768 its largest
+# self-attention holds 9216^2 scores x 8 heads per image (2.7 GB in fp32, twice with guidance),
+# which with the SD v1 weights fits a 16-24 GB accelerator; 3000 x 2000 would need terabytes.
+MAX_PIXELS = 768 * 768
+
+
+def check_working_size(size: tuple[int, int], multiple: int, max_pixels: int | None) -> None:
+    """Refuse a source of `size` (H, W) whose padded working size is over `max_pixels`, before
+    any compute, with a message naming the limit (None or 0: no limit)."""
+    if not max_pixels:
+        return
+    h, w = (-(-int(s) // multiple) * multiple for s in size)
+    if h * w > max_pixels:
+        raise ValueError(
+            f"source {size[1]}x{size[0]} would run at {w}x{h} = {w * h:,} px, over max_pixels="
+            f"{max_pixels:,} (memory grows with the square of the pixel count): downscale it, "
+            "crop around the mask, or raise max_pixels (--max_pixels) if the accelerator has room")
 
 
 def pad_to_multiple(image: np.ndarray, edit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,12 +185,13 @@ class EditInputs:
 
 def prepare(pipe, images: Sequence[np.ndarray], edits: Sequence[np.ndarray], refs: Sequence[np.ndarray],
             seeds: Sequence[int], *, num_images_per_prompt: int = 1,
-            reference_preprocess: str = "squash") -> EditInputs:
+            reference_preprocess: str = "squash", max_pixels: int | None = MAX_PIXELS) -> EditInputs:
     """The one host-side batch preparation: uint8 sources [H, W, 3] of one size, bool edit masks
     [H, W] (True = paint), uint8 references, one seed per output image
-    (len(images) * num_images_per_prompt)."""
+    (len(images) * num_images_per_prompt). Sources over `max_pixels` are refused."""
     size = images[0].shape[:2]
     k = size_multiple(pipe)
+    check_working_size(size, k, max_pixels)
     padded = [pad_to_multiple(im, e, k) for im, e in zip(images, edits)]
     r = pipe.image_encoder.config.vision.image_size
     rep = lambda xs: np.repeat(np.stack(xs), num_images_per_prompt, axis=0)  # noqa: E731
@@ -296,14 +340,16 @@ def edit(pipe, source, mask, reference, *, num_inference_steps: int = 50, guidan
          scheduler: str | None = "plms", seed: int | Sequence[int] = 0, num_images_per_prompt: int = 1,
          latents: np.ndarray | None = None, masked_latents: str = "sample", paste_back: bool = False,
          paste_back_radius: float = 8.0, reference_preprocess: str = "squash",
-         output_type: str = "pil", eta: float = 0.0, mesh: jax.sharding.Mesh | None = None):
+         output_type: str = "pil", eta: float = 0.0, mesh: jax.sharding.Mesh | None = None,
+         max_pixels: int | None = MAX_PIXELS):
     """Paint `reference` into the white region of `mask` on `source` (see the module docstring).
 
     source/mask/reference: one image each or equal-length lists (PIL, numpy, paths); all sources
     of a call share one size, and each mask has its source's size. `seed`: an int (image i uses
     seed + i) or one seed per output image. `latents`: NHWC [N * num_images_per_prompt, h, w, 4]
-    unit-variance noise (scaled by the scheduler's init sigma). Returns PIL images or, with
-    output_type='np', float32 [N * num_images_per_prompt, H, W, 3] in [0, 1].
+    unit-variance noise (scaled by the scheduler's init sigma). `max_pixels`: sources whose
+    padded size is larger are refused (ValueError naming the limit; None = no limit). Returns PIL
+    images or, with output_type='np', float32 [N * num_images_per_prompt, H, W, 3] in [0, 1].
     """
     if output_type not in ("pil", "np"):
         raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
@@ -325,7 +371,7 @@ def edit(pipe, source, mask, reference, *, num_inference_steps: int = 50, guidan
     seeds = [int(seed) + i for i in range(n)] if np.isscalar(seed) else [int(s) for s in seed]
     refs_u8 = [load_rgb(x, f"reference {i}") for i, x in enumerate(refs)]
     inputs = prepare(pipe, images, edits, refs_u8, seeds, num_images_per_prompt=num_images_per_prompt,
-                     reference_preprocess=reference_preprocess)
+                     reference_preprocess=reference_preprocess, max_pixels=max_pixels)
     out = run_edit(pipe, inputs, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    scheduler=scheduler, eta=eta, latents=latents, masked_latents=masked_latents, mesh=mesh)
     out = finish(out, images, edits, num_images_per_prompt=num_images_per_prompt, paste_back=paste_back,

@@ -9,15 +9,17 @@ r"""Batch inference: `python -m pbe_jax.sample`.
   python -m pbe_jax.sample --model=DIR --source=s.png --mask=m.png --reference=r.png --out=out.png
 
 `--model` is a diffusers PbE repo (dir or hub id) or a pbe_jax training workdir / checkpoint.
-Results are `<out>/<id>_<k>.png` plus `<out>/settings.json`; a rerun skips rows whose outputs
-exist. A bad row (missing file, unreadable image, empty mask, mask size differs from the source)
-is reported with its reason and the rest go on; the exit code is 1 if any row failed. Rows are
-grouped by source size into batches; each output's noise comes from its own seed (row seed + k),
-so results do not depend on the batching or the number of devices.
+Results are `<out>/<id>_<k>.png` plus `<out>/settings.json` (the generation settings); a rerun
+skips rows whose outputs exist and decode, and refuses settings other than those recorded
+(naming the differences) unless `--overwrite`, which redoes every row. A bad row (missing file,
+unreadable or too large image, empty mask, mask size differs from the source, an id that is not
+a plain file name, a source over `--max_pixels`, a failure on the device) is reported with its
+reason and the rest go on; the exit code is 1 if any row failed. Rows are grouped by source size
+into batches; each output's noise comes from its own seed (row seed + k), so results do not
+depend on the batching or the number of devices.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -26,9 +28,11 @@ import jax
 from absl import flags
 
 from pbe_jax import distributed
-from pbe_jax.batch_edit import Row, read_manifest, write_results
+from pbe_jax.batch_edit import Row, check_settings, read_manifest, write_results, write_settings
+from pbe_jax.inference import MAX_PIXELS
 from pbe_jax.metrics import setup_logging
 from pbe_jax.models.hub import cast_dtype
+from pbe_jax.outputs import NotWritableError, ensure_writable
 from pbe_jax.pipeline import PaintByExample
 from pbe_jax.schedulers import scheduler_names
 from pbe_jax.sharding import make_mesh
@@ -37,9 +41,13 @@ log = logging.getLogger("pbe_jax")
 
 
 def _settings(flags_) -> dict:
+    """The settings an output depends on (not the batch size: results do not depend on it)."""
     keys = ("model", "steps", "guidance", "scheduler", "seed", "num_samples", "paste_back",
-            "reference_preprocess", "batch_size", "dtype", "use_ema", "variant", "revision")
-    return {k: getattr(flags_, k) for k in keys}
+            "reference_preprocess", "dtype", "use_ema", "variant", "revision")
+    out = {k: getattr(flags_, k) for k in keys}
+    if os.path.exists(out["model"]):  # a local model: the same wherever the command runs from
+        out["model"] = os.path.abspath(out["model"])
+    return out
 
 
 def main(argv) -> int:
@@ -52,12 +60,20 @@ def main(argv) -> int:
         raise SystemExit("--source, --mask and --reference go together")
     if not single and not F.manifest:
         raise SystemExit("give --manifest FILE, or --source/--mask/--reference")
+    # Everything that can be checked is checked before the model is loaded.
+    try:
+        ensure_writable(os.path.dirname(os.path.abspath(F.out)) if single else F.out, "--out")
+        if not single:
+            rows = read_manifest(F.manifest, F.seed)
+            check_settings(F.out, _settings(F), overwrite=F.overwrite)
+    except (NotWritableError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     pipe = PaintByExample.from_pretrained(F.model, dtype=cast_dtype(F.dtype), use_ema=F.use_ema,
                                           variant=F.variant, revision=F.revision)
     mesh = make_mesh("data:-1") if jax.device_count() > 1 else None
     kw = dict(log=log, batch_size=F.batch_size, steps=F.steps, guidance=F.guidance, scheduler=F.scheduler,
               num_samples=F.num_samples, paste_back=F.paste_back,
-              reference_preprocess=F.reference_preprocess, mesh=mesh)
+              reference_preprocess=F.reference_preprocess, mesh=mesh, max_pixels=F.max_pixels or None)
     if single:
         out_dir = os.path.dirname(os.path.abspath(F.out))
         stem = os.path.splitext(os.path.basename(F.out))[0]
@@ -67,11 +83,8 @@ def main(argv) -> int:
             os.replace(os.path.join(out_dir, f"{stem}_0.png"), F.out)
         rows = [row]
     else:
-        rows = read_manifest(F.manifest, F.seed)
-        _, failed = write_results(pipe, rows, F.out, **kw)
-        if jax.process_index() == 0:
-            with open(os.path.join(F.out, "settings.json"), "w") as f:
-                json.dump(_settings(F), f, indent=2)
+        write_settings(F.out, _settings(F))  # first: a partial run's outputs are described too
+        _, failed = write_results(pipe, rows, F.out, overwrite=F.overwrite, **kw)
     done = len(rows) - len(failed)
     print(f"summary: {done}/{len(rows)} rows done, {len(failed)} failed")
     for rid, reason in failed.items():
@@ -98,6 +111,10 @@ def define_flags() -> None:
     flags.DEFINE_bool("use_ema", False, "--model is a training run: load its EMA params")
     flags.DEFINE_string("variant", None, "diffusers weight variant of --model (e.g. fp16)")
     flags.DEFINE_string("revision", None, "Hub revision (branch, tag or commit) of --model")
+    flags.DEFINE_integer("max_pixels", MAX_PIXELS, "largest working size (px after padding); larger "
+                         "sources fail with a message (0 = no limit)")
+    flags.DEFINE_bool("overwrite", False, "redo every row, also when --out holds results made with "
+                      "other settings")
     flags.mark_flags_as_required(["model", "out"])
     distributed.define_flags()
 

@@ -15,9 +15,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from pbe_jax.batch_edit import edit_rows, validate, write_results
+from pbe_jax.batch_edit import check_settings, edit_rows, validate, write_results, write_settings
 from pbe_jax.evals import cocoee
 from pbe_jax.evals.scoring import Item, MetricSpec, score
+from pbe_jax.outputs import atomic_write
 from pbe_jax.sharding import make_mesh
 
 log = logging.getLogger("pbe_jax")
@@ -44,10 +45,7 @@ def write_report(out_dir: str, report: dict[str, Any]) -> None:
         return
     os.makedirs(out_dir, exist_ok=True)
     for name, text in (("metrics.json", json.dumps(report, indent=2)), ("metrics.md", markdown(report))):
-        tmp = os.path.join(out_dir, name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out_dir, name))
+        atomic_write(os.path.join(out_dir, name), text)
 
 
 def score_results(results_dir: str, rows, spec: MetricSpec, *, out_dir: str, sample_index: int = 0,
@@ -74,20 +72,13 @@ def sample_bench(load_pipe: Callable[[], Any], rows, results_dir: str, *, model:
     settings = {"model": model, "steps": steps, "guidance": guidance, "scheduler": scheduler,
                 "seed": seed, "dtype": dtype, "num_samples": 1, "paste_back": False,
                 "reference_preprocess": "squash"}
-    path = os.path.join(results_dir, "settings.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if diff:
-            raise SystemExit(f"{results_dir} holds results made with other settings {diff} (old, new); "
-                             "use another --out or delete it")
+    try:
+        check_settings(results_dir, settings, remedy="use another --out or delete it")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     pipe = load_pipe()
     mesh = make_mesh("data:-1") if jax.device_count() > 1 else None
-    if jax.process_index() == 0:
-        os.makedirs(results_dir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(settings, f, indent=2)
+    write_settings(results_dir, settings)
     written, failed = write_results(pipe, rows, results_dir, batch_size=batch_size, steps=steps,
                                     guidance=guidance, scheduler=scheduler, num_samples=1, paste_back=False,
                                     reference_preprocess="squash", mesh=mesh, log=log)

@@ -84,6 +84,21 @@ def parse_component_configs(model_config: Mapping | None) -> dict[str, Any] | No
     return {c: slot_class(c, raw[c]).config_class.from_dict(dict(raw[c])) for c in COMPONENTS}
 
 
+def check_unet_inputs(unet_config, vae_config) -> None:
+    """A Paint-by-Example UNet takes noisy latents + masked-image latents + the mask: 4 + 4 + 1 =
+    9 channels (2 * the VAE's latent channels + 1). A text-to-image UNet (4) would load, convert
+    and then fail at sampling with a broadcasting error; refuse it where the pipeline is built."""
+    latent = int(getattr(vae_config, "latent_channels", 4))
+    want, got = 2 * latent + 1, int(unet_config.in_channels)
+    if got != want:
+        raise ValueError(
+            f"the UNet takes {got} input channels, not {want} ({latent} noisy latents + {latent} "
+            f"masked-image latents + 1 mask): it is not a Paint-by-Example UNet. To train one "
+            "from a Stable Diffusion (text-to-image or inpainting) checkpoint, start from "
+            "`python -m pbe_jax.convert --from sd-init` (config.init_from.format='sd-init'), "
+            "which widens conv_in to 9 channels.")
+
+
 class PaintByExampleModel(nnx.Module):
     """unet [B,h,w,9]->[B,h,w,4], vae, image_encoder [B,224,224,3]->[B,1,768] + configs.
 
@@ -96,6 +111,7 @@ class PaintByExampleModel(nnx.Module):
         if not scheduler_config or not scheduler_config.get("_class_name"):
             raise ValueError("PaintByExampleModel needs its scheduler config (a diffusers "
                              f"scheduler_config.json with _class_name), got {scheduler_config!r}")
+        check_unet_inputs(unet.config, vae.config)
         self.unet = unet
         self.vae = vae
         self.image_encoder = image_encoder
