@@ -158,6 +158,27 @@ def _reason(e: Exception) -> str:
     return msg if len(msg) <= 600 else msg[:600] + " ..."  # XLA's out-of-memory reports run long
 
 
+def _rows_alone(pipe, chunk: list[Row], error: Exception, failed: dict[str, str], log, kw) -> list:
+    """A batch raised `error`: edit its rows one at a time, so one bad row does not fail its
+    batch-mates; the rows that fail alone go to `failed`. Returns [([row], outputs)]."""
+    if log is not None and len(chunk) > 1:
+        log.warning("a batch of %d rows failed (%s); retrying them one at a time", len(chunk),
+                    _reason(error))
+    parts = []
+    for r in chunk:
+        e = error
+        if len(chunk) > 1:
+            try:
+                parts.append(([r], _edit_batch(pipe, [r], **kw)))
+                continue
+            except Exception as again:  # noqa: BLE001
+                e = again
+        failed[r.id] = _reason(e)
+        if log is not None:
+            log.warning("row %s failed: %s", r.id, failed[r.id])
+    return parts
+
+
 def edit_rows(pipe, rows: list[Row], *, batch_size: int, steps: int, guidance: float, scheduler: str,
               num_samples: int = 1, paste_back: bool = False, reference_preprocess: str = "squash",
               mesh: jax.sharding.Mesh | None = None, max_pixels: int | None = MAX_PIXELS,
@@ -182,17 +203,7 @@ def edit_rows(pipe, rows: list[Row], *, batch_size: int, steps: int, guidance: f
             except Exception as e:  # noqa: BLE001 (XLA, PIL and our checks raise many types)
                 if failed is None:
                     raise
-                if log is not None and len(chunk) > 1:
-                    log.warning("a batch of %d rows failed (%s); retrying them one at a time",
-                                len(chunk), _reason(e))
-                parts = []
-                for r in chunk:
-                    try:
-                        parts.append(([r], _edit_batch(pipe, [r], **kw)))
-                    except Exception as e1:  # noqa: BLE001
-                        failed[r.id] = _reason(e1 if len(chunk) > 1 else e)
-                        if log is not None:
-                            log.warning("row %s failed: %s", r.id, failed[r.id])
+                parts = _rows_alone(pipe, chunk, e, failed, log, kw)
             for done, out in parts:
                 for j, r in enumerate(done):
                     yield r, list(out[j * num_samples:(j + 1) * num_samples])

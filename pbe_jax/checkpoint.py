@@ -172,7 +172,7 @@ def restore_newest(step_dirs: list[epath.Path], read: Callable[[epath.Path], T]
         for bad, why in failed:
             move_aside(bad, why)
         if failed:
-            log.warning("resuming from %s instead of %s", d, failed[0][0])
+            log.warning("using %s instead of %s", d, failed[0][0])
         return d, value
     if failed:
         raise CheckpointError("no checkpoint of the run restores (nothing was moved aside):\n"

@@ -131,8 +131,9 @@ def size_multiple(pipe) -> int:
 
 # The largest working size (pixels, after padding) an edit runs at unless told otherwise. The
 # UNet's attention memory grows with the square of the pixel count: at 768 x 768 its largest
-# self-attention holds 9216^2 scores x 8 heads per image (2.7 GB in fp32, twice with guidance),
-# which with the SD v1 weights fits a 16-24 GB accelerator; 3000 x 2000 would need terabytes.
+# self-attention holds 9216^2 scores x 8 heads per image, 2.7 GB in fp32 (twice with guidance),
+# next to ~5 GB of fp32 SD v1 + CLIP weights: an estimate for a 16-24 GB accelerator, not a
+# measurement. 3000 x 2000 would need terabytes.
 MAX_PIXELS = 768 * 768
 
 

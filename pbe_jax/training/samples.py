@@ -49,7 +49,9 @@ def training_samples(model, batch: dict, config) -> np.ndarray | None:
         return None
     rows = host_rows(batch, n)
     edits = [m[..., 0] < 127.5 for m in rows["mask"]]  # 255 = keep
-    inputs = prepare(model, list(rows["image"]), edits, list(rows["reference"]), list(range(n)))
+    # max_pixels=None: the grid runs at the training resolution, the run's own choice
+    inputs = prepare(model, list(rows["image"]), edits, list(rows["reference"]), list(range(n)),
+                     max_pixels=None)
     out = run_edit(model, inputs, num_inference_steps=int(config.sample_steps),
                    guidance_scale=float(config.sample_guidance), scheduler="plms", masked_latents="mode")
     image = inputs.image
