@@ -20,7 +20,8 @@ from tests.test_data_bad_inputs import NBOX, _cfg, _write_coco
 # The reasons before issue 15, in their order: saved loader states count in this order.
 OLD_REASONS = ("missing_file", "undecodable", "truncated", "image_too_small", "no_valid_box",
                "grayscale", "alpha_dropped", "cmyk", "palette", "high_bit_depth", "exif_rotated",
-               "exif_boxes_rotated", "box_clipped", "box_degenerate", "upsampled")
+               "exif_boxes_rotated", "box_clipped", "box_degenerate", "upsampled",
+               "mask_undecodable", "mask_empty", "mask_size_mismatch")
 
 
 def png_bomb(w: int, h: int) -> bytes:
@@ -37,8 +38,7 @@ def png_bomb(w: int, h: int) -> bytes:
 
 
 def test_too_large_is_appended_to_the_bad_reasons():
-    assert dec.BAD_REASONS[:len(OLD_REASONS)] == OLD_REASONS
-    assert dec.BAD_REASONS[len(OLD_REASONS):] == ("too_large",)
+    assert dec.BAD_REASONS == (*OLD_REASONS, "too_large")
 
 
 @pytest.mark.parametrize("side,limit", [(14000, None), (9000, 40_000_000)])
@@ -112,3 +112,21 @@ def test_coco_field_type_errors_name_the_file_record_and_field(tmp_path, mutate,
     cfg = _coco(tmp_path, mutate)
     with pytest.raises(ValueError, match=r"instances\.json'?: " + message):
         make_source(cfg)
+
+
+def test_folder_box_csv_with_a_stray_quote_loses_only_that_row(tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        Image.fromarray(np.zeros((80, 100, 3), np.uint8)).save(d / name)
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text('image,x0,y0,x1,y1\na.jpg,10,20,60,70\n"b.jpg,10,20,60,70\nc.jpg,10,20,60,70\n'
+                     "a.jpg,20,10,70,60\n")
+    cfg = _cfg()
+    cfg.source, cfg.images_dir, cfg.annotations = "folder", str(d), str(boxes)
+    src = make_source(cfg)
+    assert [src[i].key for i in range(len(src))] == ["a.jpg", "c.jpg"]  # b's only row is the bad one
+    assert len(src[0].boxes) == 2  # a's row after the stray quote is kept
+    assert src.index_counts["box_degenerate"] == 1, src.index_counts

@@ -358,12 +358,14 @@ def _manifest_rows(path: str):
     """(line, image, [[x0, y0, x1, y1], ...]) of a boxes .jsonl / .csv; malformed rows give
     boxes None."""
     if path.endswith(".csv"):
-        with open(path, newline="") as f:
-            for n, row in enumerate(csv.DictReader(f), 2):
-                try:
-                    yield n, row["image"], [[float(row[k]) for k in ("x0", "y0", "x1", "y1")]]
-                except (KeyError, TypeError, ValueError):
-                    yield n, (row.get("image") or ""), None
+        lines = csv_lines(path)  # a stray quote costs its own row, not the rest of the file
+        _, header = next(lines, (0, None))
+        for n, fields in lines:
+            row = dict(zip(header, fields)) if fields and header and len(fields) == len(header) else {}
+            try:
+                yield n, row["image"], [[float(row[k]) for k in ("x0", "y0", "x1", "y1")]]
+            except (KeyError, TypeError, ValueError):
+                yield n, (row.get("image") or ""), None
         return
     with open(path) as f:
         for n, line in enumerate(f, 1):
