@@ -30,7 +30,7 @@ import pytest
 from pbe_jax import sharding as shd
 from pbe_jax.benchmarks.model import random_batch
 from pbe_jax.convert.diffusers_io import save_diffusers
-from pbe_jax.convert.torch_layout import path_to_torch_key, to_torch_layout
+from pbe_jax.convert.torch_layout import from_torch_layout, path_to_torch_key, to_torch_layout
 from pbe_jax.diffusion import LossDraws
 from pbe_jax.training.optim import TorchAdamWState, make_optimizer
 from pbe_jax.training.state import Setup
@@ -66,29 +66,26 @@ def _config(prediction_type: str, **overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
+def _leaf(path) -> str:
+    return str(getattr(path[-1], "key", path[-1]))
+
+
 def _torch_key(path) -> str:
     return path_to_torch_key(tuple(str(getattr(k, "key", k)) for k in path))
 
 
 def torch_named(tree) -> dict[str, np.ndarray]:
     """A trainable-params-shaped pytree -> {diffusers key: torch-layout array}."""
-    return {_torch_key(p): to_torch_layout(str(getattr(p[-1], "key", p[-1])), np.asarray(v))
+    return {_torch_key(p): to_torch_layout(_leaf(p), np.asarray(v))
             for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def from_torch_named(named: dict, like) -> dict:
     """{diffusers key: torch-layout array or None} -> a pytree like `like` (None -> zeros)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(like)
-    out = []
-    for path, ref in flat:
-        v = named[_torch_key(path)]
-        arr = np.zeros(ref.shape, np.float32) if v is None else np.asarray(v, np.float32)
-        if arr.ndim == 4:
-            arr = arr.transpose(2, 3, 1, 0)  # [O, I, kh, kw] -> [kh, kw, I, O]
-        elif arr.ndim == 2 and str(getattr(path[-1], "key", path[-1])) == "kernel":
-            arr = arr.T
-        assert arr.shape == ref.shape, (_torch_key(path), arr.shape, ref.shape)
-        out.append(arr)
+    out = [np.zeros(ref.shape, np.float32) if named[_torch_key(p)] is None else
+           from_torch_layout(_leaf(p), np.asarray(named[_torch_key(p)], np.float32), ref.shape)
+           for p, ref in flat]
     return jax.tree.unflatten(treedef, out)
 
 
