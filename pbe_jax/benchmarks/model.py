@@ -14,7 +14,7 @@ from pbe_jax.training.state import Setup
 
 def build(size, *, dtype: str = "fp32", export_dir: str | None = None, batch: int | None = None):
     """(setup, params, frozen, model) on a one-device mesh; `export_dir` gets the weights in
-    diffusers format (fp32). Params are host-initialised (`training.state.host_init`): an NNX
+    diffusers format (fp32). Params are host-initialised (`models.init.host_init`): an NNX
     jitted init of the sd15 model would spend minutes in XLA on a CPU."""
     config = bench_config(size, dtype=dtype, batch=batch)
     mesh = shd.make_mesh("data:1", devices=[jax.devices()[0]])

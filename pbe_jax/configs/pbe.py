@@ -14,17 +14,37 @@ Run (from the repo root):
       --config.data.source=openimages --config.data.annotations=.../oidv6-train-annotations-bbox.csv \
       --config.data.images_dir=.../train
 
+  # the same recipe on SD 2.1 base (512 px, epsilon; its UNet has linear projections and
+  # per-block heads, cross_attention_dim 1024) with the paper's CLIP ViT-L/14 tower:
+  python -m pbe_jax.train --config=configs/pbe.py:sd21 --workdir=gs://BUCKET/pbe_sd21 \
+      --config.data.source=openimages --config.data.annotations=... --config.data.images_dir=...
+
+  # SD 2.1 (768 px, v-prediction: the loss target follows the init repo's scheduler config)
+  # with an OpenCLIP ViT-H/14 tower in transformers format (gelu; mapper (32 + 1) // 5 = 6 blocks):
+  python -m pbe_jax.train --config=configs/pbe.py:sd21_768,tower=vit_h14 --workdir=gs://BUCKET/pbe_sd21_768 \
+      --config.data.source=openimages --config.data.annotations=... --config.data.images_dir=...
+  # (equivalently any tower dir / Hub id: --config.init_from.clip=laion/CLIP-ViT-H-14-laion2B-s32B-b79K,
+  # with config.model.image_encoder describing it)
+
   # mesh / precision / size are arguments; any field can be overridden (the config is locked, so
   # a misspelt field fails):
   python -m pbe_jax.train --config=configs/pbe.py:sd15,mesh=data:-1,fsdp:8,tensor:1,dtype=bf16 \
-      --workdir=DIR --config.train.batch_size=256
+      --workdir=DIR --config.train.batch_size=256 --config.data.source=coco ...
+
+  # check the memory per chip before renting (libtpu needed; compiles on a CPU host):
+  python -m pbe_jax.tools.aot_compile --config=configs/pbe.py:sd21_768 --topology=v5p-8
+
+Variants: `demo` (tiny, synthetic data), `sd15` (the paper: SD v1-4 + CLIP ViT-L/14), `sd21`
+(SD 2.1 base, 512 px, epsilon), `sd21_768` (SD 2.1, 768 px, v_prediction). The paper variants
+need a real data source: with the synthetic default the loader fails at start, naming the flags.
 
 Arguments (comma separated after the variant): `mesh=AXIS:SIZE,...` (axes data/fsdp/tensor, one
 size may be -1), `dtype=bf16|fp32` (compute dtype; params stay fp32), `res=INT` (image size),
-`batch=INT` (global batch), `steps=INT`.
+`batch=INT` (global batch), `steps=INT`, `tower=vit_l14|vit_h14` (the image tower of the SD
+variants: the paper's openai/clip-vit-large-patch14, or laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
 
-Departures from the official recipe, on purpose: `sd15` computes in bf16 by default (the paper
-trained in fp32; pass dtype=fp32 for the exact recipe).
+Departures from the official recipe, on purpose: the SD variants compute in bf16 by default (the
+paper trained in fp32; pass dtype=fp32 for the exact recipe).
 """
 from __future__ import annotations
 
@@ -35,8 +55,8 @@ from pbe_jax.evals.config import evals_config
 from pbe_jax.schedulers import pbe_scheduler_config
 from pbe_jax.sharding import DEFAULT_RULES
 
-VARIANTS = ("demo", "sd15")
-_TYPES = {"mesh": str, "dtype": str, "res": int, "batch": int, "steps": int}
+VARIANTS = ("demo", "sd15", "sd21", "sd21_768")
+_TYPES = {"mesh": str, "dtype": str, "res": int, "batch": int, "steps": int, "tower": str}
 
 
 def parse_arg(arg: str | None) -> tuple[str, dict]:
@@ -89,6 +109,29 @@ def demo_models() -> ml_collections.ConfigDict:
     })
 
 
+# The image towers `sd-init` takes (`tower=` argument): transformers CLIPVisionConfig fields and
+# the Hub repo holding them in transformers format. The mapper has (layers + 1) // 5 blocks of
+# the tower's width (5 for ViT-L/14, 6 for ViT-H/14), as the paper's code.
+TOWERS = {
+    "vit_l14": ({"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                 "num_attention_heads": 16, "image_size": 224, "patch_size": 14,
+                 "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
+                "openai/clip-vit-large-patch14"),
+    "vit_h14": ({"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                 "num_attention_heads": 16, "image_size": 224, "patch_size": 14,
+                 "hidden_act": "gelu", "layer_norm_eps": 1e-5},
+                "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+}
+
+
+def image_tower(tower: str, proj_size: int) -> dict:
+    """`config.model.image_encoder` for a tower of TOWERS; the context width `proj_size` is
+    written as `projection_dim` too (diffusers reads the encoder's proj_size from there)."""
+    if tower not in TOWERS:
+        raise ValueError(f"unknown tower={tower!r}; known: {sorted(TOWERS)}")
+    return {**TOWERS[tower][0], "projection_dim": proj_size, "proj_size": proj_size}
+
+
 def sd15_models() -> ml_collections.ConfigDict:
     # diffusers config.json fields of the released Fantasy-Studio/Paint-by-Example components.
     return ml_collections.ConfigDict({
@@ -105,19 +148,41 @@ def sd15_models() -> ml_collections.ConfigDict:
             "down_block_types": ("DownEncoderBlock2D",) * 4,
             "up_block_types": ("UpDecoderBlock2D",) * 4, "scaling_factor": 0.18215,
         },
-        "image_encoder": {
-            "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-            "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "projection_dim": 768,
-            "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "proj_size": 768,
-        },
+        "image_encoder": image_tower("vit_l14", proj_size=768),  # CLIP ViT-L/14
         # Replaced by the init checkpoint's scheduler config when `init_from` has one.
         "scheduler": pbe_scheduler_config(),
     })
 
 
+def sd21_models(variant: str, tower: str) -> ml_collections.ConfigDict:
+    """SD 2.1 (`sd21`: stabilityai/stable-diffusion-2-1-base, 512 px, epsilon; `sd21_768`:
+    stabilityai/stable-diffusion-2-1, 768 px, v_prediction, upcast attention): the repos'
+    unet / vae config.json and scheduler_config.json fields, with the 9-channel conv_in, and
+    the image tower `tower` with proj_size = the UNet's cross_attention_dim (1024)."""
+    big = variant == "sd21_768"
+    m = sd15_models().to_dict()  # the SD UNet / VAE skeleton (layout, widths, 4 levels)
+    m["unet"].update({
+        "sample_size": 96 if big else 64, "attention_head_dim": (5, 10, 20, 20),
+        "cross_attention_dim": 1024, "use_linear_projection": True, "upcast_attention": big,
+    })
+    m["vae"]["sample_size"] = 768  # both repos' vae/config.json say 768
+    m["image_encoder"] = image_tower(tower, proj_size=1024)
+    m["scheduler"] = {
+        "_class_name": "DDIMScheduler" if big else "PNDMScheduler",
+        "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+        "clip_sample": False, "num_train_timesteps": 1000,
+        "prediction_type": "v_prediction" if big else "epsilon",
+        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    }
+    return ml_collections.ConfigDict(m)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant, kw = parse_arg(arg)
     demo = variant == "demo"
+    if demo and "tower" in kw:
+        raise ValueError("tower= picks the image tower of the SD variants, not of the demo")
+    tower = kw.get("tower", "vit_l14")
     c = ml_collections.ConfigDict()
     c.variant = variant
     c.seed = 0
@@ -127,17 +192,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.attention_impl = "xla"  # 'cudnn' on NVIDIA GPUs (bf16), or a registered TPU kernel
     c.remat = not demo
     c.remat_policy = ""  # '' recomputes everything; or a jax.checkpoint_policies name
-    c.model = demo_models() if demo else sd15_models()
+    if demo:
+        c.model = demo_models()
+    elif variant == "sd15":
+        c.model = sd15_models()
+        if tower != "vit_l14":
+            c.model.image_encoder = image_tower(tower, proj_size=768)
+    else:
+        c.model = sd21_models(variant, tower)
 
     # Where weights come from when the workdir has no checkpoint (precedence at the restore site:
     # workdir checkpoint > init_from > random init). format: '' (random init), 'diffusers' (a
     # PbE repo dir / hub id), 'ldm' (the original model.ckpt), 'sd-init' (the paper's init: SD
-    # v1.x `path` + CLIP ViT-L/14 vision tower `clip`), 'orbax' (a pbe_jax checkpoint dir).
+    # `path` (v1.x or 2.x, its scheduler kept) + a CLIP vision tower `clip`), 'orbax' (a
+    # pbe_jax checkpoint dir).
     c.init_from = ml_collections.ConfigDict({"format": "", "path": "", "clip": ""})
     if not demo:
         c.init_from.format = "sd-init"
-        c.init_from.path = "CompVis/stable-diffusion-v1-4"
-        c.init_from.clip = "openai/clip-vit-large-patch14"
+        c.init_from.path = {"sd15": "CompVis/stable-diffusion-v1-4",
+                            "sd21": "stabilityai/stable-diffusion-2-1-base",
+                            "sd21_768": "stabilityai/stable-diffusion-2-1"}[variant]
+        c.init_from.clip = TOWERS[tower][1]
 
     c.train = ml_collections.ConfigDict()
     t = c.train
@@ -147,6 +222,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.warmup_steps = 20 if demo else 10_000
     t.warmup_init_factor = 1e-6  # LambdaLinearScheduler f_start
     t.weight_decay = 0.01  # torch AdamW default, used by the official code
+    # The official run decays uncond_vector too, from its first dropped batch on (torch AdamW
+    # and a zeroed, not freed, .grad; see training/optim.py); False exempts it.
+    t.decay_uncond_vector = True
     t.b1, t.b2, t.eps = 0.9, 0.999, 1e-8
     t.grad_clip = 0.0  # global-norm clipping; 0 = off (the paper does not clip)
     t.grad_accum = 1
@@ -157,8 +235,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The noise schedule (betas, num_train_timesteps, prediction_type) is config.model.scheduler.
 
     c.data = data_config("demo" if demo else "paper")
-    if "res" in kw:
-        c.data.resolution = kw["res"]
+    c.data.resolution = kw.get("res", 768 if variant == "sd21_768" else c.data.resolution)
+    # A paper variant left on the synthetic default would train a real model on demo scenes:
+    # the loader refuses it until --config.data.source (and its files) are set.
+    c.data.allow_synthetic = demo
 
     c.log_every_steps = 25 if demo else 50
     c.ckpt_every_steps = 200 if demo else 5000

@@ -1,9 +1,13 @@
 """The paper's initialisation for training (PBE_SPEC 1.4): Stable Diffusion (a diffusers dir /
 Hub id, or the original single-file `sd-v1-4.ckpt`) + a CLIP vision tower (`clip`: a
-transformers `openai/clip-vit-large-patch14` dir / Hub id). UNet `conv_in` grows from 4 to 9
-input channels, the 5 new ones zero; mapper, final LN, proj_out and uncond_vector are freshly
-initialised; SD's CLIP text tower is ignored (and reported); the SD repo's scheduler config (its
-betas and `prediction_type`) is kept.
+transformers dir / Hub id, e.g. `openai/clip-vit-large-patch14` as the paper, or an OpenCLIP
+ViT-H/14 in transformers format such as `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`). UNet `conv_in`
+grows from 4 to 9 input channels, the 5 new ones zero; mapper ((layers + 1) // 5 blocks of the
+tower's width), final LN, proj_out (tower width -> the UNet's cross_attention_dim) and
+uncond_vector are freshly initialised with PyTorch's defaults; SD's CLIP text tower is ignored
+(and reported); the SD repo's scheduler config (its betas and `prediction_type`, e.g. SD 2.x
+768's v_prediction) is kept. SD 1.x and 2.x diffusers repos load alike (linear projections,
+per-block head counts and upcast attention come with the UNet's config.json).
 """
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ import fnmatch
 import os
 from typing import Any, Iterable, Mapping
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -30,6 +33,7 @@ from pbe_jax.models.conditioner import (
     trainable_filter,
 )
 from pbe_jax.models.hub import find_weight_files, resolve
+from pbe_jax.models.init import torch_default_init
 from pbe_jax.models.paint_by_example import PaintByExampleModel, component_kwargs, parse_component_configs
 from pbe_jax.models.registry import COMPONENTS, slot_class
 from pbe_jax.models.unet import UNetConfig
@@ -47,27 +51,24 @@ def grow_conv_in(sd: dict[str, np.ndarray], in_channels: int) -> dict[str, np.nd
     w = np.asarray(sd["conv_in.weight"])
     if w.ndim != 4 or w.shape[1] != 4:
         raise ValueError(f"SD init: conv_in.weight has shape {tuple(w.shape)}, expected [O, 4, kh, kw] "
-                         "(a text-to-image SD v1.x UNet)")
+                         "(a text-to-image SD UNet)")
     grown = np.zeros((w.shape[0], in_channels, *w.shape[2:]), w.dtype)
     grown[:, :4] = w
     return {**sd, "conv_in.weight": grown}
 
 
 def fresh_encoder_head(config: PaintByExampleEncoderConfig, seed: int, **runtime) -> dict[str, np.ndarray]:
-    """Random initial values of the encoder's trained part (mapper, final LN, proj_out,
-    uncond_vector) as a torch-layout state dict. The init runs under `jit` returning only these,
-    so the CLIP tower's random init is dead code and never computed.
-
-    Departure from the official code, on purpose: the distributions are the pbe_jax modules' own
-    initialisers (`pbe_jax.models.layers`), not PyTorch's defaults (kaiming-uniform Linear); the
-    LayerNorm starts at scale 1 / bias 0 and `uncond_vector` is a standard normal draw in both."""
-    def init():
-        enc = PaintByExampleImageEncoder(config, rngs=nnx.Rngs(seed),
-                                         **component_kwargs("image_encoder", **runtime))
-        return {path_to_torch_key(p): to_torch_layout(str(p[-1]), v.get_value())
-                for p, v in nnx.to_flat_state(nnx.state(enc, trainable_filter()))}
-
-    return {k: np.ascontiguousarray(v) for k, v in jax.device_get(jax.jit(init)()).items()}
+    """Initial values of the encoder's trained part (mapper, final LN, proj_out, uncond_vector)
+    as a torch-layout state dict, as the official code initialises them: PyTorch's defaults
+    (`nn.Linear`: weight and bias U(+-1/sqrt(fan_in)); `nn.LayerNorm`: 1 / 0) and
+    `uncond_vector = torch.randn(1, 1, D)` (PBE_SPEC 1.3). Built on the host from (seed, path)
+    (`models.init.torch_default_init`); only the shapes of the encoder are traced."""
+    enc = nnx.eval_shape(lambda: PaintByExampleImageEncoder(
+        config, rngs=nnx.Rngs(seed), **component_kwargs("image_encoder", **runtime)))
+    shapes = {tuple(str(k) for k in p): tuple(v.get_value().shape)
+              for p, v in nnx.to_flat_state(nnx.state(enc, trainable_filter()))}
+    return {path_to_torch_key(p): np.ascontiguousarray(to_torch_layout(p[-1], v))
+            for p, v in torch_default_init(shapes, seed).items()}
 
 
 def _clip_tower(clip: str, hub: Mapping[str, Any], report: PipelineReport):

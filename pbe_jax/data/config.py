@@ -40,6 +40,9 @@ def data_config(profile: str = "demo") -> ml_collections.ConfigDict:
     c.tfds_name = "coco/2017"  # tfds: any dataset with `image` + `objects/bbox`
     c.tfds_split = "train"
     c.tfds_data_dir = ""  # '' = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
+    # False: the loader refuses source='synthetic' (the paper variants of configs/pbe.py set it,
+    # so a run that forgot --config.data.source fails at start instead of training on demo scenes)
+    c.allow_synthetic = True
     c.synthetic_num_images = 256 if demo else 10_000
     c.synthetic_min_side = 72 if demo else 400  # synthetic scene sides are drawn in [min, max]
     c.synthetic_max_side = 128 if demo else 640
@@ -93,3 +96,15 @@ def data_config(profile: str = "demo") -> ml_collections.ConfigDict:
     c.max_retries = 8  # bad records replaced by random others before a sample gives up
     c.cv2_threads = 1  # OpenCV's own thread pool per process (the workers already parallelise)
     return c
+
+
+def check_source(data_cfg) -> None:
+    """Fail, naming the flags to set, when a config that trains a real model
+    (`allow_synthetic=False`) would read the synthetic demo scenes."""
+    if data_cfg.source == "synthetic" and not data_cfg.get("allow_synthetic", True):
+        raise ValueError(
+            "config.data.source is 'synthetic' (procedural demo scenes), but this config trains a "
+            "real model (config.data.allow_synthetic=False). Set the data: "
+            "--config.data.source=openimages|coco|tfds --config.data.annotations=... "
+            "--config.data.images_dir=... (tfds: --config.data.tfds_name=...), or pass "
+            "--config.data.allow_synthetic=True to train on the synthetic scenes on purpose.")

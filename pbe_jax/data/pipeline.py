@@ -36,6 +36,7 @@ from pbe_jax import sharding as shd
 from pbe_jax.data import decode as dec
 from pbe_jax.data import transforms as tr
 from pbe_jax.data.batch import HOST_KEYS
+from pbe_jax.data.config import check_source
 from pbe_jax.data.sources import make_source
 
 log = logging.getLogger(__name__)
@@ -317,6 +318,7 @@ def make_loader(data_cfg, *, global_batch_size: int, seed: int,
     shard; with `mesh`, the batches are assembled into global arrays with
     `jax.make_array_from_process_local_data`.
     """
+    check_source(data_cfg)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     sharding = None

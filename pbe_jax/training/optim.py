@@ -1,8 +1,29 @@
-"""The optimizer of the official recipe: AdamW (torch semantics) with the LambdaLinearScheduler
-warm-up, optional global-norm clipping."""
+"""The optimizer of the official recipe: torch.optim.AdamW (torch 1.11 semantics, as PyTorch
+Lightning 1.4.2 drives it) with the LambdaLinearScheduler warm-up, optional global-norm clipping.
+
+What "torch semantics" adds to optax's adamw (PBE_SPEC 1.2): torch skips a parameter whose
+`.grad` is None, and keeps one step count per parameter for Adam's bias correction. In the
+official run a parameter's `.grad` is None until the first batch whose loss reaches it, and a
+zero tensor ever after (Lightning calls `optimizer.zero_grad()`, which in torch 1.11 zeroes
+rather than frees). Paint by Example has two such parameter sets, because the CFG drop is one
+draw per batch: the mapper / final LN / proj_out get no gradient from a dropped batch, and
+`uncond_vector` none from a kept one. So each starts to be updated (and weight-decayed) from the
+first batch that reaches it; from then on it is decayed every step, gradient or not
+(`uncond_vector` shrinks x0.82 over 2 M steps at 1e-5 where gradients do not push back).
+
+Here a module that the loss did not run has gradients that are exactly zero: a parameter of
+the encoder's trained parts (mapper, final LN, proj_out, uncond_vector) is skipped until its part
+has had a non-zero gradient, and its step count starts then; the UNet runs in every loss.
+`config.train.decay_uncond_vector=False` exempts `uncond_vector` from decay (pbe_jax's behaviour
+before; not the official one).
+"""
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable, NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -15,10 +36,85 @@ def make_schedule(tcfg) -> optax.Schedule:
     return optax.linear_schedule(lr * tcfg.warmup_init_factor, lr, tcfg.warmup_steps)
 
 
+class TorchAdamWState(NamedTuple):
+    """count: int32 [] optimizer steps (the lr schedule's step, as LambdaLR's); param_steps:
+    int32 [L] per parameter (flatten order) how often it was updated, torch's `state['step']`
+    (0 = its `.grad` has always been None); mu / nu: Adam's moments, shaped like the params."""
+
+    count: jax.Array
+    param_steps: jax.Array
+    mu: Any
+    nu: Any
+
+
+def torch_adamw(learning_rate: optax.Schedule, *, b1: float, b2: float, eps: float,
+                weight_decay: float, decay_mask: Any = None,
+                modules: Callable[[Any], list[int]] | None = None) -> optax.GradientTransformation:
+    """`torch.optim.AdamW` step by step, with the per-parameter skip and step count described
+    in the module docstring. `decay_mask`: a bool pytree like the params or a function of them
+    (False: no weight decay for that param); None decays all. `modules(params)`: per param
+    leaf (flatten order) the index of its module, whose gradients are all exactly zero when the
+    loss did not run it (torch: `.grad` is None), or -1 for a module every loss runs. None:
+    each param is its own module."""
+
+    def init(params):
+        n = len(jax.tree.leaves(params))
+        return TorchAdamWState(jnp.zeros((), jnp.int32), jnp.zeros((n,), jnp.int32),
+                               jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads, state, params):
+        lr = learning_rate(state.count)
+        g_leaves, treedef = jax.tree.flatten(grads)
+        mask = decay_mask(params) if callable(decay_mask) else decay_mask
+        decays = jax.tree.leaves(mask) if mask is not None else [True] * len(g_leaves)
+        module = modules(params) if modules is not None else list(range(len(g_leaves)))
+        ran = {m: functools.reduce(jnp.logical_or, [jnp.any(g != 0) for g, mm in zip(g_leaves, module)
+                                                     if mm == m])
+               for m in set(module) if m >= 0}
+        # torch: p.grad is not None <=> its module has run in some step so far
+        reached = jnp.stack([ran[m] if m >= 0 else jnp.bool_(True) for m in module])  # [L]
+        active = (state.param_steps > 0) | reached
+        steps = state.param_steps + active.astype(jnp.int32)
+        t = jnp.maximum(steps, 1).astype(jnp.float32)
+        step_size = lr / (1 - b1**t)  # [L]: torch's lr / bias_correction1
+        bc2_sqrt = jnp.sqrt(1 - b2**t)  # [L]
+        out = ([], [], [])
+        for i, (g, m, v, p) in enumerate(zip(g_leaves, jax.tree.leaves(state.mu),
+                                             jax.tree.leaves(state.nu), jax.tree.leaves(params))):
+            m_new = b1 * m + (1 - b1) * g
+            v_new = b2 * v + (1 - b2) * g * g
+            u = -step_size[i] * m_new / (jnp.sqrt(v_new) / bc2_sqrt[i] + eps)
+            if decays[i] and weight_decay:
+                u = u - lr * weight_decay * p  # torch: p *= 1 - lr * weight_decay, first
+            if module[i] >= 0:  # skipped while its module has never run: nothing changes
+                on = active[i]
+                m_new, v_new, u = jnp.where(on, m_new, m), jnp.where(on, v_new, v), jnp.where(on, u, 0)
+            for lst, x in zip(out, (u.astype(p.dtype), m_new, v_new)):
+                lst.append(x)
+        upd, mu, nu = (jax.tree.unflatten(treedef, lst) for lst in out)
+        return upd, TorchAdamWState(state.count + 1, steps, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _paths(params) -> list[tuple[str, ...]]:
+    return [tuple(str(getattr(k, "key", k)) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def pbe_modules(params) -> list[int]:
+    """Module index per trained param: -1 for the UNet (every loss runs it), and one index per
+    trained part of the image encoder (`mapper`, `final_layer_norm`, `proj_out`,
+    `uncond_vector`): the CFG drop decides which of those the loss runs."""
+    names = ["/".join(p[:2]) if p[0] == "image_encoder" else "" for p in _paths(params)]
+    index = {n: i for i, n in enumerate(dict.fromkeys(n for n in names if n))}
+    return [index[n] if n else -1 for n in names]
+
+
 def _decay_mask(params):
-    flat = jax.tree_util.tree_flatten_with_path(params)
-    keep = [not any(getattr(k, "key", None) == "uncond_vector" for k in path) for path, _ in flat[0]]
-    return jax.tree.unflatten(flat[1], keep)
+    """False for `uncond_vector` (the `decay_uncond_vector=False` exemption), True elsewhere."""
+    return jax.tree.unflatten(jax.tree.structure(params),
+                              ["uncond_vector" not in p for p in _paths(params)])
 
 
 def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -26,10 +122,9 @@ def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     parts = []
     if tcfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(tcfg.grad_clip))
-    # torch.optim.AdamW semantics (decoupled decay on every trained param, as the official
-    # code passes all params in one group), except `uncond_vector`: torch skips a param whose
-    # .grad is None (the vector is only in the graph when the condition is dropped), while
-    # here its gradient is an explicit zero and decay alone would shrink it.
-    parts.append(optax.adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
-                             weight_decay=tcfg.weight_decay, mask=_decay_mask))
+    # One parameter group, as the official configure_optimizers passes all trained params.
+    parts.append(torch_adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
+                             weight_decay=tcfg.weight_decay,
+                             decay_mask=None if tcfg.decay_uncond_vector else _decay_mask,
+                             modules=pbe_modules))
     return optax.chain(*parts), schedule

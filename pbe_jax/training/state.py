@@ -14,6 +14,7 @@ from pbe_jax import sharding as shd
 from pbe_jax.data.batch import HOST_KEYS, host_batch_spec
 from pbe_jax.diffusion import NoiseSchedule
 from pbe_jax.models.hub import cast_dtype
+from pbe_jax.models.init import host_init
 from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE, PaintByExampleModel
 from pbe_jax.training.optim import make_optimizer
 from pbe_jax.training.step import make_train_step
@@ -139,29 +140,6 @@ class Setup:
     def compile(self):
         """The compiled step for abstract inputs (cost and memory analysis, AOT checks)."""
         return self.jit_step().lower(self.abstract_state(), self.abstract_frozen(), self.abstract_batch()).compile()
-
-
-def host_init(path: tuple[str, ...], shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """PyTorch-default-style init of one param from (seed, its path): deterministic, the same
-    for any mesh or process count, and built on the host. (NNX's own initialisers run one
-    threefry draw per param inside a jitted init, whose XLA compile takes minutes on CPU for a
-    model of hundreds of arrays; random init only seeds demos and from-scratch runs.)
-    kernels: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch Linear/Conv); norms: scale 1, bias 0;
-    biases 0; embeddings N(0, 0.02); other vectors (`uncond_vector`, `class_embedding`) N(0, 1).
-    """
-    name = path[-1]
-    digest = np.frombuffer(("/".join(path)).encode(), np.uint8)
-    rng = np.random.default_rng([seed, *np.resize(digest, 64).tolist()])
-    if name == "scale":
-        return np.ones(shape, np.float32)
-    if name == "bias":
-        return np.zeros(shape, np.float32)
-    if name == "kernel":
-        bound = 1.0 / np.sqrt(max(int(np.prod(shape[:-1])), 1))
-        return rng.uniform(-bound, bound, shape).astype(np.float32)
-    if name == "embedding":
-        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
-    return rng.standard_normal(shape).astype(np.float32)
 
 
 def step_flops(compiled) -> float:

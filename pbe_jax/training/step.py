@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pbe_jax.diffusion import NoiseSchedule, pbe_loss
+from pbe_jax.diffusion import LossDraws, NoiseSchedule, pbe_loss
 
 
 def _split_micro(batch: dict, n: int) -> dict:
@@ -24,26 +24,30 @@ def _split_micro(batch: dict, n: int) -> dict:
 
 def make_train_step(graphdef: nnx.GraphDef, rest: Any, tcfg, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, noise: NoiseSchedule) -> Callable:
-    """A pure `train_step(state, frozen, batch) -> (state, metrics)`.
+    """A pure `train_step(state, frozen, batch, draws=None) -> (state, metrics)`.
 
     state: {'step', 'params' (trainable), 'opt_state', 'rng' (raw uint32[2] key), 'nan_skips'
     [, 'ema']}; frozen: VAE + CLIP tower params (inputs, never updated, no gradients);
     batch: the uint8 host contract of `pbe_jax.data.batch`. `noise` is the model's noise
-    schedule (betas and prediction type of `config.model.scheduler`).
+    schedule (betas and prediction type of `config.model.scheduler`). `draws`
+    (`diffusion.LossDraws`) replaces the step's random draws (VAE noise, CFG drop, timesteps,
+    noise): tests compare the step against the official PyTorch computation with it.
     """
     accum = int(tcfg.grad_accum)
     ema_decay = float(tcfg.ema_decay)
 
-    def loss_fn(params, frozen, batch, rng):
+    def loss_fn(params, frozen, batch, rng, draws=None):
         model = nnx.merge(graphdef, params, frozen, rest)
         return pbe_loss(model, batch, rng, noise, cond_drop_prob=tcfg.cond_drop_prob,
-                        cond_drop_mode=tcfg.cond_drop_mode)
+                        cond_drop_mode=tcfg.cond_drop_mode, draws=draws)
 
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def loss_and_grads(params, frozen, batch, rng):
+    def loss_and_grads(params, frozen, batch, rng, draws):
         if accum == 1:
-            return grad_fn(params, frozen, batch, rng)
+            return grad_fn(params, frozen, batch, rng, draws)
+        if draws is not None:
+            raise ValueError(f"train_step: explicit draws need grad_accum 1, got {accum}")
         micro = _split_micro(batch, accum)
 
         def body(carry, xs):
@@ -55,10 +59,10 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tcfg, tx: optax.GradientT
         (loss, grads), _ = jax.lax.scan(body, zero, (micro, jax.random.split(rng, accum)))
         return loss / accum, jax.tree.map(lambda g: g / accum, grads)
 
-    def train_step(state, frozen, batch):
+    def train_step(state, frozen, batch, draws: LossDraws | None = None):
         rng, step_rng = jax.random.split(state["rng"])
         params = state["params"]
-        loss, grads = loss_and_grads(params, frozen, batch, step_rng)
+        loss, grads = loss_and_grads(params, frozen, batch, step_rng, draws)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
