@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from pbe_jax.inference import finish, load_edit_mask, load_rgb, prepare, run_edit, to_uint8
+from pbe_jax.inference import (crop_inputs, finish, larger_than_model, load_edit_mask, load_rgb, paste_windows,
+                               prepare, run_edit, to_uint8)
 
 
 @dataclass
@@ -90,31 +91,41 @@ def validate(row: Row) -> str | None:
 
 def edit_rows(pipe, rows: list[Row], *, batch_size: int, steps: int, guidance: float, scheduler: str,
               num_samples: int = 1, paste_back: bool = False, reference_preprocess: str = "squash",
-              mesh: jax.sharding.Mesh | None = None) -> Iterator[tuple[Row, list[np.ndarray]]]:
+              mask_crop_padding: int | None = None, mesh: jax.sharding.Mesh | None = None
+              ) -> Iterator[tuple[Row, list[np.ndarray]]]:
     """Edit validated `rows` in batches of one source size: yields (row, [uint8 [H, W, 3] per
-    sample]) as each batch finishes, on every process. `batch_size` counts output images."""
+    sample]) as each batch finishes, on every process. `batch_size` counts output images.
+    With `mask_crop_padding`, rows larger than the model's resolution are edited in a window
+    around their mask (`inference.crop_inputs`), so they batch together whatever their size."""
     by_size: dict[tuple, list[Row]] = {}
     for r in rows:
-        by_size.setdefault(r.image.shape[:2], []).append(r)
+        crop = mask_crop_padding is not None and larger_than_model(pipe, r.image.shape[:2])
+        by_size.setdefault(("crop",) if crop else r.image.shape[:2], []).append(r)
     rows_per_batch = max(1, batch_size // num_samples)
-    for group in by_size.values():
+    for key, group in by_size.items():
         for i in range(0, len(group), rows_per_batch):
             chunk = group[i:i + rows_per_batch]
             seeds = [r.seed + k for r in chunk for k in range(num_samples)]
             images, edits = [r.image for r in chunk], [r.edit for r in chunk]
-            inputs = prepare(pipe, images, edits, [r.ref for r in chunk], seeds,
+            work_images, work_edits = images, edits
+            if key == ("crop",):
+                windows, work_images, work_edits = crop_inputs(pipe, images, edits, mask_crop_padding)
+            inputs = prepare(pipe, work_images, work_edits, [r.ref for r in chunk], seeds,
                              num_images_per_prompt=num_samples, reference_preprocess=reference_preprocess)
             out = run_edit(pipe, inputs, num_inference_steps=steps, guidance_scale=guidance,
                            scheduler=scheduler, mesh=mesh)
-            out = to_uint8(finish(out, images, edits, num_images_per_prompt=num_samples,
-                                  paste_back=paste_back))
+            out = finish(out, work_images, work_edits, num_images_per_prompt=num_samples,
+                         paste_back=paste_back and key != ("crop",))
+            if key == ("crop",):
+                out = paste_windows(out, images, edits, windows, num_images_per_prompt=num_samples)
+            out = [to_uint8(o) for o in out]
             for j, r in enumerate(chunk):
                 yield r, list(out[j * num_samples:(j + 1) * num_samples])
 
 
 def write_results(pipe, rows: list[Row], out_dir: str, *, batch_size: int, steps: int, guidance: float,
                   scheduler: str, num_samples: int, paste_back: bool, reference_preprocess: str,
-                  mesh=None, log=None) -> tuple[int, dict[str, str]]:
+                  mask_crop_padding: int | None = None, mesh=None, log=None) -> tuple[int, dict[str, str]]:
     """Edit every row whose outputs `<out_dir>/<id>_<k>.png` are not there yet; process 0 writes.
     Returns (images written, {row id: failure reason})."""
     from tqdm import tqdm  # noqa: PLC0415 (progress bar only)
@@ -138,7 +149,8 @@ def write_results(pipe, rows: list[Row], out_dir: str, *, batch_size: int, steps
     bar = tqdm(total=len(todo) * num_samples, unit="img", disable=jax.process_index() != 0)
     for row, images in edit_rows(pipe, todo, batch_size=batch_size, steps=steps, guidance=guidance,
                                  scheduler=scheduler, num_samples=num_samples, paste_back=paste_back,
-                                 reference_preprocess=reference_preprocess, mesh=mesh):
+                                 reference_preprocess=reference_preprocess,
+                                 mask_crop_padding=mask_crop_padding, mesh=mesh):
         if jax.process_index() == 0:
             for img, p in zip(images, row.outputs):
                 Image.fromarray(img).save(p)

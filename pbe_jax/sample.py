@@ -13,7 +13,9 @@ Results are `<out>/<id>_<k>.png` plus `<out>/settings.json`; a rerun skips rows 
 exist. A bad row (missing file, unreadable image, empty mask, mask size differs from the source)
 is reported with its reason and the rest go on; the exit code is 1 if any row failed. Rows are
 grouped by source size into batches; each output's noise comes from its own seed (row seed + k),
-so results do not depend on the batching or the number of devices.
+so results do not depend on the batching or the number of devices. Sources larger than the
+model's resolution are edited in a window around the mask grown by `--mask_crop_padding` px
+(default 32; -1 edits the whole image) at the model's resolution and pasted back.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ log = logging.getLogger("pbe_jax")
 
 def _settings(flags_) -> dict:
     keys = ("model", "steps", "guidance", "scheduler", "seed", "num_samples", "paste_back",
-            "reference_preprocess", "batch_size", "dtype")
+            "reference_preprocess", "batch_size", "dtype", "mask_crop_padding")
     return {k: getattr(flags_, k) for k in keys}
 
 
@@ -56,7 +58,8 @@ def main(argv) -> int:
     mesh = make_mesh("data:-1") if jax.device_count() > 1 else None
     kw = dict(log=log, batch_size=F.batch_size, steps=F.steps, guidance=F.guidance, scheduler=F.scheduler,
               num_samples=F.num_samples, paste_back=F.paste_back,
-              reference_preprocess=F.reference_preprocess, mesh=mesh)
+              reference_preprocess=F.reference_preprocess, mesh=mesh,
+              mask_crop_padding=F.mask_crop_padding if F.mask_crop_padding >= 0 else None)
     if single:
         out_dir = os.path.dirname(os.path.abspath(F.out))
         stem = os.path.splitext(os.path.basename(F.out))[0]
@@ -94,6 +97,9 @@ def define_flags() -> None:
     flags.DEFINE_bool("paste_back", False, "blend the source back outside a feathered mask")
     flags.DEFINE_enum("reference_preprocess", "squash", ["squash", "center_crop"], "reference resize")
     flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "compute dtype")
+    flags.DEFINE_integer("mask_crop_padding", 32, "sources larger than the model's resolution: edit a "
+                         "window around the mask grown by this many px, at the model's resolution "
+                         "(-1: edit the whole image)", lower_bound=-1)
     flags.mark_flags_as_required(["model", "out"])
     distributed.define_flags()
 
