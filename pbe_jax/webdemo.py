@@ -144,7 +144,8 @@ class DemoEditor:
         self.max_full_pixels = int(max_full_megapixels * 1e6) if max_full_megapixels else 4 * rh * rw
         self.lock = threading.Lock()
         self.state = "compiling"  # -> "ready" | "failed: <why>"
-        self.out_dir = tempfile.mkdtemp(prefix="pbe_demo_")
+        self._out = tempfile.TemporaryDirectory(prefix="pbe_demo_")  # removed with the editor
+        self.out_dir = self._out.name
         self._warmup_thread: threading.Thread | None = None
 
     def warmup(self) -> None:

@@ -23,8 +23,7 @@ gr = pytest.importorskip("gradio", reason="the web demo needs gradio (pip instal
 from pbe_jax.benchmarks.model import build  # noqa: E402
 from pbe_jax.benchmarks.sizes import get_size  # noqa: E402
 from pbe_jax.pipeline import PaintByExample  # noqa: E402
-from pbe_jax.webdemo import (BRUSH, DemoEditor, Settings, build_app, demo_examples,  # noqa: E402
-                             editor_inputs)
+from pbe_jax.webdemo import DemoEditor, Settings, build_app, demo_examples, editor_inputs  # noqa: E402
 from tests.test_architecture import compile_events  # noqa: E402
 from tests.train_utils import REPO, subprocess_env  # noqa: E402
 
