@@ -28,7 +28,8 @@ import jax
 import numpy as np
 
 from pbe_jax.data.sources import csv_lines
-from pbe_jax.inference import MAX_PIXELS, finish, load_edit_mask, load_rgb, prepare, run_edit, to_uint8
+from pbe_jax.inference import (MAX_PIXELS, crop_inputs, finish, larger_than_model, load_edit_mask, load_rgb,
+                               paste_windows, prepare, run_edit, to_uint8)
 from pbe_jax.outputs import decodes, write_json, write_png
 
 SETTINGS_FILE = "settings.json"
@@ -142,15 +143,26 @@ def validate(row: Row) -> str | None:
 
 
 def _edit_batch(pipe, chunk: list[Row], *, num_samples: int, reference_preprocess: str, max_pixels,
-                steps: int, guidance: float, scheduler: str, paste_back: bool, mesh) -> np.ndarray:
-    """uint8 [len(chunk) * num_samples, H, W, 3] for rows of one source size."""
+                steps: int, guidance: float, scheduler: str, paste_back: bool, mesh,
+                crop_padding: int | None = None) -> list[np.ndarray]:
+    """[uint8 [H, W, 3]] * (len(chunk) * num_samples) for rows of one source size, or, with
+    `crop_padding`, rows of any size edited in a window around their mask (`crop_inputs`) at the
+    model's resolution and pasted back into the full source."""
     seeds = [r.seed + k for r in chunk for k in range(num_samples)]
     images, edits = [r.image for r in chunk], [r.edit for r in chunk]
-    inputs = prepare(pipe, images, edits, [r.ref for r in chunk], seeds, num_images_per_prompt=num_samples,
-                     reference_preprocess=reference_preprocess, max_pixels=max_pixels)
+    work_images, work_edits = images, edits
+    if crop_padding is not None:
+        windows, work_images, work_edits = crop_inputs(pipe, images, edits, crop_padding)
+    inputs = prepare(pipe, work_images, work_edits, [r.ref for r in chunk], seeds,
+                     num_images_per_prompt=num_samples, reference_preprocess=reference_preprocess,
+                     max_pixels=max_pixels)
     out = run_edit(pipe, inputs, num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler,
                    mesh=mesh)
-    return to_uint8(finish(out, images, edits, num_images_per_prompt=num_samples, paste_back=paste_back))
+    out = finish(out, work_images, work_edits, num_images_per_prompt=num_samples,
+                 paste_back=paste_back and crop_padding is None)
+    if crop_padding is not None:
+        out = paste_windows(out, images, edits, windows, num_images_per_prompt=num_samples)
+    return [to_uint8(o) for o in out]
 
 
 def _reason(e: Exception) -> str:
@@ -181,21 +193,26 @@ def _rows_alone(pipe, chunk: list[Row], error: Exception, failed: dict[str, str]
 
 def edit_rows(pipe, rows: list[Row], *, batch_size: int, steps: int, guidance: float, scheduler: str,
               num_samples: int = 1, paste_back: bool = False, reference_preprocess: str = "squash",
-              mesh: jax.sharding.Mesh | None = None, max_pixels: int | None = MAX_PIXELS,
-              failed: dict[str, str] | None = None, log=None) -> Iterator[tuple[Row, list[np.ndarray]]]:
+              mask_crop_padding: int | None = None, mesh: jax.sharding.Mesh | None = None,
+              max_pixels: int | None = MAX_PIXELS, failed: dict[str, str] | None = None,
+              log=None) -> Iterator[tuple[Row, list[np.ndarray]]]:
     """Edit validated `rows` in batches of one source size: yields (row, [uint8 [H, W, 3] per
     sample]) as each batch finishes, on every process. `batch_size` counts output images.
+    With `mask_crop_padding`, rows larger than the model's resolution are edited in a window
+    around their mask (`inference.crop_inputs`), so they batch together whatever their size.
 
     With `failed`, a batch that raises (a source over `max_pixels`, out of device memory, ...)
     is retried one row at a time, and the rows that fail alone go to `failed` ({row id:
     reason}) instead of stopping the run; without it, the error propagates."""
     by_size: dict[tuple, list[Row]] = {}
     for r in rows:
-        by_size.setdefault(r.image.shape[:2], []).append(r)
+        crop = mask_crop_padding is not None and larger_than_model(pipe, r.image.shape[:2])
+        by_size.setdefault(("crop",) if crop else r.image.shape[:2], []).append(r)
     rows_per_batch = max(1, batch_size // num_samples)
-    kw = dict(num_samples=num_samples, reference_preprocess=reference_preprocess, max_pixels=max_pixels,
-              steps=steps, guidance=guidance, scheduler=scheduler, paste_back=paste_back, mesh=mesh)
-    for group in by_size.values():
+    for key, group in by_size.items():
+        kw = dict(num_samples=num_samples, reference_preprocess=reference_preprocess, max_pixels=max_pixels,
+                  steps=steps, guidance=guidance, scheduler=scheduler, paste_back=paste_back, mesh=mesh,
+                  crop_padding=mask_crop_padding if key == ("crop",) else None)
         for i in range(0, len(group), rows_per_batch):
             chunk = group[i:i + rows_per_batch]
             try:
@@ -239,8 +256,8 @@ def write_settings(out_dir: str, settings: dict) -> None:
 
 def write_results(pipe, rows: list[Row], out_dir: str, *, batch_size: int, steps: int, guidance: float,
                   scheduler: str, num_samples: int, paste_back: bool, reference_preprocess: str,
-                  mesh=None, log=None, max_pixels: int | None = MAX_PIXELS,
-                  overwrite: bool = False) -> tuple[int, dict[str, str]]:
+                  mask_crop_padding: int | None = None, mesh=None, log=None,
+                  max_pixels: int | None = MAX_PIXELS, overwrite: bool = False) -> tuple[int, dict[str, str]]:
     """Edit every row whose outputs `<out_dir>/<id>_<k>.png` (`output_path`) are not there or do
     not decode (every row with `overwrite`); process 0 writes each whole. Returns (images
     written, {row id: failure reason}); a failing row never stops the others."""
@@ -269,7 +286,8 @@ def write_results(pipe, rows: list[Row], out_dir: str, *, batch_size: int, steps
     bar = tqdm(total=len(todo) * num_samples, unit="img", disable=jax.process_index() != 0)
     for row, images in edit_rows(pipe, todo, batch_size=batch_size, steps=steps, guidance=guidance,
                                  scheduler=scheduler, num_samples=num_samples, paste_back=paste_back,
-                                 reference_preprocess=reference_preprocess, mesh=mesh,
+                                 reference_preprocess=reference_preprocess,
+                                 mask_crop_padding=mask_crop_padding, mesh=mesh,
                                  max_pixels=max_pixels, failed=failed, log=log):
         if jax.process_index() == 0:
             for img, p in zip(images, row.outputs):

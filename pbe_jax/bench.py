@@ -6,8 +6,10 @@ r"""Benchmarks: pbe_jax side by side with the PyTorch stack it replaces, in one 
   python -m pbe_jax.bench --what=memory --size=sd15                  # AOT only, 8 fake devices
   python -m pbe_jax.bench --what=data                                # data pipeline
   python -m pbe_jax.bench --what=load --size=sd15 --reps=1           # checkpoint load time
+  python -m pbe_jax.bench --what=crop --size=small                   # crop around the mask
 
-`--what` takes a comma-separated list of {train, sample, data, memory, load} or `all`:
+`--what` takes a comma-separated list of {train, sample, data, memory, load, crop} or `all` (all
+but crop):
 - train: the full PbE training step, pbe_jax vs eager PyTorch (diffusers/transformers modules,
   the official recipe): images/s, step time, FLOPs/step, achieved FLOP/s and MFU
   (pbe_jax/benchmarks/train.py).
@@ -19,6 +21,9 @@ r"""Benchmarks: pbe_jax side by side with the PyTorch stack it replaces, in one 
   devices, remat off/on (pbe_jax/benchmarks/memory.py; runs in a subprocess when needed).
 - load: seconds to read every tensor of a diffusers-layout checkpoint through the safetensors
   package, and to load it whole with `PaintByExample.from_pretrained` (pbe_jax/benchmarks/load.py).
+- crop: one edit of a `--crop_source` photo (1600x1200) with a small mask, in a window around the
+  mask at the model's resolution (`mask_crop_padding`) vs the whole image: time, pixels, XLA
+  FLOPs and memory (pbe_jax/benchmarks/crop.py; the whole-image edit is timed when it fits).
 `--size` is tiny | small | sd15 (pbe_jax/benchmarks/sizes.py). Each benchmark prints a markdown
 table of medians (warm-up excluded) with the ratio pbe_jax / reference; `--json OUT` writes
 `{name: {"ours", "reference", "ratio", "unit"}}` for every row.
@@ -31,14 +36,14 @@ from typing import Callable
 
 from absl import app, flags
 
-from pbe_jax.benchmarks import load, memory, sample, train
+from pbe_jax.benchmarks import crop, load, memory, sample, train
 from pbe_jax.benchmarks.report import Row, machine_line, markdown_table
 from pbe_jax.benchmarks.sizes import get_size
 from pbe_jax.data.bench import run
 
 ALL = ("train", "sample", "data", "memory", "load")
 
-_WHAT = flags.DEFINE_string("what", "data", "comma-separated benchmarks (train,sample,data,memory,load) or 'all'")
+_WHAT = flags.DEFINE_string("what", "data", "comma-separated benchmarks (train,sample,data,memory,load,crop) or 'all'")
 _SIZE = flags.DEFINE_enum("size", "small", ["tiny", "small", "sd15"], "model size")
 _DTYPE = flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "compute dtype (params stay fp32)")
 _JSON = flags.DEFINE_string("json", "", "write every result row to this JSON file")
@@ -56,6 +61,11 @@ _SAMPLE_GUIDANCE = flags.DEFINE_float("sample_guidance", 5.0, "classifier-free g
 # memory
 _MEMORY_COMPILE = flags.DEFINE_bool("memory_compile", True,
                                     "AOT-compile each mesh x remat (else state bytes only)")
+
+# crop
+_CROP_SOURCE = flags.DEFINE_string("crop_source", "1600x1200", "WxH of the photo to edit")
+_CROP_PADDING = flags.DEFINE_integer("crop_padding", 32, "mask_crop_padding in px")
+_CROP_FULL = flags.DEFINE_bool("crop_full", True, "also time the whole-image edit (when it fits in RAM)")
 
 # data
 _DATA_RES = flags.DEFINE_integer("data_resolution", 512, "source crop side in px")
@@ -93,6 +103,13 @@ def bench_load() -> list:
     return load.run(_size(), reps=_REPS.value, warmup=_warmup(1))
 
 
+def bench_crop() -> list:
+    w, h = (int(v) for v in _CROP_SOURCE.value.lower().split("x"))
+    return crop.run(_size(), source=(h, w), padding=_CROP_PADDING.value, steps=_SAMPLE_STEPS.value,
+                    guidance=_SAMPLE_GUIDANCE.value, reps=_REPS.value, warmup=_warmup(1),
+                    full=_CROP_FULL.value, dtype=_DTYPE.value)
+
+
 def bench_data() -> list:
     r = run(resolution=_DATA_RES.value, num_images=_DATA_IMAGES.value,
             num_samples=_DATA_SAMPLES.value,
@@ -114,6 +131,7 @@ BENCHMARKS: dict[str, Callable[[], list]] = {
     "data": bench_data,
     "memory": bench_memory,
     "load": bench_load,
+    "crop": bench_crop,
 }
 
 

@@ -16,7 +16,9 @@ cache adds the shapes. It VAE-encodes the masked image, resizes the keep-mask to
 bilinearly (the official code; diffusers uses nearest, which agrees on 8-px-aligned masks),
 CLIP-encodes the reference, runs the guided `lax.scan` sampler and VAE-decodes. Optional
 `paste_back` blends the source back outside a feathered mask (the official code and diffusers
-do not: the unedited region is a VAE re-synthesis with colour shift).
+do not: the unedited region is a VAE re-synthesis with colour shift). Optional
+`mask_crop_padding` (diffusers' `padding_mask_crop`) crops a window around the mask before
+`prepare`, edits it at the model's resolution and pastes it back after `finish`.
 """
 from __future__ import annotations
 
@@ -324,6 +326,100 @@ def finish(out: np.ndarray, images: Sequence[np.ndarray], edits: Sequence[np.nda
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Crop around the mask (diffusers' `padding_mask_crop`): host side, before `prepare` / after
+# `finish`, so a large photo is edited at the model's resolution and only near the mask.
+# ---------------------------------------------------------------------------------------------
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels; x1 / y1 exclusive
+
+
+def model_resolution(pipe) -> tuple[int, int]:
+    """(H, W) the model was trained at: the UNet's `sample_size` x the VAE factor (512 for SD,
+    64 for the demo); the VAE's `sample_size` when the UNet config has none."""
+    vae = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    side = pipe.unet.config.sample_size
+    if side is None:
+        side = pipe.vae.config.sample_size
+        vae = 1
+    h, w = (side, side) if np.isscalar(side) else side
+    return int(h) * vae, int(w) * vae
+
+
+def larger_than_model(pipe, size: tuple[int, int]) -> bool:
+    """Whether an (H, W) image exceeds the model's resolution on either side: where the batch
+    CLI and the web demo crop around the mask by default."""
+    rh, rw = model_resolution(pipe)
+    return size[0] > rh or size[1] > rw
+
+
+def _grow(a: int, b: int, size: int, limit: int) -> tuple[int, int]:
+    """[a, b) grown to `size` (at least b - a, at most `limit`) about its centre, shifted to lie
+    inside [0, limit)."""
+    size = min(max(size, b - a), limit)
+    a = min(max(a - (size - (b - a)) // 2, 0), limit - size)
+    return a, a + size
+
+
+def crop_window(edit: np.ndarray, padding: int, target: tuple[int, int]) -> Box:
+    """The window to edit for a bool mask `edit` [H, W]: the mask's bounding box grown by
+    `padding` px per side, then grown along one axis to the aspect of `target` (H, W) and shifted
+    inside the image (diffusers' `VaeImageProcessor.get_crop_region`). Near the image's border
+    the window can keep a different aspect; it is then squashed to `target`, as training squashes
+    a crop that no square fits (PBE_SPEC.md section 2.4)."""
+    h, w = edit.shape
+    ys, xs = np.nonzero(edit)
+    x0, x1 = max(int(xs.min()) - padding, 0), min(int(xs.max()) + 1 + padding, w)
+    y0, y1 = max(int(ys.min()) - padding, 0), min(int(ys.max()) + 1 + padding, h)
+    th, tw = target
+    if (x1 - x0) * th > (y1 - y0) * tw:  # wider than the target: grow the height
+        y0, y1 = _grow(y0, y1, round((x1 - x0) * th / tw), h)
+    else:
+        x0, x1 = _grow(x0, x1, round((y1 - y0) * tw / th), w)
+    return x0, y0, x1, y1
+
+
+def _resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[h, w, ...] -> [H, W, ...] for size (H, W): area averaging to shrink, bicubic to enlarge."""
+    if x.shape[:2] == tuple(size):
+        return x
+    smaller = size[0] * size[1] < x.shape[0] * x.shape[1]
+    return cv2.resize(x, (size[1], size[0]), interpolation=cv2.INTER_AREA if smaller else cv2.INTER_CUBIC)
+
+
+def crop_inputs(pipe, images: Sequence[np.ndarray], edits: Sequence[np.ndarray], padding: int
+                ) -> tuple[list[Box], list[np.ndarray], list[np.ndarray]]:
+    """(windows, uint8 crops [R, R, 3], bool edit masks [R, R]) at the model's resolution R for
+    uint8 sources [H, W, 3] and bool masks [H, W] (True = paint)."""
+    if int(padding) < 0:
+        raise ValueError(f"mask_crop_padding must be >= 0 px (or None for no crop), got {padding}")
+    target = model_resolution(pipe)
+    windows = [crop_window(e, int(padding), target) for e in edits]
+    crops = [_resize(im[y0:y1, x0:x1], target) for im, (x0, y0, x1, y1) in zip(images, windows)]
+    masks = [_resize(e[y0:y1, x0:x1].astype(np.float32), target) >= 0.5
+             for e, (x0, y0, x1, y1) in zip(edits, windows)]
+    return windows, crops, masks
+
+
+def paste_windows(out: np.ndarray, images: Sequence[np.ndarray], edits: Sequence[np.ndarray],
+                  windows: Sequence[Box], *, num_images_per_prompt: int = 1,
+                  paste_back_radius: float = 8.0) -> list[np.ndarray]:
+    """Window edits [N * k, R, R, 3] in [0, 1] (from `finish` without paste-back) -> the full
+    photos [H, W, 3] in [0, 1]: each edit is resized back to its window and blended into its
+    source over the feathered mask, so every pixel outside the mask (and so outside the window)
+    is the source's."""
+    results = []
+    for i, o in enumerate(out):
+        src, e = images[i // num_images_per_prompt], edits[i // num_images_per_prompt]
+        x0, y0, x1, y1 = windows[i // num_images_per_prompt]
+        full = src.astype(np.float32) / 255.0
+        alpha = feather(e[y0:y1, x0:x1], paste_back_radius)[..., None]
+        win = np.clip(_resize(np.asarray(o, np.float32), (y1 - y0, x1 - x0)), 0.0, 1.0)
+        full[y0:y1, x0:x1] = full[y0:y1, x0:x1] * (1 - alpha) + win * alpha
+        results.append(full)
+    return results
+
+
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """[..., 3] float in [0, 1] -> uint8, as the PIL outputs are quantised."""
     return np.round(x * 255).astype(np.uint8)
@@ -340,17 +436,24 @@ def _as_list(x) -> list:
 def edit(pipe, source, mask, reference, *, num_inference_steps: int = 50, guidance_scale: float = 5.0,
          scheduler: str | None = "plms", seed: int | Sequence[int] = 0, num_images_per_prompt: int = 1,
          latents: np.ndarray | None = None, masked_latents: str = "sample", paste_back: bool = False,
-         paste_back_radius: float = 8.0, reference_preprocess: str = "squash",
-         output_type: str = "pil", eta: float = 0.0, mesh: jax.sharding.Mesh | None = None,
-         max_pixels: int | None = MAX_PIXELS):
+         paste_back_radius: float = 8.0, mask_crop_padding: int | None = None,
+         reference_preprocess: str = "squash", output_type: str = "pil", eta: float = 0.0,
+         mesh: jax.sharding.Mesh | None = None, max_pixels: int | None = MAX_PIXELS):
     """Paint `reference` into the white region of `mask` on `source` (see the module docstring).
 
     source/mask/reference: one image each or equal-length lists (PIL, numpy, paths); all sources
     of a call share one size, and each mask has its source's size. `seed`: an int (image i uses
     seed + i) or one seed per output image. `latents`: NHWC [N * num_images_per_prompt, h, w, 4]
     unit-variance noise (scaled by the scheduler's init sigma). `max_pixels`: sources whose
-    padded size is larger are refused (ValueError naming the limit; None = no limit). Returns PIL
-    images or, with output_type='np', float32 [N * num_images_per_prompt, H, W, 3] in [0, 1].
+    padded working size is larger are refused (ValueError naming the limit; None = no limit).
+    Returns PIL images or, with output_type='np', float32 [N * num_images_per_prompt, H, W, 3]
+    in [0, 1].
+
+    `mask_crop_padding=N` (diffusers' `padding_mask_crop`; None = off, as diffusers) edits only
+    a window around the mask's bounding box grown by N px (`crop_window`), resized to the
+    model's resolution (`model_resolution`; `latents` are then of that size), and blends the
+    result back over the feathered mask: pixels outside the mask are the source's, whatever
+    `paste_back` says.
     """
     if output_type not in ("pil", "np"):
         raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
@@ -371,12 +474,19 @@ def edit(pipe, source, mask, reference, *, num_inference_steps: int = 50, guidan
     n = len(images) * num_images_per_prompt
     seeds = [int(seed) + i for i in range(n)] if np.isscalar(seed) else [int(s) for s in seed]
     refs_u8 = [load_rgb(x, f"reference {i}") for i, x in enumerate(refs)]
-    inputs = prepare(pipe, images, edits, refs_u8, seeds, num_images_per_prompt=num_images_per_prompt,
-                     reference_preprocess=reference_preprocess, max_pixels=max_pixels)
+    work_images, work_edits = images, edits
+    if mask_crop_padding is not None:
+        windows, work_images, work_edits = crop_inputs(pipe, images, edits, mask_crop_padding)
+    inputs = prepare(pipe, work_images, work_edits, refs_u8, seeds,
+                     num_images_per_prompt=num_images_per_prompt, reference_preprocess=reference_preprocess,
+                     max_pixels=max_pixels)
     out = run_edit(pipe, inputs, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    scheduler=scheduler, eta=eta, latents=latents, masked_latents=masked_latents, mesh=mesh)
-    out = finish(out, images, edits, num_images_per_prompt=num_images_per_prompt, paste_back=paste_back,
-                 paste_back_radius=paste_back_radius)
+    out = finish(out, work_images, work_edits, num_images_per_prompt=num_images_per_prompt,
+                 paste_back=paste_back and mask_crop_padding is None, paste_back_radius=paste_back_radius)
+    if mask_crop_padding is not None:
+        out = np.stack(paste_windows(out, images, edits, windows, num_images_per_prompt=num_images_per_prompt,
+                                     paste_back_radius=paste_back_radius))
     if output_type == "np":
         return out
     return [Image.fromarray(to_uint8(o)) for o in out]

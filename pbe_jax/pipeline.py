@@ -24,16 +24,30 @@ from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE, PaintByExampleMod
 __all__ = ["FROZEN", "PaintByExample", "TRAINABLE"]
 
 
+def _one_of(ours: str, value, diffusers_name: str, diffusers_value):
+    """An input given by our name or by diffusers' `PaintByExamplePipeline` name, not both."""
+    if value is not None and diffusers_value is not None:
+        raise TypeError(f"got both {ours}= and {diffusers_name}= (diffusers' name for it); give one")
+    if value is None and diffusers_value is None:
+        raise TypeError(f"missing the {ours} image: pass it positionally, as {ours}=, or as "
+                        f"{diffusers_name}= (diffusers' name)")
+    return value if value is not None else diffusers_value
+
+
 class PaintByExample(PaintByExampleModel):
     """unet [B,h,w,9]->[B,h,w,4], vae, image_encoder [B,224,224,3]->[B,1,768] + configs, with
     `from_pretrained` / `save_pretrained` / `__call__`."""
 
-    def __call__(self, source=None, mask=None, reference=None, **kwargs):
+    def __call__(self, source=None, mask=None, reference=None, *, image=None, mask_image=None,
+                 example_image=None, **kwargs):
         """Paint `reference` into the white region of `mask` on `source`; arguments and return
         values in `pbe_jax.inference.edit` (num_inference_steps=50, guidance_scale=5.0,
         scheduler='plms', seed=0, num_images_per_prompt=1, latents=None, masked_latents='sample',
         paste_back=False, mask_crop_padding=None, reference_preprocess='squash',
         output_type='pil'). diffusers' names work too: `image=`, `mask_image=`, `example_image=`."""
+        source = _one_of("source", source, "image", image)
+        mask = _one_of("mask", mask, "mask_image", mask_image)
+        reference = _one_of("reference", reference, "example_image", example_image)
         return edit(self, source, mask, reference, **kwargs)
 
     @classmethod

@@ -17,6 +17,9 @@ a plain file name, a source over `--max_pixels`, a failure on the device) is rep
 reason and the rest go on; the exit code is 1 if any row failed. Rows are grouped by source size
 into batches; each output's noise comes from its own seed (row seed + k), so results do not
 depend on the batching or the number of devices.
+Sources larger than the model's resolution are edited in a window around the mask grown by
+`--mask_crop_padding` px (default 32; -1 edits the whole image) at the model's resolution and
+pasted back.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ log = logging.getLogger("pbe_jax")
 def _settings(flags_) -> dict:
     """The settings an output depends on (not the batch size: results do not depend on it)."""
     keys = ("model", "steps", "guidance", "scheduler", "seed", "num_samples", "paste_back",
-            "reference_preprocess", "dtype", "use_ema", "variant", "revision")
+            "reference_preprocess", "dtype", "use_ema", "variant", "revision", "mask_crop_padding")
     out = {k: getattr(flags_, k) for k in keys}
     if os.path.exists(out["model"]):  # a local model: the same wherever the command runs from
         out["model"] = os.path.abspath(out["model"])
@@ -73,7 +76,8 @@ def main(argv) -> int:
     mesh = make_mesh("data:-1") if jax.device_count() > 1 else None
     kw = dict(log=log, batch_size=F.batch_size, steps=F.steps, guidance=F.guidance, scheduler=F.scheduler,
               num_samples=F.num_samples, paste_back=F.paste_back,
-              reference_preprocess=F.reference_preprocess, mesh=mesh, max_pixels=F.max_pixels or None)
+              reference_preprocess=F.reference_preprocess, mesh=mesh, max_pixels=F.max_pixels or None,
+              mask_crop_padding=F.mask_crop_padding if F.mask_crop_padding >= 0 else None)
     if single:
         out_dir = os.path.dirname(os.path.abspath(F.out))
         stem = os.path.splitext(os.path.basename(F.out))[0]
@@ -115,6 +119,9 @@ def define_flags() -> None:
                          "sources fail with a message (0 = no limit)")
     flags.DEFINE_bool("overwrite", False, "redo every row, also when --out holds results made with "
                       "other settings")
+    flags.DEFINE_integer("mask_crop_padding", 32, "sources larger than the model's resolution: edit a "
+                         "window around the mask grown by this many px, at the model's resolution "
+                         "(-1: edit the whole image)", lower_bound=-1)
     flags.mark_flags_as_required(["model", "out"])
     distributed.define_flags()
 

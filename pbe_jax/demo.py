@@ -1,0 +1,47 @@
+r"""The local web demo: `python -m pbe_jax.demo --model=DIR_OR_HUB_ID [--port=7860] [--share=false]`.
+
+  pip install -e ".[demo]"
+  python -m pbe_jax.train --config=configs/pbe.py:demo --workdir=/tmp/pbe_demo   # or any PbE model
+  python -m pbe_jax.demo --model=/tmp/pbe_demo          # then open http://127.0.0.1:7860
+
+`--model` is a diffusers PbE repo (dir or hub id, e.g. Fantasy-Studio/Paint-by-Example) or a
+pbe_jax training workdir / checkpoint (its held-out synthetic scenes become the examples). The
+page (pbe_jax/webdemo.py) compiles the model once at start-up, queues concurrent users (one edit
+at a time), and edits photos larger than the model's resolution in a window around the mask.
+"""
+from __future__ import annotations
+
+from absl import app, flags
+
+from pbe_jax.inference import model_resolution
+from pbe_jax.models.hub import cast_dtype
+from pbe_jax.pipeline import PaintByExample
+from pbe_jax.webdemo import Settings, build_app, demo_examples, examples_data_config
+
+_MODEL = flags.DEFINE_string("model", None, "diffusers PbE repo (dir or hub id) or a pbe_jax workdir/checkpoint")
+_PORT = flags.DEFINE_integer("port", 7860, "port to serve on")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "address to serve on (0.0.0.0: every interface)")
+_SHARE = flags.DEFINE_bool("share", False, "also open a public Gradio share link")
+_STEPS = flags.DEFINE_integer("steps", 50, "default denoising steps on the page")
+_PADDING = flags.DEFINE_integer("mask_crop_padding", 32, "default crop padding around the mask (px)")
+_DTYPE = flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "compute dtype")
+_MAX_MP = flags.DEFINE_float("max_megapixels", 40.0, "largest source the page accepts")
+_EXAMPLES = flags.DEFINE_integer("examples", 3, "example triplets from held-out synthetic scenes")
+flags.mark_flag_as_required("model")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]} (boolean flags take '=': --share=false)")
+    pipe = PaintByExample.from_pretrained(_MODEL.value, dtype=cast_dtype(_DTYPE.value))
+    examples = demo_examples(examples_data_config(_MODEL.value), _EXAMPLES.value,
+                             resolution=max(model_resolution(pipe)))
+    page = build_app(pipe, examples=examples, max_megapixels=_MAX_MP.value,
+                     settings=Settings(steps=_STEPS.value, padding=_PADDING.value))
+    page.queue(max_size=32, default_concurrency_limit=1)
+    page.launch(server_name=_HOST.value, server_port=_PORT.value, share=_SHARE.value, show_error=True,
+                max_file_size="64mb")
+
+
+if __name__ == "__main__":
+    app.run(main)

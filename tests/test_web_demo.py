@@ -1,0 +1,231 @@
+"""The web demo (`python -m pbe_jax.demo`, `pbe_jax.webdemo`): the edit behind the page and its
+messages, no recompilation after start-up, and the page itself driven by a real headless
+Chromium (Debian's `chromium`, through playwright; no browser download): upload a source, brush
+a mask, upload a reference, press Edit, get an image of the source's size; a non-image upload
+is refused with a message on the page."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gr = pytest.importorskip("gradio", reason="the web demo needs gradio (pip install -e '.[demo]')")
+
+from pbe_jax.benchmarks.model import build  # noqa: E402
+from pbe_jax.benchmarks.sizes import get_size  # noqa: E402
+from pbe_jax.pipeline import PaintByExample  # noqa: E402
+from pbe_jax.webdemo import DemoEditor, Settings, build_app, demo_examples, editor_inputs  # noqa: E402
+from tests.test_architecture import compile_events  # noqa: E402
+from tests.train_utils import REPO, subprocess_env  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The demo architecture (64 px) with random weights, as a diffusers repo."""
+    d = str(tmp_path_factory.mktemp("demo_model"))
+    build(get_size("tiny"), export_dir=d)  # host init: seconds, where NNX's jitted init takes a minute
+    return d
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return PaintByExample.from_pretrained(model_dir)
+
+
+def _editor_value(h, w, box, seed=0):
+    """What gr.ImageEditor(type='numpy', image_mode='RGBA') hands the edit: background + one
+    brush layer painted over `box` (y0, y1, x0, x1)."""
+    rng = np.random.default_rng(seed)
+    bg = np.concatenate([rng.integers(0, 256, (h, w, 3), np.uint8), np.full((h, w, 1), 255, np.uint8)], -1)
+    layer = np.zeros((h, w, 4), np.uint8)
+    y0, y1, x0, x1 = box
+    layer[y0:y1, x0:x1, 3] = 153
+    return {"background": bg, "layers": [layer], "composite": bg}
+
+
+def _ref(seed=1):
+    return np.random.default_rng(seed).integers(0, 256, (40, 40, 3), np.uint8)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_inputs_and_messages(pipe, tmp_path):
+    value = _editor_value(30, 40, (5, 15, 10, 30))
+    src, mask = editor_inputs(value)
+    assert src.shape == (30, 40, 3) and src.dtype == np.uint8
+    assert mask.sum() == 10 * 20 and mask[5:15, 10:30].all()
+    with pytest.raises(gr.Error, match="Upload a source"):
+        editor_inputs(None)
+    with pytest.raises(gr.Error, match="mask is empty"):
+        editor_inputs({**value, "layers": [np.zeros((30, 40, 4), np.uint8)]})
+    editor = DemoEditor(pipe, settings=Settings(steps=STEPS), max_megapixels=0.001)
+    editor.state = "ready"  # the checks below come before any model call
+    args = (STEPS, 5.0, 0, "plms", True, True, 32)
+    with pytest.raises(gr.Error, match="Upload a reference"):
+        editor(value, None, *args)
+    with pytest.raises(gr.Error, match=r"40x30 \(0.0 Mpx\); this page takes up to"):
+        editor(_editor_value(30, 40, (5, 15, 10, 30)), _ref(), *args)  # 1200 px > 1000
+    small = DemoEditor(pipe, settings=Settings(steps=STEPS))
+    small.state = "ready"
+    with pytest.raises(gr.Error, match="whole-image edit of 160x130"):  # crop off, > 4x 64x64 px
+        small(_editor_value(130, 160, (5, 15, 10, 30)), _ref(), STEPS, 5.0, 0, "plms", True, False, 32)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    assert "not an image" in editor.check_upload({"path": str(text), "orig_name": "notes.png"}, "reference")
+    big = tmp_path / "big.png"
+    Image.new("RGB", (50, 40)).save(big)
+    assert "50x40" in editor.check_upload({"path": str(big)}, "source")
+    assert DemoEditor(pipe).check_upload({"path": str(big)}, "source") is None
+
+
+def test_edits_after_startup_compile_nothing(pipe):
+    editor = DemoEditor(pipe, settings=Settings(steps=STEPS))
+    editor.warmup()
+    assert editor.state == "ready"
+    args = (STEPS, 5.0, 0, "plms", True, True, 16)
+    with compile_events() as events:
+        # two sources of different sizes, both larger than the model: cropped to its 64x64
+        for (h, w), box in (((150, 200), (60, 90, 70, 110)), ((120, 90), (10, 40, 20, 50))):
+            value = _editor_value(h, w, box)
+            image, path, status = editor(value, _ref(), *args)
+            assert image.size == (w, h) and Image.open(path).size == (w, h)
+            assert "window around the mask" in status
+            got, src = np.asarray(image), value["background"][..., :3]
+            mask = value["layers"][0][..., 3] > 0
+            np.testing.assert_array_equal(got[~mask], src[~mask])  # pasted back
+            assert np.abs(got[mask].astype(int) - src[mask]).mean() > 5  # edited
+    assert events == [], f"an edit after the start-up compilation compiled: {events}"
+
+
+def test_examples_are_held_out_scenes():
+    from pbe_jax.data.config import data_config
+    from pbe_jax.data.synthetic import synthetic_scene
+
+    cfg = data_config("demo")
+    ex = demo_examples(cfg, 2)
+    assert len(ex) == 2
+    for k, (src, mask, ref) in enumerate(ex):
+        scene, _ = synthetic_scene(cfg.synthetic_num_images + 2 * k, seed=cfg.synthetic_seed,
+                                   min_side=cfg.synthetic_min_side, max_side=cfg.synthetic_max_side)
+        np.testing.assert_array_equal(src, scene)  # past the training indices 0 .. n-1
+        assert mask.shape == src.shape[:2] and 0 < mask.mean() < 1
+        assert ref.ndim == 3 and min(ref.shape[:2]) >= 4
+
+
+def _browser_available():
+    if not os.path.exists(CHROMIUM):
+        return f"{CHROMIUM} is missing (apt-get install chromium; .ci/run installs it)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is missing (pip install -e '.[test]')"
+    return None
+
+
+def _wait_result(page, size, timeout_ms):
+    page.wait_for_function(
+        "([w, h]) => { const i = document.querySelector('#result img');"
+        " return i && i.complete && i.naturalWidth === w && i.naturalHeight === h; }",
+        arg=list(size), timeout=timeout_ms)
+
+
+@pytest.mark.skipif(_browser_available() is not None, reason=str(_browser_available()))
+def test_page_in_headless_chromium(pipe, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (150, 200, 3), np.uint8)).save(tmp_path / "source.png")
+    Image.fromarray(_ref()).save(tmp_path / "reference.png")
+    (tmp_path / "notes.png").write_text("this is not an image\n")
+    editor = DemoEditor(pipe, settings=Settings(steps=STEPS))
+    editor.lock.acquire()  # hold the start-up compilation: the page must say so, not freeze
+    app = build_app(editor, examples=demo_examples(num=1))
+    app.queue(default_concurrency_limit=1)
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, show_error=True,
+               quiet=True)
+    profile = tempfile.mkdtemp(prefix="pbe_chromium_")
+    try:
+        with sync_playwright() as p:
+            ctx = p.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS,  # a fresh --user-data-dir
+                headless=True, viewport={"width": 1400, "height": 1000})
+            page = ctx.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector("#status:has-text('Compiling')", timeout=60_000)
+            assert page.locator("#run").is_disabled()
+            editor.lock.release()
+            page.wait_for_selector("#run:not([disabled])", timeout=300_000)
+            assert "Ready" in page.locator("#status").inner_text()
+
+            page.locator("#source input[type=file]").set_input_files(str(tmp_path / "source.png"))
+            # the editor selects its brush once the image is on the canvas
+            page.wait_for_selector("#source button[aria-label='Brush'].highlight", timeout=60_000)
+            box = page.locator("#source canvas").last.bounding_box()
+            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            page.mouse.move(cx - 40, cy)
+            page.mouse.down()
+            for i in range(20):
+                page.mouse.move(cx - 40 + 4 * i, cy + 2 * i)
+            page.mouse.up()
+            page.locator("#reference input[type=file]").set_input_files(str(tmp_path / "reference.png"))
+            page.wait_for_selector("#reference img", timeout=30_000)
+            page.locator("#run").click()
+            _wait_result(page, (200, 150), 120_000)
+            assert "Edited 200x150" in page.locator("#status").inner_text()
+            assert page.locator("#download").is_visible()
+            if os.environ.get("PBE_DEMO_SCREENSHOT"):
+                page.screenshot(path=os.environ["PBE_DEMO_SCREENSHOT"], full_page=True)
+
+            page.locator("#reference input[type=file]").set_input_files(str(tmp_path / "notes.png"))
+            page.wait_for_selector("#status:has-text('not an image')", timeout=30_000)
+            toast = page.locator(".toast-body").filter(has_text="not an image")
+            toast.first.wait_for(timeout=30_000)
+            assert "notes.png" in toast.first.inner_text()
+            ctx.close()
+    finally:
+        if editor.lock.locked() and editor.state == "compiling":
+            editor.lock.release()
+        app.close()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_cli_serves_the_page(model_dir):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "pbe_jax.demo", f"--model={model_dir}", f"--port={port}", "--steps=2",
+           "--examples=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**subprocess_env(), "GRADIO_ANALYTICS_ENABLED": "False"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5) as r:
+                    config = r.read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the demo did not serve its page in 240 s"
+                time.sleep(1)
+        assert "Paint by Example" in config and '"run"' in config
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
