@@ -142,7 +142,7 @@ def test_rerun_with_other_settings_or_unwritable_out_refuses_before_any_compute(
     out = tmp_path / "out"
     old = {"model": os.path.abspath(model_dir), "steps": 3, "guidance": 5.0, "scheduler": "plms",
            "seed": 0, "num_samples": 1, "paste_back": False, "reference_preprocess": "squash",
-           "dtype": "fp32"}
+           "dtype": "fp32", "mask_crop_padding": 32}
     write_settings(str(out), old)
     p = _sample([f"--manifest={manifest}", f"--out={out}", "--steps=4", "--scheduler=ddim"], model_dir)
     assert p.returncode != 0
