@@ -26,7 +26,7 @@ import numpy as np
 from pbe_jax.data.batch import normalize_batch
 from pbe_jax.schedulers import add_noise, noise_schedule, velocity
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -54,6 +54,8 @@ class NoiseSchedule:
         """What the UNet learns to output at x_t = add_noise(z0, noise, t)."""
         if self.prediction_type == "v_prediction":
             return velocity(self.alphas_cumprod, z0, noise, t)
+        if self.prediction_type == "sample":
+            return z0
         return noise
 
 
@@ -101,7 +103,9 @@ def draw_drop(rng: jax.Array, b: int, drop_prob: float, drop_mode: str) -> jax.A
 def condition(image_encoder, reference: jax.Array, drop: jax.Array | None) -> jax.Array:
     """Reference [B, R, R, 3] (CLIP-normalised) -> context [B, 1, D]; rows where `drop` is True
     get the learned `uncond_vector`."""
-    pooled = jax.lax.stop_gradient(image_encoder.clip_pooled(reference))  # frozen tower
+    # The tower is frozen by the train step's param split (its params are step inputs, never
+    # differentiated), unless config.train.train_image_tower puts it among the trained params.
+    pooled = image_encoder.clip_pooled(reference)
     ctx = image_encoder.project(pooled)  # [B, 1, D], trainable
     if drop is None:
         return ctx

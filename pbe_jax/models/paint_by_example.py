@@ -3,7 +3,9 @@ preprocessing configs, as one NNX module: the container every loader builds and 
 splits. (`pbe_jax.PaintByExample` adds `from_pretrained` / `save_pretrained` / `__call__`.)
 
 Training splits it into trainable params (UNet, mapper, final LN, proj_out, uncond_vector) and
-frozen ones (VAE, CLIP vision tower) with the `TRAINABLE` / `FROZEN` filters.
+frozen ones (VAE, CLIP vision tower) with the `TRAINABLE` / `FROZEN` filters (the paper's split);
+`param_filters(train_image_tower=True)` also trains the CLIP tower (the demo's departure: it has
+no pretrained CLIP, see configs/pbe.py).
 """
 from __future__ import annotations
 
@@ -36,10 +38,11 @@ def default_feature_extractor_config(size: int = 224) -> dict[str, Any]:
     }
 
 
-def is_frozen(path: tuple) -> bool:
-    """VAE and the CLIP vision tower are frozen (PBE_SPEC 1.2-1.3); everything else trains."""
+def is_frozen(path: tuple, train_image_tower: bool = False) -> bool:
+    """VAE and the CLIP vision tower are frozen (PBE_SPEC 1.2-1.3); everything else trains.
+    `train_image_tower`: the tower trains too."""
     head = tuple(str(p) for p in path[:2])
-    return head[0] == "vae" or head == ("image_encoder", "model")
+    return head[0] == "vae" or (head == ("image_encoder", "model") and not train_image_tower)
 
 
 def TRAINABLE(path, x) -> bool:  # noqa: N802 (an nnx filter, used like a constant)
@@ -48,6 +51,15 @@ def TRAINABLE(path, x) -> bool:  # noqa: N802 (an nnx filter, used like a consta
 
 def FROZEN(path, x) -> bool:  # noqa: N802
     return isinstance(x, nnx.Param) and is_frozen(path)
+
+
+def param_filters(train_image_tower: bool = False):
+    """(trainable, frozen) nnx filters: the paper's split (`TRAINABLE`, `FROZEN`), or with the
+    CLIP vision tower among the trained params (`config.train.train_image_tower`)."""
+    if not train_image_tower:
+        return TRAINABLE, FROZEN
+    return (lambda path, x: isinstance(x, nnx.Param) and not is_frozen(path, True),
+            lambda path, x: isinstance(x, nnx.Param) and is_frozen(path, True))
 
 
 def component_kwargs(component: str, *, dtype=jnp.float32, param_dtype=jnp.float32,

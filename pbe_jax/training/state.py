@@ -15,7 +15,7 @@ from pbe_jax.data.batch import HOST_KEYS, host_batch_spec
 from pbe_jax.diffusion import NoiseSchedule
 from pbe_jax.models.hub import cast_dtype
 from pbe_jax.models.init import host_init
-from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE, PaintByExampleModel
+from pbe_jax.models.paint_by_example import PaintByExampleModel, param_filters
 from pbe_jax.training.optim import make_optimizer
 from pbe_jax.training.step import make_train_step
 
@@ -39,7 +39,9 @@ class Setup:
         shd.check_batch_size(config.train.batch_size, mesh, what="config.train.batch_size")
         rules = tuple(tuple(r) for r in config.sharding_rules)
         self.abstract = abstract_model(config)
-        self.graphdef, p_abs, f_abs, rest = nnx.split(self.abstract, TRAINABLE, FROZEN, ...)
+        # What trains and what is a frozen step input (the paper: VAE and CLIP tower frozen).
+        self.trainable, self.frozen = param_filters(bool(config.train.train_image_tower))
+        self.graphdef, p_abs, f_abs, rest = nnx.split(self.abstract, self.trainable, self.frozen, ...)
         if jax.tree.leaves(rest):
             raise ValueError(f"model has state that is neither trainable nor frozen: {rest}")
         self.rest = nnx.to_pure_dict(rest)
@@ -126,11 +128,11 @@ class Setup:
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
     def abstract_params(self) -> dict:
-        shapes = nnx.to_pure_dict(nnx.split(self.abstract, TRAINABLE, ...)[1])
+        shapes = nnx.to_pure_dict(nnx.split(self.abstract, self.trainable, ...)[1])
         return self._with_sharding(shapes, self.params_sharding)
 
     def abstract_frozen(self) -> dict:
-        shapes = nnx.to_pure_dict(nnx.split(self.abstract, FROZEN, ...)[1])
+        shapes = nnx.to_pure_dict(nnx.split(self.abstract, self.frozen, ...)[1])
         return self._with_sharding(shapes, self.frozen_sharding)
 
     def abstract_state(self) -> dict:
