@@ -481,6 +481,7 @@ class SyntheticSource:
         self.n = int(cfg.synthetic_num_images)
         self.seed = int(cfg.synthetic_seed)
         self.sides = (int(cfg.synthetic_min_side), int(cfg.synthetic_max_side))
+        self.style = str(cfg.synthetic_style)
         self.index_counts = {}
 
     def __len__(self) -> int:
@@ -488,7 +489,7 @@ class SyntheticSource:
 
     def __getitem__(self, i: int) -> Record:
         img, boxes = synthetic_scene(int(i), seed=self.seed, min_side=self.sides[0],
-                                     max_side=self.sides[1])
+                                     max_side=self.sides[1], style=self.style)
         return Record(key=f"synthetic/{i}", boxes=boxes, pixels=img)
 
 

@@ -1,22 +1,65 @@
 """Procedural scenes with boxes: the default data for the demo, the tests and the benchmarks.
 
-Scene `index` of `seed` is always the same picture: a textured background (gradient, stripes,
-checkerboard or smooth noise, plus grain) with 1-4 objects (rectangle, ellipse, triangle, star,
-polygon) of varied sizes, colours and textures (solid, stripes, dots, gradient, noise, shaded)
-that may overlap. Each object's box is the tight box of its drawn pixels, so later objects can
-occlude earlier ones as in real annotations.
+Scene `index` of `seed` and `style` is always the same picture. Two styles:
+
+- 'varied' (the paper profile, the tests, the benchmarks): a textured background (gradient,
+  stripes, checkerboard or smooth noise, plus grain) with 1-4 objects (rectangle, ellipse,
+  triangle, star, polygon) of varied sizes, colours and textures (solid, stripes, dots,
+  gradient, noise, shaded) that may overlap.
+- 'palette' (the demo profile): the same background patterns in muted, low-saturation colours,
+  with 1-3 large solid objects, each of one of the 8 saturated `PALETTE` colours (jittered by a
+  few levels). An object's appearance is then its colour and its shape, which a tiny model can
+  learn to carry from the reference to the hole in minutes on a CPU, and which
+  `pbe_jax.evals.exemplar` can score (an object pixel's palette colour is unambiguous: the
+  background's chroma stays far below any palette colour's).
+
+Each object's box is the tight box of its drawn pixels, so later objects can occlude earlier
+ones as in real annotations. `draw_scene` also returns each object's palette colour and how
+much of it stays visible (for held-out evaluation triplets).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import cv2
 import numpy as np
 
 SHAPES = ("rectangle", "ellipse", "triangle", "star", "polygon")
 TEXTURES = ("solid", "stripes", "dots", "gradient", "noise", "shaded")
+STYLES = ("varied", "palette")
+# Saturated, well separated hues (chroma max - min >= 160); the 'palette' style's object colours.
+PALETTE_NAMES = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
+PALETTE = np.array([
+    (220, 30, 30), (245, 140, 20), (235, 220, 30), (40, 170, 50),
+    (30, 200, 220), (30, 60, 220), (140, 40, 210), (240, 80, 170),
+], np.float32)
+# 'palette' backgrounds: grey level and per-channel tint ranges (chroma <= 2 * tint + grain).
+_MUTED_GREY = (50, 200)
+_MUTED_TINT = 15
+
+
+@dataclasses.dataclass
+class Scene:
+    """One procedural scene. `image` `[H, W, 3]` uint8; `boxes` `[N, 4]` float32 normalised
+    (x0, y0, x1, y1); `colours` `[N]` int32 index into `PALETTE` (-1 for the 'varied' style);
+    `visible` `[N]` float32, the share of each object's drawn pixels that no later object
+    covers; `owner` `[H, W]` int16, the object each pixel shows (-1: background)."""
+
+    image: np.ndarray
+    boxes: np.ndarray
+    colours: np.ndarray
+    visible: np.ndarray
+    owner: np.ndarray
 
 
 def _colour(rng: np.random.Generator) -> np.ndarray:
     return rng.integers(0, 256, 3).astype(np.float32)
+
+
+def _muted(rng: np.random.Generator) -> np.ndarray:
+    """A low-saturation colour: a grey level plus a small tint per channel."""
+    grey = rng.uniform(*_MUTED_GREY)
+    return np.clip(grey + rng.uniform(-_MUTED_TINT, _MUTED_TINT, 3), 0, 255).astype(np.float32)
 
 
 def _lerp(t: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
@@ -30,12 +73,18 @@ def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return xs, ys
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """`[H, W, 3]` float32 in 0..255."""
+def _background(rng: np.random.Generator, h: int, w: int, muted: bool = False) -> np.ndarray:
+    """`[H, W, 3]` float32 in 0..255. `muted`: low-saturation colours and coarser stripes and
+    checks (a few per image: at the demo's 32 px, finer ones alias into noise)."""
     kind = int(rng.integers(4))
-    c0, c1 = _colour(rng), _colour(rng)
+    colour = _muted if muted else _colour
+    c0, c1 = colour(rng), colour(rng)
     if kind == 3:  # smooth noise: a coarse random grid, upsampled
-        g = rng.integers(0, 256, (int(rng.integers(3, 8)), int(rng.integers(3, 8)), 3))
+        gh, gw = int(rng.integers(3, 8)), int(rng.integers(3, 8))
+        if muted:
+            g = np.stack([colour(rng) for _ in range(gh * gw)]).reshape(gh, gw, 3)
+        else:
+            g = rng.integers(0, 256, (gh, gw, 3))
         return cv2.resize(g.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
     # Drawn at half size and upsampled: a quarter of the cost, the patterns are >= 20 px.
     full_h, full_w = h, w
@@ -46,10 +95,10 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     if kind == 0:  # linear gradient
         t = (proj - proj.min()) / max(float(np.ptp(proj)), 1.0)
     elif kind == 1:  # soft stripes
-        period = rng.uniform(0.05, 0.25) * min(h, w)
+        period = rng.uniform(*((0.4, 0.8) if muted else (0.05, 0.25))) * min(h, w)
         t = 0.5 + 0.5 * np.sin(2 * np.pi * proj / period)
     else:  # checkerboard
-        cell = max(2, int(rng.uniform(0.05, 0.2) * min(h, w)))
+        cell = max(2, int(rng.uniform(*((0.25, 0.5) if muted else (0.05, 0.2))) * min(h, w)))
         # 1-d parities combined by broadcasting (float floor-division is slow in numpy).
         t = ((np.arange(h)[:, None] // cell) ^ (np.arange(w)[None, :] // cell)) & 1
     interp = cv2.INTER_NEAREST if kind == 2 else cv2.INTER_LINEAR
@@ -107,23 +156,45 @@ def _shape_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return m
 
 
-def synthetic_scene(index: int, *, seed: int = 0, min_side: int = 400, max_side: int = 640
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_scene(index: int, *, seed: int = 0, min_side: int = 400, max_side: int = 640,
+                    style: str = "varied") -> tuple[np.ndarray, np.ndarray]:
     """Scene `index`: image `[H, W, 3]` uint8 and boxes `[N, 4]` float32 normalised
     (x0, y0, x1, y1), H and W drawn in [min_side, max_side]."""
+    scene = draw_scene(index, seed=seed, min_side=min_side, max_side=max_side, style=style)
+    return scene.image, scene.boxes
+
+
+def draw_scene(index: int, *, seed: int = 0, min_side: int = 400, max_side: int = 640,
+               style: str = "varied") -> Scene:
+    """Scene `index` of `seed` in `style` (see the module docstring), with its labels."""
+    if style not in STYLES:
+        raise ValueError(f"synthetic style {style!r}; expected one of {STYLES} "
+                         "(config.data.synthetic_style)")
+    palette = style == "palette"
     rng = np.random.default_rng([seed, index])
     w, h = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
-    img = _background(rng, h, w)
-    boxes = []
-    for _ in range(int(rng.integers(1, 5))):
-        # Object sides between 18% and 65% of the short side: most boxes pass the area filter
-        # [0.02, 0.8], a few small ones do not.
-        ow = max(4, int(rng.uniform(0.18, 0.65) * min(h, w)))
-        oh = max(4, int(rng.uniform(0.18, 0.65) * min(h, w)))
+    img = _background(rng, h, w, muted=palette)
+    owner = np.full((h, w), -1, np.int16)
+    boxes, colours, sizes = [], [], []
+    # 'varied': object sides between 18% and 65% of the short side, so most boxes pass the area
+    # filter [0.02, 0.8] and a few small ones do not. 'palette': fewer, larger objects (30% to
+    # 60%), big enough to see at the demo's 64 px.
+    n_max, lo, hi = (3, 0.3, 0.6) if palette else (4, 0.18, 0.65)
+    for i in range(int(rng.integers(1, n_max + 1))):
+        ow = max(4, int(rng.uniform(lo, hi) * min(h, w)))
+        oh = max(4, int(rng.uniform(lo, hi) * min(h, w)))
         x0, y0 = int(rng.integers(0, w - ow + 1)), int(rng.integers(0, h - oh + 1))
         m = _shape_mask(rng, oh, ow).astype(bool)
         region = img[y0:y0 + oh, x0:x0 + ow]
-        region[m] = _texture(rng, oh, ow)[m]
+        if palette:
+            k = int(rng.integers(len(PALETTE)))
+            region[m] = np.clip(PALETTE[k] + rng.uniform(-8, 8, 3), 0, 255)
+            colours.append(k)
+        else:
+            region[m] = _texture(rng, oh, ow)[m]
+            colours.append(-1)
+        owner[y0:y0 + oh, x0:x0 + ow][m] = i
+        sizes.append(int(m.sum()))
         ys, xs = np.nonzero(m)
         boxes.append((x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1))
     # Sensor-like grain; a tiled 64 px patch costs 1/50 of a full-size normal draw.
@@ -131,4 +202,6 @@ def synthetic_scene(index: int, *, seed: int = 0, min_side: int = 400, max_side:
     img += np.tile(tile, (-(-h // 64), -(-w // 64), 1))[:h, :w]
     out = np.clip(img, 0, 255).astype(np.uint8)
     b = np.asarray(boxes, np.float32) / np.array([w, h, w, h], np.float32)
-    return out, b
+    shown = np.bincount(owner[owner >= 0].ravel(), minlength=len(sizes))
+    return Scene(image=out, boxes=b, colours=np.asarray(colours, np.int32),
+                 visible=(shown / np.maximum(sizes, 1)).astype(np.float32), owner=owner)
