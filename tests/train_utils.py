@@ -21,6 +21,10 @@ TINY = {
     "log_every_steps": 1,
     "ckpt_every_steps": 1000,
     "sample_every_steps": 0,
+    # The demo's VAE stage and held-out exemplar eval (tests/test_demo.py runs them).
+    "vae_fit.steps": 0,
+    "exemplar_eval.num_triplets": 0,
+    "train.train_image_tower": False,
 }
 
 

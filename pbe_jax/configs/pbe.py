@@ -4,9 +4,12 @@ read the same file.)
 
 Run (from the repo root):
 
-  # demo: tiny model, synthetic data, a laptop CPU, minutes. Writes checkpoints, a loss curve
-  # (metrics.jsonl + TensorBoard) and sample grids into the workdir.
+  # demo: from nothing on a CPU in minutes: fits a VAE on synthetic 32 px scenes (WORKDIR/vae),
+  # then trains a tiny PbE model; writes checkpoints, metrics.jsonl + TensorBoard (loss, the
+  # held-out exemplar-following score, the VAE's PSNR) and grids of held-out edits.
   python -m pbe_jax.train --config=configs/pbe.py:demo --workdir=/tmp/pbe_demo
+  # the demo's autoencoder stage alone (writes DIR/vae, diffusers format):
+  python -m pbe_jax.fit_vae --config=configs/pbe.py:demo --workdir=DIR
 
   # the paper's recipe (PBE_SPEC.md section 1): SD v1.x + CLIP ViT-L/14 init, 512 px, AdamW 1e-5,
   # 10k linear warmup then constant, global batch 32, CFG drop 0.2, remat on.
@@ -44,7 +47,13 @@ size may be -1), `dtype=bf16|fp32` (compute dtype; params stay fp32), `res=INT` 
 variants: the paper's openai/clip-vit-large-patch14, or laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
 
 Departures from the official recipe, on purpose: the SD variants compute in bf16 by default (the
-paper trained in fp32; pass dtype=fp32 for the exact recipe).
+paper trained in fp32; pass dtype=fp32 for the exact recipe). The `demo` has no pretrained weights and
+minutes of two CPU cores, so it earns its priors itself: it fits its own VAE first
+(`vae_fit`), trains the CLIP tower with the rest (`train.train_image_tower`), predicts the clean
+latent instead of the noise (`model.scheduler.prediction_type='sample'`, DDIM sampling), and
+trains on 'palette' scenes (`data.synthetic_style`: 8 saturated object colours on muted
+backgrounds) through the paper's box filter, crops, Bezier masks and reference augmentation.
+The SD variants keep the paper's frozen SD VAE and CLIP tower and their released schedules.
 """
 from __future__ import annotations
 
@@ -78,8 +87,9 @@ def parse_arg(arg: str | None) -> tuple[str, dict]:
 
 
 def demo_models() -> ml_collections.ConfigDict:
-    # Tiny widths, 2 UNet levels, 8x VAE downsampling is overkill at 64 px so the VAE has 3 levels
-    # (factor 4, 16x16 latents). The CLIP tower has 4 layers so the mapper has (4+1)//5 = 1 block.
+    # Tiny widths, 2 UNet levels on 16x16 latents. The demo's images are 32 px, so the VAE has
+    # 2 levels (factor 2): it is fitted on the demo's own images first (config.vae_fit). The
+    # CLIP tower has 4 layers so the mapper has (4+1)//5 = 1 block.
     return ml_collections.ConfigDict({
         "unet": {
             "in_channels": 9, "out_channels": 4, "sample_size": 16,
@@ -89,14 +99,14 @@ def demo_models() -> ml_collections.ConfigDict:
             "attention_head_dim": 4, "cross_attention_dim": 32, "norm_num_groups": 8,
         },
         "vae": {
-            "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 64,
-            "block_out_channels": (16, 32, 32), "layers_per_block": 1, "norm_num_groups": 8,
-            "down_block_types": ("DownEncoderBlock2D",) * 3,
-            "up_block_types": ("UpDecoderBlock2D",) * 3,
-            # The demo's frozen VAE is random: scale its latents to unit variance, the way SD's
-            # 0.18215 was picked for its VAE (with 0.18215 they would have std 0.03, and the
-            # denoiser would learn almost nothing).
-            "scaling_factor": 5.3,
+            "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 32,
+            "block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8,
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2,
+            # The VAE stage replaces this with 1 / std of its fitted latents (how SD's 0.18215
+            # was picked). Without the stage (vae_fit.steps=0) the VAE stays random, and its
+            # latents already have std ~1.
+            "scaling_factor": 1.0,
         },
         "image_encoder": {
             "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
@@ -104,8 +114,12 @@ def demo_models() -> ml_collections.ConfigDict:
             "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "proj_size": 32,
         },
         # The one noise schedule (diffusers scheduler_config.json): training loss, samples,
-        # evals and export all read it. SD's betas, PNDM (PLMS) as released.
-        "scheduler": pbe_scheduler_config(),
+        # evals and export all read it. SD's betas; the demo predicts the clean latent
+        # ('sample', sampled with DDIM) instead of the noise: from scratch, in minutes, an
+        # x0-predicting UNet paints coherent objects where an eps-predicting one still paints
+        # noise (the paper fine-tunes SD's eps-UNet; sd15 keeps that).
+        "scheduler": {**pbe_scheduler_config(), "_class_name": "DDIMScheduler",
+                      "prediction_type": "sample"},
     })
 
 
@@ -218,7 +232,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t = c.train
     t.num_steps = kw.get("steps", 600 if demo else 2_000_000)  # paper: 40 epochs ~ 2M steps at 32
     t.batch_size = kw.get("batch", 8 if demo else 32)  # global
-    t.lr = 1e-3 if demo else 1e-5
+    t.lr = 2e-3 if demo else 1e-5
     t.warmup_steps = 20 if demo else 10_000
     t.warmup_init_factor = 1e-6  # LambdaLinearScheduler f_start
     t.weight_decay = 0.01  # torch AdamW default, used by the official code
@@ -232,6 +246,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.cond_drop_prob = 0.2
     t.cond_drop_mode = "batch"  # official: one draw per batch; 'sample' draws per sample
     t.nan_policy = "skip"  # 'skip' the update and count it, or 'stop' (last good ckpt intact)
+    # Train the CLIP vision tower too (the paper keeps it frozen). The demo has no pretrained
+    # CLIP to freeze: a random tower carries a reference's colour only roughly.
+    t.train_image_tower = demo
     # The noise schedule (betas, num_train_timesteps, prediction_type) is config.model.scheduler.
 
     c.data = data_config("demo" if demo else "paper")
@@ -251,6 +268,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # COCOEE metrics during training (off by default): set every_steps, bench and the metric
     # weights (clip_model / inception / fid_ref / gmm), see pbe_jax/evaluate.py.
     c.evals = evals_config()
+
+    # The autoencoder stage (pbe_jax/training/vae_fit.py): with steps > 0 and no checkpoint in
+    # the workdir yet, the run first fits config.model.vae on its own images, saves it to
+    # WORKDIR/vae (reused when present) and trains with it frozen. Off (0) for sd15: the paper
+    # uses SD's VAE as released.
+    c.vae_fit = ml_collections.ConfigDict({
+        "steps": 400 if demo else 0,
+        "batch_size": 16,
+        "lr": 5e-3,
+        "warmup_steps": 20,
+        "kl_weight": 1e-6,  # LDM's weight of the KL against the summed reconstruction error
+        "recon": "l2",  # 'l1' or 'l2' reconstruction error
+        "heldout_data": "synthetic_seed=1000",  # config.data overrides for the held-out images
+        "heldout_images": 64,
+    })
+    # Held-out exemplar-following eval (pbe_jax/evals/exemplar.py) at every sample_every_steps
+    # and at the end: num_triplets self + as many cross-reference edits of 'palette' scenes of
+    # synthetic seed `seed`; 0 = off (sd15: it scores the demo's synthetic domain only).
+    c.exemplar_eval = ml_collections.ConfigDict({
+        "num_triplets": 32 if demo else 0, "seed": 1000, "grid_rows": 4, "scheduler": ""})
     return c
 
 

@@ -23,12 +23,13 @@ from pbe_jax.convert.load import load_pipeline, load_scheduler_config
 from pbe_jax.convert.orbax_io import scheduler_of_run
 from pbe_jax.data.pipeline import make_loader
 from pbe_jax.evals.benchmark import training_eval
+from pbe_jax.evals.exemplar import ExemplarEval
 from pbe_jax.metrics import (MetricWriter, check_workdir_backend, image_grid, last_logged_step,
                              peak_flops_per_device)
-from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE
 from pbe_jax.outputs import atomic_write, ensure_writable
 from pbe_jax.training.samples import training_samples
 from pbe_jax.training.state import Setup, config_runtime, step_flops
+from pbe_jax.training.vae_fit import frozen_with_vae, run_vae_stage
 
 log = logging.getLogger("pbe_jax")
 
@@ -94,7 +95,7 @@ def _init_params(setup: Setup, config):
     model = load_pipeline(fmt, config.init_from.path, clip=config.init_from.clip or None,
                           model_config=config.model, place=setup.place_fn(), seed=config.seed,
                           **config_runtime(config))
-    _, p, f, _ = nnx.split(model, TRAINABLE, FROZEN, ...)
+    _, p, f, _ = nnx.split(model, setup.trainable, setup.frozen, ...)
     return nnx.to_pure_dict(p), nnx.to_pure_dict(f)
 
 
@@ -147,6 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- model (abstract) and shardings; the run's noise schedule is fixed first
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
     resolve_noise_schedule(config, ckpt)
+    vae_dir = run_vae_stage(config, workdir, mesh, ckpt)  # config.vae_fit: fits WORKDIR/vae first
     setup = Setup(config, mesh)
     writer = MetricWriter(workdir)
     # ---- params. Precedence: workdir checkpoint > config.init_from > random init.
@@ -161,6 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         _refuse_lost_history(workdir, had_checkpoints, config)
         params, frozen = _init_params(setup, config)
+        if vae_dir:
+            frozen = frozen_with_vae(frozen, vae_dir, setup.place_fn())
         state = setup.new_state(params)
         step0 = 0
         if jax.process_index() == 0:
@@ -177,6 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              time.perf_counter() - t0, flops, peak)
     if step0 == 0 and batch is not None:
         writer.image(0, "train_inputs", _input_grid(batch))
+    exemplar = ExemplarEval(config) if config.exemplar_eval.num_triplets else None
     # ---- loop
     pre = _Preemption()
     last = {}
@@ -214,6 +219,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 break
             if config.sample_every_steps and step % config.sample_every_steps == 0:
                 _log_samples(setup, state, frozen, batch, writer, step)
+            if exemplar is not None and (is_last or (config.sample_every_steps
+                                                     and step % config.sample_every_steps == 0)):
+                last.update(_exemplar_eval(exemplar, setup, state, frozen, writer, step))
             if config.evals.every_steps and step % config.evals.every_steps == 0:
                 _run_evals(setup, state, frozen, writer, step)
             if not is_last:
@@ -223,6 +231,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.close()
         writer.close()
         loader.close()  # stops grain worker processes / threads
+    if last:
+        log.info("done: step %d %s", step, ", ".join(
+            f"{k} {last[k]:.4g}" for k in ("loss", *sorted(k for k in last if k.startswith("eval/")))))
     return last
 
 
@@ -232,6 +243,16 @@ def _log_samples(setup: Setup, state, frozen, batch, writer: MetricWriter, step:
     grid = training_samples(model, batch, setup.config)
     if grid is not None:
         writer.image(step, "samples", grid)
+
+
+def _exemplar_eval(exemplar: ExemplarEval, setup: Setup, state, frozen, writer: MetricWriter,
+                   step: int) -> dict:
+    """Held-out exemplar-following scores and grid (`pbe_jax.evals.exemplar`)."""
+    values, grid = exemplar(setup.model(state["params"], frozen))
+    writer.scalars(step, values)
+    writer.image(step, "exemplar", grid)
+    log.info("step %d %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    return values
 
 
 def _run_evals(setup: Setup, state, frozen, writer: MetricWriter, step: int) -> None:

@@ -53,7 +53,7 @@ def training_samples(model, batch: dict, config) -> np.ndarray | None:
     inputs = prepare(model, list(rows["image"]), edits, list(rows["reference"]), list(range(n)),
                      max_pixels=None)
     out = run_edit(model, inputs, num_inference_steps=int(config.sample_steps),
-                   guidance_scale=float(config.sample_guidance), scheduler="plms", masked_latents="mode")
+                   guidance_scale=float(config.sample_guidance), scheduler=None, masked_latents="mode")
     image = inputs.image
     masked = (image * inputs.keep + 1) / 2
     h = image.shape[1]
