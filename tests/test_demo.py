@@ -178,3 +178,30 @@ def test_fit_vae_cli_writes_a_diffusers_autoencoder(tmp_path):
         ref = theirs.decode(theirs.encode(t).latent_dist.mode()).sample
     ref = np.clip(ref.permute(0, 2, 3, 1).numpy() / 2 + 0.5, 0, 1)
     np.testing.assert_allclose(reconstruct(ours, x), ref, atol=2e-4)
+
+
+# The shortened demo: the README command's path (VAE stage, then Paint-by-Example training with
+# the held-out eval) with fewer VAE and training steps. Thresholds from measurement (see
+# README "What the demo learns"): this length reached VAE_PSNR_SHORT + ~2 dB and a score of
+# ~0.5-0.6 where chance is 1/8.
+SHORT = {"vae_fit.steps": 120, "vae_fit.heldout_images": 32, "train.num_steps": 250,
+         "exemplar_eval.num_triplets": 16, "sample_every_steps": 0, "ckpt_every_steps": 1000,
+         "log_every_steps": 50, "data.num_workers": 0}
+VAE_PSNR_SHORT = 19.0  # dB, the VAE stage's held-out PSNR after SHORT's steps
+SCORE_SHORT = 0.35  # exemplar_following after SHORT's steps; P(>= this | chance) < 0.01
+
+
+def test_short_demo_run_learns_to_follow_the_exemplar(tmp_path):
+    r = _run(["pbe_jax.train", f"--config={CONFIG_FILE}:demo", f"--workdir={tmp_path}",
+              *[f"--config.{k}={v}" for k, v in SHORT.items()]])
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((tmp_path / "vae" / "fit.json").read_text())
+    assert info["heldout_psnr"] >= VAE_PSNR_SHORT, info
+    final = read_metrics(str(tmp_path))[SHORT["train.num_steps"]]
+    assert final["eval/vae_psnr"] >= VAE_PSNR_SHORT, final
+    assert final["eval/exemplar_following"] >= SCORE_SHORT, final
+    assert final["eval/exemplar_following"] > 2 * ex.CHANCE
+    # the final console line carries the scores; the held-out grid was written
+    done = [line for line in r.stderr.splitlines() if " done: " in line]
+    assert done and "eval/exemplar_following" in done[-1] and "eval/vae_psnr" in done[-1], done
+    assert list((tmp_path / "images").glob("exemplar_*.png"))

@@ -247,8 +247,9 @@ def _log_samples(setup: Setup, state, frozen, batch, writer: MetricWriter, step:
 
 def _exemplar_eval(exemplar: ExemplarEval, setup: Setup, state, frozen, writer: MetricWriter,
                    step: int) -> dict:
-    """Held-out exemplar-following scores and grid (`pbe_jax.evals.exemplar`)."""
-    values, grid = exemplar(setup.model(state["params"], frozen))
+    """Held-out exemplar-following scores and grid (`pbe_jax.evals.exemplar`) of the EMA params
+    when the run keeps them (`config.train.ema_decay`), else of the params."""
+    values, grid = exemplar(setup.model(state.get("ema", state["params"]), frozen))
     writer.scalars(step, values)
     writer.image(step, "exemplar", grid)
     log.info("step %d %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
