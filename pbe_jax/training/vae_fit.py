@@ -47,9 +47,10 @@ from pbe_jax import sharding as shd
 from pbe_jax.data.batch import HOST_KEYS
 from pbe_jax.data.pipeline import make_dataset, make_loader
 from pbe_jax.evals.reconstruction import vae_psnr
+from pbe_jax.models.init import host_init
 from pbe_jax.models.paint_by_example import component_kwargs
 from pbe_jax.models.registry import slot_class
-from pbe_jax.training.state import config_runtime, host_init
+from pbe_jax.training.state import config_runtime
 
 log = logging.getLogger("pbe_jax")
 
