@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 
@@ -13,13 +12,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pbe_jax import sharding as shd
 from pbe_jax.configs import load_config
 from pbe_jax.data.synthetic import PALETTE, draw_scene
+from pbe_jax.diffusion import NoiseSchedule
 from pbe_jax.evals import exemplar as ex
-from pbe_jax.evals.reconstruction import psnr
-from pbe_jax import sharding as shd
+from pbe_jax.evals.reconstruction import psnr, reconstruct
+from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE, is_frozen, param_filters
 from pbe_jax.training import vae_fit
-from pbe_jax.training.vae_fit import heldout_data_config
+from pbe_jax.training.state import Setup
+from pbe_jax.training.vae_fit import heldout_data_config, load_vae
 from tests.train_utils import CONFIG_FILE, REPO, read_metrics, subprocess_env
 
 
@@ -124,8 +126,6 @@ def test_vae_stage_reuses_workdir_vae_and_a_resume_keeps_the_scaling(tmp_path, m
     monkeypatch.setattr(vae_fit, "fit_vae", lambda *a, **k: pytest.fail("the VAE was fitted again"))
     got = vae_fit.run_vae_stage(cfg, str(tmp_path), mesh, _Ckpt(tmp_path / "checkpoints", []))
     assert got == str(tmp_path / "vae") and cfg.model.vae.scaling_factor == 0.5
-    from pbe_jax.training.state import Setup
-
     setup = Setup(cfg, mesh)
     frozen = vae_fit.frozen_with_vae(setup.random_params()[1], got, setup.place_fn())
     saved = nnx.to_pure_dict(nnx.state(vae, nnx.Param))
@@ -147,6 +147,22 @@ def test_vae_stage_reuses_workdir_vae_and_a_resume_keeps_the_scaling(tmp_path, m
     assert vae_fit.run_vae_stage(cfg, str(tmp_path), mesh, _Ckpt(tmp_path, [])) is None
 
 
+def test_demo_departures_stay_in_the_demo(demo):
+    """The demo trains the CLIP tower and predicts x0; sd15 keeps the paper's split and eps."""
+    sd15 = load_config(f"{CONFIG_FILE}:sd15")
+    assert demo.train.train_image_tower and not sd15.train.train_image_tower
+    assert sd15.vae_fit.steps == 0 and sd15.exemplar_eval.num_triplets == 0
+    assert sd15.data.synthetic_style == "varied" and demo.data.synthetic_style == "palette"
+    tower = ("image_encoder", "model", "encoder", "layers", "0")
+    assert is_frozen(tower) and not is_frozen(tower, train_image_tower=True)
+    assert is_frozen(("vae", "encoder")) and is_frozen(("vae", "encoder"), train_image_tower=True)
+    assert param_filters(False) == (TRAINABLE, FROZEN)
+    z0, noise = np.ones((2, 4, 4, 4), np.float32), np.zeros((2, 4, 4, 4), np.float32)
+    x0_target = NoiseSchedule.from_config(demo.model.scheduler.to_dict()).target(z0, noise, np.array([5, 500]))
+    np.testing.assert_array_equal(np.asarray(x0_target), z0)
+    assert NoiseSchedule.from_config(sd15.model.scheduler.to_dict()).prediction_type == "epsilon"
+
+
 def _run(args, timeout=900):
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=subprocess_env(1),
                           capture_output=True, text=True, timeout=timeout)
@@ -166,9 +182,6 @@ def test_fit_vae_cli_writes_a_diffusers_autoencoder(tmp_path):
     assert cfg["_class_name"] == "AutoencoderKL" and cfg["scaling_factor"] == info["scaling_factor"] != 1.0
     assert info["steps"] == 30 and info["final"]["recon"] < info["history"][0]["recon"]
     assert f"held-out PSNR {info['heldout_psnr']:.2f} dB" in r.stdout
-    from pbe_jax.evals.reconstruction import reconstruct
-    from pbe_jax.training.vae_fit import load_vae
-
     ours = load_vae(str(vae_dir))
     theirs = diffusers.AutoencoderKL.from_pretrained(str(vae_dir)).eval()
     assert theirs.config.scaling_factor == ours.config.scaling_factor
