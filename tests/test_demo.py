@@ -69,8 +69,10 @@ def test_score_of_perfect_copying_random_and_empty_edits(triplets):
     n = len(triplets) // 2
     perfect = ex.score_edits(_paint(triplets, triplets.ref_colour), triplets)
     assert perfect["exemplar_following"] == 1.0 and perfect["self_following"] == 1.0
+    assert perfect["exemplar_closer"] == 1.0
     copy = ex.score_edits(triplets.source, triplets)  # the masked object put back
     assert copy["exemplar_following"] == 0.0 and copy["self_following"] == 1.0
+    assert copy["exemplar_closer"] == 0.0
     assert copy["psnr_outside_mask"] == 100.0
     empty = ex.score_edits(_paint(triplets, np.full(2 * n, -1)), triplets)  # nothing painted
     assert empty["exemplar_following"] == 0.0 and empty["self_following"] == 0.0
@@ -78,6 +80,9 @@ def test_score_of_perfect_copying_random_and_empty_edits(triplets):
     chance = [ex.score_edits(_paint(triplets, rng.integers(0, len(PALETTE), 2 * n)),
                              triplets)["exemplar_following"] for _ in range(8)]
     assert abs(np.mean(chance) - ex.CHANCE) < 0.04, chance  # 512 draws: std 0.015
+    closer = [ex.score_edits(_paint(triplets, rng.integers(0, len(PALETTE), 2 * n)),
+                             triplets)["exemplar_closer"] for _ in range(8)]
+    assert 0.35 < np.mean(closer) < 0.65, closer  # about 1/2
     # float images in [0, 1] score as their uint8 versions
     as_float = ex.score_edits(_paint(triplets, triplets.ref_colour) / 255.0, triplets)
     assert as_float["exemplar_following"] == 1.0

@@ -22,7 +22,12 @@ Scores (`score_edits`):
 - `exemplar_following`: the share of cross-reference edits whose painted colour is the
   reference's. A model that ignores the reference and paints a random palette colour scores
   1/8 = 12.5% (`CHANCE`); one that puts the masked object back (copies the source) scores 0.
-- `self_following`: the same on self references (paint the object back from its reference).
+- `exemplar_closer`: the issue's looser reading, two-way: the share of cross-reference edits
+  whose painted object's mean colour (object-coloured pixels of the region) is closer to the
+  reference's palette colour than to the masked object's. Copying the source scores 0; a
+  random palette colour about 1/2 (7/8 * 1/2 + 1/8).
+- `self_following`: the same as `exemplar_following` on self references (paint the object back
+  from its reference).
 - `psnr_outside_mask`: PSNR (dB) of the edit against the source on the pixels the mask keeps,
   i.e. how much of the rest of the image comes back (no paste-back; it is a VAE re-synthesis).
 
@@ -143,28 +148,47 @@ def heldout_triplets(data_cfg, num: int, seed: int = 1000) -> Triplets:
         cross=np.arange(2 * num) >= num)
 
 
+def _object_pixels(images: np.ndarray, region: np.ndarray):
+    """(pixels float32 `[N, H, W, 3]` in 0..255, object mask `[N, H, W]`: the object-coloured
+    pixels of `region`, or none where they cover less than MIN_OBJECT_SHARE of it)."""
+    x = np.asarray(images, np.float32)
+    if np.asarray(images).dtype != np.uint8:
+        x = x * 255.0
+    obj = np.asarray(region, bool) & (x.max(axis=-1) - x.min(axis=-1) >= CHROMA_MIN)
+    enough = obj.sum(axis=(1, 2)) >= MIN_OBJECT_SHARE * np.maximum(region.sum(axis=(1, 2)), 1)
+    return x, obj & enough[:, None, None]
+
+
 def painted_colours(images: np.ndarray, region: np.ndarray) -> np.ndarray:
     """int32 `[N]`: the PALETTE index most object-coloured pixels of `region` `[N, H, W]` are
     nearest to, or -1 when they cover less than MIN_OBJECT_SHARE of it. `images`
     `[N, H, W, 3]` uint8 or float in [0, 1]."""
-    x = np.asarray(images, np.float32)
-    if np.asarray(images).dtype != np.uint8:
-        x = x * 255.0
-    chroma = x.max(axis=-1) - x.min(axis=-1)  # [N, H, W]
+    x, obj = _object_pixels(images, region)
     nearest = np.square(x[..., None, :] - PALETTE).sum(axis=-1).argmin(axis=-1)  # [N, H, W]
     out = np.full(len(x), -1, np.int32)
-    for i in range(len(x)):
-        obj = region[i] & (chroma[i] >= CHROMA_MIN)
-        if obj.sum() >= MIN_OBJECT_SHARE * max(int(region[i].sum()), 1):
-            out[i] = np.bincount(nearest[i][obj], minlength=len(PALETTE)).argmax()
+    for i in np.nonzero(obj.any(axis=(1, 2)))[0]:
+        out[i] = np.bincount(nearest[i][obj[i]], minlength=len(PALETTE)).argmax()
     return out
+
+
+def closer_to_reference(images: np.ndarray, triplets: Triplets) -> np.ndarray:
+    """bool `[N]`: the mean colour of the object-coloured pixels of the scored region is closer
+    to the reference's palette colour than to the masked object's (False: no object painted)."""
+    x, obj = _object_pixels(images, triplets.region)
+    n = np.maximum(obj.sum(axis=(1, 2)), 1)[:, None]
+    mean = (x * obj[..., None]).sum(axis=(1, 2)) / n  # [N, 3]
+    to_ref = np.square(mean - PALETTE[triplets.ref_colour]).sum(axis=-1)
+    to_src = np.square(mean - PALETTE[triplets.src_colour]).sum(axis=-1)
+    return obj.any(axis=(1, 2)) & (to_ref < to_src)
 
 
 def score_edits(edited: np.ndarray, triplets: Triplets) -> dict[str, float]:
     """The scores of the module docstring for `edited` `[N, R, R, 3]` in [0, 1] (or uint8)."""
     hit = painted_colours(edited, triplets.region) == triplets.ref_colour
+    closer = closer_to_reference(edited, triplets)
     outside = psnr(edited, triplets.source, where=triplets.keep)
     return {"exemplar_following": float(hit[triplets.cross].mean()),
+            "exemplar_closer": float(closer[triplets.cross].mean()),
             "self_following": float(hit[~triplets.cross].mean()),
             "psnr_outside_mask": float(np.nanmean(outside))}
 
