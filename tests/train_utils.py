@@ -25,6 +25,7 @@ TINY = {
     "vae_fit.steps": 0,
     "exemplar_eval.num_triplets": 0,
     "train.train_image_tower": False,
+    "train.ema_decay": 0.0,  # the demo's EMA (tests that want one set it)
 }
 
 

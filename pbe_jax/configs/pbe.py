@@ -230,7 +230,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     t = c.train
-    t.num_steps = kw.get("steps", 600 if demo else 2_000_000)  # paper: 40 epochs ~ 2M steps at 32
+    t.num_steps = kw.get("steps", 1000 if demo else 2_000_000)  # paper: 40 epochs ~ 2M steps at 32
     t.batch_size = kw.get("batch", 8 if demo else 32)  # global
     t.lr = 2e-3 if demo else 1e-5
     t.warmup_steps = 20 if demo else 10_000
@@ -242,7 +242,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.b1, t.b2, t.eps = 0.9, 0.999, 1e-8
     t.grad_clip = 0.0  # global-norm clipping; 0 = off (the paper does not clip)
     t.grad_accum = 1
-    t.ema_decay = 0.0  # 0 = no EMA (the paper's use_ema False)
+    # 0 = no EMA (the paper's use_ema False). The demo keeps one (horizon ~100 steps) and scores
+    # it: at its high lr the EMA follows the exemplar more reliably than the last params.
+    t.ema_decay = 0.99 if demo else 0.0
     t.cond_drop_prob = 0.2
     t.cond_drop_mode = "batch"  # official: one draw per batch; 'sample' draws per sample
     t.nan_policy = "skip"  # 'skip' the update and count it, or 'stop' (last good ckpt intact)
@@ -260,7 +262,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 25 if demo else 50
     c.ckpt_every_steps = 200 if demo else 5000
     c.keep_checkpoints = 3
-    c.sample_every_steps = 300 if demo else 5000
+    c.sample_every_steps = 500 if demo else 5000
     c.sample_steps = 20 if demo else 50
     c.sample_guidance = 5.0
     c.sample_num = 4
@@ -274,7 +276,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # WORKDIR/vae (reused when present) and trains with it frozen. Off (0) for sd15: the paper
     # uses SD's VAE as released.
     c.vae_fit = ml_collections.ConfigDict({
-        "steps": 400 if demo else 0,
+        "steps": 600 if demo else 0,
         "batch_size": 16,
         "lr": 5e-3,
         "warmup_steps": 20,
@@ -287,7 +289,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # and at the end: num_triplets self + as many cross-reference edits of 'palette' scenes of
     # synthetic seed `seed`; 0 = off (sd15: it scores the demo's synthetic domain only).
     c.exemplar_eval = ml_collections.ConfigDict({
-        "num_triplets": 32 if demo else 0, "seed": 1000, "grid_rows": 4, "scheduler": ""})
+        "num_triplets": 64 if demo else 0, "seed": 1000, "grid_rows": 4, "scheduler": ""})
     return c
 
 
