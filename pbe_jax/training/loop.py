@@ -231,9 +231,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.close()
         writer.close()
         loader.close()  # stops grain worker processes / threads
-    if last:
-        log.info("done: step %d %s", step, ", ".join(
-            f"{k} {last[k]:.4g}" for k in ("loss", *sorted(k for k in last if k.startswith("eval/")))))
+    shown = [k for k in ("loss", *sorted(k for k in last if k.startswith("eval/"))) if k in last]
+    if shown:  # the final console line: the loss and the held-out scores
+        log.info("done: step %d %s", step, ", ".join(f"{k} {last[k]:.4g}" for k in shown))
     return last
 
 
