@@ -178,7 +178,7 @@ def draw_scene(index: int, *, seed: int = 0, min_side: int = 400, max_side: int 
     boxes, colours, sizes = [], [], []
     # 'varied': object sides between 18% and 65% of the short side, so most boxes pass the area
     # filter [0.02, 0.8] and a few small ones do not. 'palette': fewer, larger objects (30% to
-    # 60%), big enough to see at the demo's 64 px.
+    # 60%), big enough to see at the demo's 32 px.
     n_max, lo, hi = (3, 0.3, 0.6) if palette else (4, 0.18, 0.65)
     for i in range(int(rng.integers(1, n_max + 1))):
         ow = max(4, int(rng.uniform(lo, hi) * min(h, w)))

@@ -1,7 +1,7 @@
 """Fit the autoencoder of a small-domain run on the run's own images (`config.vae_fit`).
 
 Paint by Example keeps Stable Diffusion's VAE frozen. A domain that no pretrained autoencoder
-fits (the demo's synthetic scenes at 64 px; your own small images at low resolution) needs one
+fits (the demo's synthetic scenes at 32 px; your own small images at low resolution) needs one
 fitted first: this module trains the model's own diffusers `AutoencoderKL` (`config.model.vae`)
 the way LDM trained SD's, without the two parts that need pretrained nets or hours:
 
