@@ -254,6 +254,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The noise schedule (betas, num_train_timesteps, prediction_type) is config.model.scheduler.
 
     c.data = data_config("demo" if demo else "paper")
+    if demo:  # 32 px 'palette' scenes: what a 2-level VAE and minutes of CPU can learn
+        c.data.resolution = 32
+        c.data.synthetic_style = "palette"
     c.data.resolution = kw.get("res", 768 if variant == "sd21_768" else c.data.resolution)
     # A paper variant left on the synthetic default would train a real model on demo scenes:
     # the loader refuses it until --config.data.source (and its files) are set.

@@ -5,7 +5,7 @@ Pixel sizes that the official code states in source-image pixels (`ref_pad` 10, 
 5) are kept in source-image pixels; the elastic transform's pixel sizes (`elastic_alpha`,
 `elastic_sigma`, `elastic_alpha_affine`) are in pixels of the reference image at
 `reference_size` (albumentations applies it to the 224 px crop). The demo variant shrinks
-everything with its tiny images so the augmentations look the same at 32 px.
+everything with its tiny images so the augmentations look the same at 64 / 32 px.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def data_config(profile: str = "demo") -> ml_collections.ConfigDict:
     pick a profile and override sizes (e.g. `resolution`), so a new variant needs no edit here.
 
     'paper' is the paper's recipe (512 px source, 224 px reference, the official box filter and
-    augmentations; `source` must be set, e.g. 'openimages'). 'demo' is 32 px / 32 px on small
+    augmentations; `source` must be set, e.g. 'openimages'). 'demo' is 64 px / 32 px on small
     synthetic scenes, for the CPU demo and the tests.
     """
     profile = _ALIASES.get(profile, profile)
@@ -47,12 +47,13 @@ def data_config(profile: str = "demo") -> ml_collections.ConfigDict:
     c.synthetic_min_side = 72 if demo else 400  # synthetic scene sides are drawn in [min, max]
     c.synthetic_max_side = 128 if demo else 640
     c.synthetic_seed = 0  # the scenes are a fixed dataset; `seed` only drives order and augment
-    # 'palette' (demo): muted backgrounds, 1-3 large solid objects in 8 saturated colours, so a
-    # tiny model learns to follow the exemplar in minutes; 'varied': any colour and texture.
-    c.synthetic_style = "palette" if demo else "varied"
+    # 'varied': any colour and texture; 'palette' (configs/pbe.py demo): muted backgrounds, 1-3
+    # large solid objects in 8 saturated colours, so a tiny model learns to follow the exemplar in
+    # minutes (pbe_jax/data/synthetic.py).
+    c.synthetic_style = "varied"
 
     # --- output sizes ---
-    c.resolution = 32 if demo else 512  # square source image / mask side
+    c.resolution = 64 if demo else 512  # square source image / mask side
     c.reference_size = 32 if demo else 224  # square reference side (CLIP input)
 
     # --- box filter (scripts/read_bbox.py) ---
