@@ -89,8 +89,10 @@ def test_loss_target_follows_prediction_type():
     np.testing.assert_array_equal(eps.target(z0, noise, t), noise)
     a = v.alphas_cumprod[t][:, None, None, None]
     np.testing.assert_allclose(v.target(z0, noise, t), np.sqrt(a) * noise - np.sqrt(1 - a) * z0, rtol=1e-6)
+    x0 = NoiseSchedule.from_config({**cfg.model.scheduler.to_dict(), "prediction_type": "sample"})
+    np.testing.assert_array_equal(x0.target(z0, noise, t), z0)  # diffusers' 'sample': the clean latent
     with pytest.raises(ValueError, match="prediction_type"):
-        NoiseSchedule.from_config({**cfg.model.scheduler.to_dict(), "prediction_type": "sample"})
+        NoiseSchedule.from_config({**cfg.model.scheduler.to_dict(), "prediction_type": "x_start"})
 
 
 def test_second_training_grid_compiles_nothing():
