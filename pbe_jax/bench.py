@@ -36,6 +36,7 @@ from typing import Callable
 
 from absl import app, flags
 
+from pbe_jax import runtime
 from pbe_jax.benchmarks import crop, load, memory, sample, train
 from pbe_jax.benchmarks.report import Row, machine_line, markdown_table
 from pbe_jax.benchmarks.sizes import get_size
@@ -74,6 +75,9 @@ _DATA_SAMPLES = flags.DEFINE_integer("data_samples", 96, "samples timed in one p
 _DATA_WORKERS = flags.DEFINE_list("data_workers", ["1", "2"], "grain worker counts to time")
 _DATA_BATCH = flags.DEFINE_integer("data_batch", 8, "batch size for the loader and transfer")
 _DATA_SECONDS = flags.DEFINE_float("data_seconds", 10.0, "seconds per loader measurement")
+
+
+runtime.define_flags()
 
 
 def _size():
@@ -137,6 +141,7 @@ BENCHMARKS: dict[str, Callable[[], list]] = {
 
 def main(argv) -> None:
     del argv
+    runtime.configure_from_flags()
     names = [n.strip() for n in _WHAT.value.split(",") if n.strip()]
     if names == ["all"]:
         names = list(ALL)
