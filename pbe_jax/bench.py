@@ -7,9 +7,10 @@ r"""Benchmarks: pbe_jax side by side with the PyTorch stack it replaces, in one 
   python -m pbe_jax.bench --what=data                                # data pipeline
   python -m pbe_jax.bench --what=load --size=sd15 --reps=1           # checkpoint load time
   python -m pbe_jax.bench --what=crop --size=small                   # crop around the mask
+  python -m pbe_jax.bench --what=gpu --json=gpu.json                 # every accelerator number
 
-`--what` takes a comma-separated list of {train, sample, data, memory, load, crop} or `all` (all
-but crop):
+`--what` takes a comma-separated list of {train, sample, data, memory, load, crop, gpu} or `all`
+(all but crop and gpu):
 - train: the full PbE training step, pbe_jax vs eager PyTorch (diffusers/transformers modules,
   the official recipe): images/s, step time, FLOPs/step, achieved FLOP/s and MFU
   (pbe_jax/benchmarks/train.py).
@@ -24,6 +25,11 @@ but crop):
 - crop: one edit of a `--crop_source` photo (1600x1200) with a small mask, in a window around the
   mask at the model's resolution (`mask_crop_padding`) vs the whole image: time, pixels, XLA
   FLOPs and memory (pbe_jax/benchmarks/crop.py; the whole-image edit is timed when it fits).
+- gpu: train and sample for each of `--gpu_sizes` (small,sd15) in bf16 (unless --dtype is
+  given) with cuDNN attention on a GPU, against diffusers eager and torch.compile, plus MFU,
+  compile times and peak device memory (pbe_jax/benchmarks/gpu.py). Runs on a CPU too.
+`--attention_impl` (train, sample, gpu) picks the attention kernel (default: the config's 'xla';
+gpu: 'cudnn' on a GPU); `--torch_compile` adds reference rows with `torch.compile` on the UNet.
 `--size` is tiny | small | sd15 (pbe_jax/benchmarks/sizes.py). Each benchmark prints a markdown
 table of medians (warm-up excluded) with the ratio pbe_jax / reference; `--json OUT` writes
 `{name: {"ours", "reference", "ratio", "unit"}}` for every row.
@@ -36,14 +42,15 @@ from typing import Callable
 
 from absl import app, flags
 
-from pbe_jax.benchmarks import crop, load, memory, sample, train
+from pbe_jax import runtime
+from pbe_jax.benchmarks import crop, gpu, load, memory, sample, train
 from pbe_jax.benchmarks.report import Row, machine_line, markdown_table
 from pbe_jax.benchmarks.sizes import get_size
 from pbe_jax.data.bench import run
 
 ALL = ("train", "sample", "data", "memory", "load")
 
-_WHAT = flags.DEFINE_string("what", "data", "comma-separated benchmarks (train,sample,data,memory,load,crop) or 'all'")
+_WHAT = flags.DEFINE_string("what", "data", "comma-separated benchmarks (train,sample,data,memory,load,crop,gpu) or 'all'")
 _SIZE = flags.DEFINE_enum("size", "small", ["tiny", "small", "sd15"], "model size")
 _DTYPE = flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "compute dtype (params stay fp32)")
 _JSON = flags.DEFINE_string("json", "", "write every result row to this JSON file")
@@ -52,6 +59,13 @@ _REPS = flags.DEFINE_integer("reps", 3, "timed repetitions (the median is report
 _WARMUP = flags.DEFINE_integer("warmup", None, "untimed calls first (default: train 3, sample 1)")
 _REFERENCE = flags.DEFINE_bool("reference", True, "also time the PyTorch reference")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = CPU count)")
+_ATTENTION = flags.DEFINE_string("attention_impl", None, "attention kernel of our model (xla, cudnn, ...); "
+                                 "default: the config's, gpu: cudnn on a GPU")
+_TORCH_COMPILE = flags.DEFINE_bool("torch_compile", None, "also time the reference with torch.compile "
+                                   "on its UNet (default: on for gpu, off otherwise)")
+
+# gpu
+_GPU_SIZES = flags.DEFINE_list("gpu_sizes", list(gpu.DEFAULT_SIZES), "sizes of --what=gpu")
 
 # sample
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 50, "PLMS steps")
@@ -76,6 +90,9 @@ _DATA_BATCH = flags.DEFINE_integer("data_batch", 8, "batch size for the loader a
 _DATA_SECONDS = flags.DEFINE_float("data_seconds", 10.0, "seconds per loader measurement")
 
 
+runtime.define_flags()
+
+
 def _size():
     return get_size(_SIZE.value)
 
@@ -86,13 +103,24 @@ def _warmup(default: int) -> int:
 
 def bench_train() -> list:
     return train.run(_size(), dtype=_DTYPE.value, reps=_REPS.value, warmup=_warmup(3),
-                     reference=_REFERENCE.value)
+                     reference=_REFERENCE.value, attention_impl=_ATTENTION.value,
+                     torch_compile=bool(_TORCH_COMPILE.value))
 
 
 def bench_sample() -> list:
     return sample.run(_size(), dtype=_DTYPE.value, reps=_REPS.value, warmup=_warmup(1),
                       steps=_SAMPLE_STEPS.value, guidance=_SAMPLE_GUIDANCE.value,
-                      batch=_SAMPLE_BATCH.value, reference=_REFERENCE.value)
+                      batch=_SAMPLE_BATCH.value, reference=_REFERENCE.value,
+                      attention_impl=_ATTENTION.value, torch_compile=bool(_TORCH_COMPILE.value))
+
+
+def bench_gpu() -> list:
+    dtype = _DTYPE.value if flags.FLAGS["dtype"].present else "bf16"
+    return gpu.run(_GPU_SIZES.value, dtype=dtype, attention_impl=_ATTENTION.value,
+                   reps=_REPS.value, warmup=_warmup(1), steps=_SAMPLE_STEPS.value,
+                   guidance=_SAMPLE_GUIDANCE.value, sample_batch=_SAMPLE_BATCH.value,
+                   reference=_REFERENCE.value,
+                   torch_compile=_TORCH_COMPILE.value is not False)
 
 
 def bench_memory() -> list:
@@ -132,18 +160,20 @@ BENCHMARKS: dict[str, Callable[[], list]] = {
     "memory": bench_memory,
     "load": bench_load,
     "crop": bench_crop,
+    "gpu": bench_gpu,
 }
 
 
 def main(argv) -> None:
     del argv
+    runtime.configure_from_flags()
     names = [n.strip() for n in _WHAT.value.split(",") if n.strip()]
     if names == ["all"]:
         names = list(ALL)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise app.UsageError(f"unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)} or 'all'")
-    if {"train", "sample"} & set(names) and _REFERENCE.value:
+    if {"train", "sample", "gpu"} & set(names) and _REFERENCE.value:
         import torch
 
         torch.set_num_threads(_TORCH_THREADS.value or os.cpu_count() or 1)
@@ -151,7 +181,9 @@ def main(argv) -> None:
     results = {}
     for name in names:
         rows = BENCHMARKS[name]()
-        title = f"{name} ({_SIZE.value if name != 'data' else 'data'}, {_DTYPE.value}; {machine_line()})"
+        size = {"data": "data", "gpu": ",".join(_GPU_SIZES.value)}.get(name, _SIZE.value)
+        dtype = _DTYPE.value if name != "gpu" or flags.FLAGS["dtype"].present else "bf16"
+        title = f"{name} ({size}, {dtype}; {machine_line()})"
         print(markdown_table(rows, title), flush=True)
         print(flush=True)
         results.update({r.name: r.as_json() for r in rows})

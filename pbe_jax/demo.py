@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from pbe_jax import runtime
 from pbe_jax.inference import model_resolution
 from pbe_jax.models.hub import cast_dtype
 from pbe_jax.pipeline import PaintByExample
@@ -28,11 +29,13 @@ _DTYPE = flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "compute dtype")
 _MAX_MP = flags.DEFINE_float("max_megapixels", 40.0, "largest source the page accepts")
 _EXAMPLES = flags.DEFINE_integer("examples", 3, "example triplets from held-out synthetic scenes")
 flags.mark_flag_as_required("model")
+runtime.define_flags()
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]} (boolean flags take '=': --share=false)")
+    runtime.configure_from_flags()  # the compilation cache: a restart compiles nothing
     pipe = PaintByExample.from_pretrained(_MODEL.value, dtype=cast_dtype(_DTYPE.value))
     examples = demo_examples(examples_data_config(_MODEL.value), _EXAMPLES.value,
                              resolution=max(model_resolution(pipe)))

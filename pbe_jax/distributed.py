@@ -5,7 +5,8 @@
 - auto-detected: Cloud TPU pods and SLURM (`jax.distributed.initialize()` with no arguments
   reads their environment), enabled by `PBE_JAX_DISTRIBUTED=auto` or the `--distributed` flag.
 On CPU it selects gloo collectives (cross-process all-reduce on CPU needs them).
-It must run before anything touches a jax device.
+It must run before anything touches a jax device. `initialize_from_flags` (what every command
+line calls first) also runs `runtime.configure_from_flags` (compilation cache, XLA flags).
 """
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ import os
 import jax
 from absl import flags
 
+from pbe_jax import runtime
+
 _INITIALIZED = False
 
 
 def define_flags() -> None:
-    """The multi-host flags every CLI accepts."""
+    """The multi-host and runtime flags every CLI accepts."""
+    runtime.define_flags()
     if "coordinator_address" in flags.FLAGS:
         return
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs)")
@@ -53,5 +57,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def initialize_from_flags() -> bool:
+    """The start of every command line: runtime set-up, then multi-host initialisation."""
+    runtime.configure_from_flags()
     f = flags.FLAGS
     return initialize(f.coordinator_address, f.num_processes, f.process_id, f.distributed)

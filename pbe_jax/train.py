@@ -8,7 +8,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from pbe_jax import distributed
+from pbe_jax import distributed, runtime
 from pbe_jax.metrics import setup_logging
 from pbe_jax.training.loop import train_and_evaluate
 
@@ -23,9 +23,11 @@ def define_flags() -> None:
 
 def main(argv) -> None:
     del argv
+    clock = runtime.StartupClock()  # 'imports': interpreter start to here
     distributed.initialize_from_flags()
     setup_logging()
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    clock.mark("runtime+distributed")
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, clock)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One compilation cache for the session, inherited by subprocess tests: the CLI tests compile
-# the same tiny train step several times.
+# the same tiny train step several times. `pbe_jax.runtime` (the cache every command line turns
+# on, by default in ~/.cache/pbe_jax/xla) uses this folder too (JAX_COMPILATION_CACHE_DIR ranks
+# below only PBE_JAX_COMPILATION_CACHE / --compilation_cache), so the suite neither reads nor
+# fills a user's cache and starts cold each session.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 

@@ -192,3 +192,38 @@ def test_two_processes_agree_with_single_process(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
         np.testing.assert_allclose(a[s]["loss"], b[s]["loss"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_sigterm_to_one_agree_without_a_collective_per_step(tmp_path):
+    """SIGTERM reaches process 1 only; both stop at the same step, a multiple of
+    log_every_steps (the only steps where they agree), and checkpoint it. Process 0's log counts
+    the agreements: one per log_every_steps steps, not one per step."""
+    every = 4
+    wd = str(tmp_path)
+    port = _free_port()
+    procs = [subprocess.Popen(
+        train_cmd(wd, extra=[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                             f"--process_id={i}"],
+                  **{"train.num_steps": 100000, "mesh": "data:2", "log_every_steps": every}),
+        env=subprocess_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    deadline = time.time() + 600
+    while len(read_metrics(wd)) < 2:
+        for pr in procs:
+            assert pr.poll() is None, pr.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    errs = []
+    for pr in procs:
+        _, err = pr.communicate(timeout=300)
+        assert pr.returncode == 0, err[-3000:]
+        errs.append(err)
+    ckpts = sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit())
+    last = ckpts[-1]
+    assert last % every == 0 and last == max(read_metrics(wd)), (ckpts, sorted(read_metrics(wd)))
+    lines = [ln for ln in errs[0].splitlines() if "preemption agreement:" in ln]
+    assert lines, errs[0][-3000:]
+    collectives, steps = map(int, lines[-1].split("agreement:")[1].split()[0:4:3])
+    assert steps == last and collectives == last // every, lines[-1]

@@ -24,6 +24,7 @@ import time
 import jax
 from absl import app, flags
 
+from pbe_jax import runtime
 from pbe_jax import sharding as shd
 from pbe_jax.benchmarks.report import Row
 from pbe_jax.benchmarks.sizes import bench_config, get_size
@@ -116,6 +117,7 @@ def rows(size_name: str, m: dict) -> list[Row]:
 def main(argv) -> None:
     del argv
     F = flags.FLAGS
+    runtime.configure()  # the parent's cache setting arrives through the environment
     logging.disable(logging.WARNING)
     result = measure(F.size, dtype=F.dtype, compile=F.compile)
     with open(F.out, "w") as f:

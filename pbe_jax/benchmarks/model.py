@@ -12,11 +12,14 @@ from pbe_jax.convert.diffusers_io import save_diffusers
 from pbe_jax.training.state import Setup
 
 
-def build(size, *, dtype: str = "fp32", export_dir: str | None = None, batch: int | None = None):
+def build(size, *, dtype: str = "fp32", export_dir: str | None = None, batch: int | None = None,
+          attention_impl: str | None = None):
     """(setup, params, frozen, model) on a one-device mesh; `export_dir` gets the weights in
     diffusers format (fp32). Params are host-initialised (`models.init.host_init`): an NNX
     jitted init of the sd15 model would spend minutes in XLA on a CPU."""
     config = bench_config(size, dtype=dtype, batch=batch)
+    if attention_impl:  # e.g. 'cudnn' on a GPU; None keeps the config's ('xla')
+        config.attention_impl = attention_impl
     mesh = shd.make_mesh("data:1", devices=[jax.devices()[0]])
     setup = Setup(config, mesh)
     params, frozen = setup.random_params()

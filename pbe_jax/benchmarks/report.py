@@ -44,6 +44,36 @@ def median_seconds(fn: Callable[[], object], *, reps: int, warmup: int = 1) -> t
     return statistics.median(times), times
 
 
+def device_peak_bytes() -> float | None:
+    """The first JAX device's allocator high-water mark in bytes (None on a CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return float(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None
+
+
+def torch_peak_bytes(device: str, reset: bool = False) -> float | None:
+    """torch's CUDA high-water mark in bytes (None off CUDA); `reset` starts a new one."""
+    import torch
+
+    if device != "cuda":
+        return None
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+        return None
+    return float(torch.cuda.max_memory_allocated())
+
+
+def compiled_bytes(compiled) -> float | None:
+    """Device bytes of a compiled program: arguments + outputs + temporaries - donated aliases."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 (not every backend implements it)
+        return None
+    if m is None:
+        return None
+    return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                 - m.alias_size_in_bytes)
+
+
 def _fmt(x: float | None) -> str:
     if x is None:
         return "-"

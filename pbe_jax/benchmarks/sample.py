@@ -7,13 +7,14 @@ preprocessing is timed on both sides.
 from __future__ import annotations
 
 import tempfile
+import time
 
 import numpy as np
 from PIL import Image
 
 from pbe_jax.benchmarks import model as bm
 from pbe_jax.benchmarks import torch_ref
-from pbe_jax.benchmarks.report import Row, median_seconds
+from pbe_jax.benchmarks.report import Row, device_peak_bytes, median_seconds, torch_peak_bytes
 from pbe_jax.inference import edit
 
 
@@ -33,22 +34,30 @@ def inputs(n: int, resolution: int, seed: int = 0):
 
 
 def run(size, *, dtype: str = "fp32", reps: int = 3, warmup: int = 1, steps: int = 50,
-        guidance: float = 5.0, batch: int | None = None, reference: bool = True) -> list[Row]:
+        guidance: float = 5.0, batch: int | None = None, reference: bool = True,
+        attention_impl: str | None = None, torch_compile: bool = False) -> list[Row]:
+    """`torch_compile`: also time diffusers with `torch.compile` on its UNet (a row
+    `images_per_s_vs_torch_compile`). Peak device memory rows appear on an accelerator only."""
 
     n = batch or size.sample_batch
     src, masks, refs = inputs(n, size.resolution)
     name = f"sample/{size.name}"
     with tempfile.TemporaryDirectory(prefix="pbe_bench_") as export:
-        _, _, _, model = bm.build(size, dtype=dtype, export_dir=export if reference else None)
+        _, _, _, model = bm.build(size, dtype=dtype, export_dir=export if reference else None,
+                                  attention_impl=attention_impl)
 
         def ours():
             out = edit(model, src, masks, refs, num_inference_steps=steps, guidance_scale=guidance,
                         scheduler="plms", output_type="np")
             assert out.shape[0] == n
 
-        ours_s, _ = median_seconds(ours, reps=reps, warmup=warmup)
+        t0 = time.perf_counter()
+        ours()  # compile (encode, sampler scan, decode) + the first call
+        first_s = time.perf_counter() - t0
+        ours_s, _ = median_seconds(ours, reps=reps, warmup=max(warmup - 1, 0))
+        ours_peak = device_peak_bytes()
         del model
-        ref_s = None
+        ref_s = compiled_ref_s = ref_peak = None
         if reference:
             import torch
 
@@ -63,9 +72,21 @@ def run(size, *, dtype: str = "fp32", reps: int = 3, warmup: int = 1, steps: int
                            generator=torch.Generator(dev).manual_seed(0)).images
                 assert out.shape[0] == n
 
+            torch_peak_bytes(dev, reset=True)
             ref_s, _ = median_seconds(theirs, reps=reps, warmup=warmup)
+            ref_peak = torch_peak_bytes(dev)
+            if torch_compile:
+                pipe.unet = torch.compile(pipe.unet)
+                compiled_ref_s, _ = median_seconds(theirs, reps=reps, warmup=max(warmup, 1))
     tag = f"{steps}-step PLMS, cfg {guidance:g}, batch {n}, {size.resolution} px"
-    return [
+    rows = [
         Row(f"{name}/images_per_s", n / ours_s, None if ref_s is None else n / ref_s, f"images/s ({tag})"),
         Row(f"{name}/call_time", ours_s, ref_s, "s"),
+        Row(f"{name}/first_call_time", first_s, None, "s (compile + one call)"),
     ]
+    if compiled_ref_s is not None:
+        rows.append(Row(f"{name}/images_per_s_vs_torch_compile", n / ours_s, n / compiled_ref_s,
+                        f"images/s ({tag}; reference: torch.compile UNet)"))
+    if ours_peak is not None:
+        rows.append(Row(f"{name}/peak_device_memory", ours_peak, ref_peak, "bytes"))
+    return rows

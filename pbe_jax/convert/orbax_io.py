@@ -33,6 +33,7 @@ from pbe_jax import checkpoint as ckpt
 from pbe_jax.convert.components import each_with_progress
 from pbe_jax.convert.report import PipelineReport, check_architecture
 from pbe_jax.convert.torch_layout import CheckpointMismatchError, param_leaves, path_to_torch_key
+from pbe_jax.models.abstract import eval_shape
 from pbe_jax.models.paint_by_example import PaintByExampleModel, parse_component_configs
 from pbe_jax.models.registry import COMPONENTS
 from pbe_jax.outputs import write_json
@@ -234,7 +235,7 @@ def load_orbax(path: str, *, model_config: Mapping | None = None, allow_missing:
     if configs.get("feature_extractor"):
         cfg_dicts["feature_extractor"] = configs["feature_extractor"]
     build = lambda: cls.from_model_config(cfg_dicts, seed=seed, **runtime)  # noqa: E731
-    model = nnx.eval_shape(build)
+    model = eval_shape(build)
     leaves = param_leaves(model)
     gaps = set(_check_params(leaves, flat, list(allow_missing), str(d)))
     report.missing_allowed = sorted(gaps)

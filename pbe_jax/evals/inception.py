@@ -31,6 +31,7 @@ from pbe_jax.convert import safetensors_io as stio
 from pbe_jax.convert.torch_layout import LoadReport, load_torch_state_dict
 from pbe_jax.evals.resize import resize_bilinear
 from pbe_jax.models import axes as ax
+from pbe_jax.models.abstract import eval_shape
 
 Dtype = Any
 
@@ -266,7 +267,7 @@ class InceptionV3(nnx.Module):
         same keys. Strict: a missing, unknown or mis-shaped key raises `CheckpointMismatchError`
         naming it; `fc.*` and `*.num_batches_tracked` are listed in the report's `ignored`."""
         state_dict = stio.read_checkpoint(path)
-        model = nnx.eval_shape(lambda: cls(rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+        model = eval_shape(lambda: cls(rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
         report = load_torch_state_dict(model, state_dict, source=path, ignore_unexpected=IGNORE_KEYS, place=place)
         return (model, report) if return_report else model
 

@@ -37,6 +37,7 @@ from pbe_jax.convert.torch_layout import (
     load_torch_state_dict,
     module_to_torch_state_dict,
 )
+from pbe_jax.models.abstract import eval_shape as abstract_eval_shape
 from pbe_jax.outputs import write_json
 
 # Keyword arguments of every `from_pretrained`, with diffusers' names and meanings.
@@ -214,7 +215,7 @@ class PretrainedMixin:
         if isinstance(config, dict):
             config = cls.config_class.from_dict(config)
         make = lambda: cls(config, rngs=nnx.Rngs(seed), **runtime)  # noqa: E731
-        return nnx.eval_shape(make) if abstract else make()
+        return abstract_eval_shape(make) if abstract else make()
 
     @classmethod
     def from_pretrained(

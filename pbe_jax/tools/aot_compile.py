@@ -38,6 +38,7 @@ from absl import app, flags
 from jax.experimental import topologies
 from ml_collections import config_flags
 
+from pbe_jax import runtime
 from pbe_jax import sharding as shd
 from pbe_jax.training.state import Setup, state_bytes_per_device, step_flops
 
@@ -235,12 +236,14 @@ def _define_flags():
     flags.DEFINE_float("device_memory_gib", None, "override the per-device memory for the verdict")
     flags.DEFINE_string("json_out", None, "also write the report as JSON here")
     flags.mark_flags_as_required(["config", "topology"])
+    runtime.define_flags()
     return flags.FLAGS
 
 
 def main(argv) -> int:
     del argv
     f = _FLAGS
+    runtime.configure_from_flags()  # before the platform is pinned: XLA:CPU flags only without libtpu
     # Compile-only: keep JAX off any accelerator of this host (a TPU target is compiled by
     # libtpu's compile-only client, which needs no TPU here). Env vars are read at jax import,
     # hence the config update; flag parsing imported jax but initialised no backend.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 
 import jax
@@ -14,19 +13,20 @@ import ml_collections
 import numpy as np
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from pbe_jax import checkpoint
+from pbe_jax import checkpoint, runtime
 from pbe_jax import sharding as shd
 from pbe_jax.checkpoint import Checkpointer
 from pbe_jax.convert.load import load_pipeline, load_scheduler_config
 from pbe_jax.convert.orbax_io import scheduler_of_run
 from pbe_jax.data.pipeline import make_loader
+from pbe_jax.data.prefetch import DevicePrefetch
 from pbe_jax.evals.benchmark import training_eval
 from pbe_jax.evals.exemplar import ExemplarEval
 from pbe_jax.metrics import (MetricWriter, check_workdir_backend, image_grid, last_logged_step,
                              peak_flops_per_device)
 from pbe_jax.outputs import atomic_write, ensure_writable
+from pbe_jax.training.preemption import Preemption
 from pbe_jax.training.samples import training_samples
 from pbe_jax.training.state import Setup, config_runtime, step_flops
 from pbe_jax.training.vae_fit import frozen_with_vae, run_vae_stage
@@ -62,27 +62,6 @@ def resolve_noise_schedule(config: ml_collections.ConfigDict, ckpt: Checkpointer
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-
-
-class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint at the current step and exits 0."""
-
-    def __init__(self):
-        self.requested = False
-        self._prev = signal.signal(signal.SIGTERM, self._handler)
-
-    def _handler(self, signum, frame):
-        log.warning("SIGTERM received: checkpointing at the current step, then exiting")
-        self.requested = True
-
-    def agreed(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        flags = multihost_utils.process_allgather(np.array(self.requested))
-        return bool(np.any(flags))
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._prev)
 
 
 def _init_params(setup: Setup, config):
@@ -133,8 +112,12 @@ def _refuse_lost_history(workdir: str, had_checkpoints: bool, config) -> None:
         f"start over, use a new --workdir or delete {workdir}/metrics.jsonl.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       clock: runtime.StartupClock | None = None) -> dict:
+    """Train `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics.
+    `clock`: the command line's start-up clock; the sections up to the end of the first step
+    are marked on it and logged as one 'start-up' line (and `startup/*` metrics)."""
+    clock = clock or runtime.StartupClock(first=None)
     check_workdir_backend(workdir)  # a gs:// workdir without its packages fails here, naming them
     ensure_writable(workdir, "--workdir")  # local or gs://; before any compute
     had_checkpoints = epath.Path(checkpoint.ckpt_dir(workdir)).is_dir()
@@ -142,14 +125,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = shd.make_mesh(config.mesh)
     log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
     shd.check_batch_size(config.train.batch_size, mesh, jax.process_count(), what="config.train.batch_size")
+    clock.mark("mesh")
     # ---- data
     loader = make_loader(config.data, global_batch_size=config.train.batch_size, seed=config.seed,
                          mesh=mesh)
+    clock.mark("data")
     # ---- model (abstract) and shardings; the run's noise schedule is fixed first
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
     resolve_noise_schedule(config, ckpt)
+    clock.mark("checkpointer")
     vae_dir = run_vae_stage(config, workdir, mesh, ckpt)  # config.vae_fit: fits WORKDIR/vae first
+    clock.mark("vae_stage")
     setup = Setup(config, mesh)
+    clock.mark("abstract model")
     writer = MetricWriter(workdir)
     # ---- params. Precedence: workdir checkpoint > config.init_from > random init.
     restored = ckpt.restore_latest(setup.abstract_state(), setup.abstract_frozen()) \
@@ -170,26 +158,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if jax.process_index() == 0:
             atomic_write(epath.Path(workdir) / "config.json", config.to_json(indent=2))
     writer.keep_until(step0)  # the rows past step0 are logged again
-    # ---- step
-    t0 = time.perf_counter()
-    it = iter(loader)
+    jax.block_until_ready((state, frozen))
+    clock.mark("params restore" if restored is not None else "params init")
+    # ---- step. The next batches are read and placed on devices while a step runs.
+    it = DevicePrefetch(loader)
     batch = next(it) if step0 < config.train.num_steps else None
-    compiled = setup.jit_step().lower(state, frozen, batch).compile() if batch is not None else None
+    clock.mark("first batch")
+    compiled = None
+    if batch is not None:
+        lowered = setup.jit_step().lower(state, frozen, batch)
+        clock.mark("trace+lower")
+        compiled = lowered.compile()
+        clock.mark("compile")
     flops = step_flops(compiled) if compiled is not None else 0.0
     peak = peak_flops_per_device(config.peak_flops)
-    log.info("compiled the train step in %.1fs; %.3g FLOPs/step/device; peak %.3g FLOP/s/device",
-             time.perf_counter() - t0, flops, peak)
+    log.info("train step: %.3g FLOPs/step/device; peak %.3g FLOP/s/device", flops, peak)
     if step0 == 0 and batch is not None:
         writer.image(0, "train_inputs", _input_grid(batch))
     exemplar = ExemplarEval(config) if config.exemplar_eval.num_triplets else None
     # ---- loop
-    pre = _Preemption()
+    pre = Preemption(every=config.log_every_steps)
     last = {}
     step = step0
-    t_last, n_last = time.perf_counter(), step0
+    t_last, n_last, wait_last = time.perf_counter(), step0, it.wait_seconds()
+    startup = {}
     try:
         while step < config.train.num_steps:
             state, m = compiled(state, frozen, batch)
+            if step == step0:  # the first step, to its end, closes the start-up report
+                jax.block_until_ready(m)
+                clock.mark("first step")
+                log.info("%s", clock.line())
+                startup = clock.as_dict()  # goes into the first metrics row
             step += 1
             stop_nan = config.train.nan_policy == "stop" and not bool(m["update_ok"])
             if stop_nan:
@@ -198,21 +198,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             is_last = step == config.train.num_steps
             if step % config.log_every_steps == 0 or is_last:
                 m = jax.device_get(m)
-                dt = (time.perf_counter() - t_last) / max(step - n_last, 1)
-                t_last, n_last = time.perf_counter(), step
+                now = time.perf_counter()
+                dt = (now - t_last) / max(step - n_last, 1)
+                # share of the time since the last log spent waiting for input (0: never stalled)
+                data_wait = (it.wait_seconds() - wait_last) / max(now - t_last, 1e-9)
+                t_last, n_last, wait_last = now, step, it.wait_seconds()
                 ips = config.train.batch_size / dt
                 mfu = flops / dt / peak if flops and peak else 0.0
                 last = {**{k: float(v) for k, v in m.items()}, "step_time": dt, "images_per_s": ips,
-                        "mfu": mfu}
-                last.update({f"data/{k}": v for k, v in loader.bad_data_counts().items()})
+                        "mfu": mfu, "data_wait": data_wait, **startup}
+                startup = {}
+                last.update({f"data/{k}": v for k, v in it.bad_data_counts().items()})
                 writer.scalars(step, last)
                 log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g %.2f img/s %.3fs/step MFU %.2f%% skips %d",
                          step, config.train.num_steps, last["loss"], last["lr"], last["grad_norm"], ips,
                          dt, 100 * mfu, int(last["nan_skips"]))
             ckpt.check()  # a failed background save stops the run now, not at the next save
-            preempted = pre.agreed()
+            preempted = pre.should_stop(step)
             if step % config.ckpt_every_steps == 0 or is_last or preempted:
-                ckpt.save(step, state, frozen, loader.get_state(), json.loads(config.to_json()),
+                ckpt.save(step, state, frozen, it.get_state(), json.loads(config.to_json()),
                           wait=preempted or is_last)
             if preempted:
                 log.warning("checkpoint at step %d written; exiting on SIGTERM", step)
@@ -230,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pre.restore()
         ckpt.close()
         writer.close()
-        loader.close()  # stops grain worker processes / threads
+        it.close()  # stops the prefetch thread, then grain worker processes / threads
     shown = [k for k in ("loss", *sorted(k for k in last if k.startswith("eval/"))) if k in last]
     if shown:  # the final console line: the loss and the held-out scores
         log.info("done: step %d %s", step, ", ".join(f"{k} {last[k]:.4g}" for k in shown))

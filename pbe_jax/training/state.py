@@ -13,6 +13,7 @@ from flax import nnx
 from pbe_jax import sharding as shd
 from pbe_jax.data.batch import HOST_KEYS, host_batch_spec
 from pbe_jax.diffusion import NoiseSchedule
+from pbe_jax.models.abstract import eval_shape
 from pbe_jax.models.hub import cast_dtype
 from pbe_jax.models.init import host_init
 from pbe_jax.models.paint_by_example import PaintByExampleModel, param_filters
@@ -27,7 +28,7 @@ def config_runtime(config) -> dict:
 
 
 def abstract_model(config) -> PaintByExampleModel:
-    return nnx.eval_shape(lambda: PaintByExampleModel.from_model_config(
+    return eval_shape(lambda: PaintByExampleModel.from_model_config(
         config.model, seed=config.seed, **config_runtime(config)))
 
 

@@ -1,0 +1,122 @@
+"""pbe_jax.runtime: where the compilation cache lives, the default XLA flags, the start-up clock,
+and (through the training command line) that a second run compiles nothing new."""
+import os
+import re
+import subprocess
+
+import pytest
+
+from pbe_jax import runtime
+from tests.train_utils import subprocess_env, train_cmd
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    tag = runtime.host_cpu_tag()
+    monkeypatch.delenv(runtime.CACHE_ENV, raising=False)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert runtime.resolve_cache_dir() == f"{tmp_path}/xdg/pbe_jax/xla/{tag}"  # the default: on
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    assert runtime.resolve_cache_dir() == str(tmp_path / "jax")  # JAX's own variable, as given
+    monkeypatch.setenv(runtime.CACHE_ENV, str(tmp_path / "env"))
+    assert runtime.resolve_cache_dir() == f"{tmp_path}/env/{tag}"
+    assert runtime.resolve_cache_dir(str(tmp_path / "flag")) == f"{tmp_path}/flag/{tag}"  # flag wins
+    assert runtime.resolve_cache_dir("gs://b/xla") == f"gs://b/xla/{tag}"
+    for off in ("off", "OFF", "none", "0", "false"):
+        assert runtime.resolve_cache_dir(off) is None
+    monkeypatch.setenv(runtime.CACHE_ENV, "off")
+    assert runtime.resolve_cache_dir() is None
+
+
+def test_default_xla_flags_never_override_the_user(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3 --xla_foo=1")
+    assert runtime.apply_default_xla_flags({"xla_backend_optimization_level": "2", "xla_bar": "x"}) \
+        == ["--xla_bar=x"]
+    assert os.environ["XLA_FLAGS"] == "--xla_bar=x --xla_backend_optimization_level=3 --xla_foo=1"
+
+
+@pytest.fixture
+def own_cache_settings(monkeypatch):
+    """Let a test call runtime.configure; afterwards the suite's cache settings are back."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+             "jax_persistent_cache_min_compile_time_secs", "jax_compilation_cache_max_size")
+    saved = {n: getattr(jax.config, n) for n in names}
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+    monkeypatch.setattr(runtime, "_configured", None)
+    yield
+    for n, v in saved.items():
+        jax.config.update(n, v)
+    compilation_cache.reset_cache()
+
+
+def test_startup_clock_sections_and_cache_notes(tmp_path, own_cache_settings):
+    import jax
+    import jax.numpy as jnp
+
+    runtime.configure(str(tmp_path))
+    clock = runtime.StartupClock(first=None)
+    clock.mark("nothing")
+    jax.jit(lambda x: x * 3 + 1)(jnp.arange(5.0)).block_until_ready()
+    clock.mark("compile")
+    names = [s[0] for s in clock.sections]
+    assert names == ["nothing", "compile"]
+    assert clock.sections[0][3] == ""
+    assert re.fullmatch(r"cache \d+ miss(es)?", clock.sections[1][3]), clock.sections[1]
+    line = clock.line()
+    assert line.startswith("start-up ") and "compile " in line and str(tmp_path) in line
+    d = clock.as_dict()
+    assert set(d) == {"startup/nothing", "startup/compile", "startup/total", "startup/total_cpu"}
+    # off: nothing read or written
+    n_files, counts = _cache_files(tmp_path), runtime.compile_counts()
+    assert n_files > 0
+    runtime.configure("off")
+    clock = runtime.StartupClock(first=None)
+    jax.jit(lambda x: x * 5 - 2)(jnp.arange(7.0)).block_until_ready()
+    clock.mark("compile")
+    assert clock.line().endswith("compilation cache off") and clock.sections[0][3] == ""
+    after = runtime.compile_counts()
+    assert (after["cache_hits"], after["cache_misses"]) == (counts["cache_hits"], counts["cache_misses"])
+    assert after["compiles"] > counts["compiles"]
+    assert _cache_files(tmp_path) == n_files
+
+
+def _startup_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if " start-up " in ln]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+def _cache_files(d) -> int:
+    return sum(len(files) for _, _, files in os.walk(d))
+
+
+@pytest.mark.slow
+def test_second_process_compiles_nothing_new(tmp_path):
+    """The training command line, twice with the same config and cache folder: the second run
+    finds every program in the cache (0 misses). (Switching the cache off:
+    test_startup_clock_sections_and_cache_notes.)"""
+    cache = tmp_path / "cache"
+    env = subprocess_env(1)
+    env[runtime.CACHE_ENV] = str(cache)
+    env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)  # every program, as by default
+    over = {"train.num_steps": 2}
+
+    def run(name):
+        p = subprocess.run(train_cmd(str(tmp_path / name), **over), env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return _startup_line(p.stderr)
+
+    first = run("a")
+    m = re.search(r"(\d+) hits, (\d+) misses", first)
+    assert m and int(m.group(2)) > 0, first
+    assert re.search(r"compile [\d.]+s \(cache 1 miss\)", first), first
+    n_files = _cache_files(cache)
+    second = run("b")
+    m = re.search(r"(\d+) hits, (\d+) misses", second)
+    assert m and int(m.group(1)) > 0 and int(m.group(2)) == 0, second
+    assert re.search(r"compile [\d.]+s \(cache 1 hit\)", second), second
+    assert _cache_files(cache) == n_files  # nothing new written
