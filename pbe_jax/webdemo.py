@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import gradio as gr
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -34,6 +33,11 @@ from pbe_jax.data.synthetic import synthetic_scene
 from pbe_jax.data.transforms import pad_box
 from pbe_jax.inference import crop_window, larger_than_model, load_rgb, model_resolution, to_uint8
 from pbe_jax.schedulers import scheduler_names
+
+try:
+    import gradio as gr
+except ImportError as e:  # the page is an extra; everything else works without it
+    raise ImportError(f"the web demo needs gradio ({e}): pip install 'pbe_jax[demo]'") from e
 
 BRUSH = ("#ff00ff", 0.6)  # what the painted region looks like on the page; any alpha > 0 is mask
 

@@ -19,7 +19,7 @@ from tests.train_utils import REPO
 
 # Modules that may import an extra's package at module level, and the extra that provides it
 # (a module only reached through a lazy import, e.g. a web app or a benchmark reference).
-OPTIONAL_MODULES: dict[str, str] = {}
+OPTIONAL_MODULES: dict[str, str] = {"pbe_jax.webdemo": "demo"}
 
 
 def _setup_lists() -> tuple[list[str], dict[str, list[str]]]:
