@@ -67,9 +67,10 @@ def demo_examples(data_cfg=None, num: int = 3, *, resolution: int = 64) -> list[
     else:
         sides = (int(data_cfg.synthetic_min_side), int(data_cfg.synthetic_max_side))
     first, seed = int(data_cfg.synthetic_num_images), int(data_cfg.synthetic_seed)
+    style = data_cfg.get("synthetic_style", "varied")  # the run's scenes ('palette' in the demo)
 
     def largest(index):  # (image, pixel box of its largest object)
-        img, boxes = synthetic_scene(index, seed=seed, min_side=sides[0], max_side=sides[1])
+        img, boxes = synthetic_scene(index, seed=seed, min_side=sides[0], max_side=sides[1], style=style)
         h, w = img.shape[:2]
         px = np.round(boxes * [w, h, w, h]).astype(int)
         return img, tuple(px[np.argmax((px[:, 2] - px[:, 0]) * (px[:, 3] - px[:, 1]))])
