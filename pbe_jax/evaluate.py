@@ -113,7 +113,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("limit", 0, "only the first N bench triplets (0 = all)")
     flags.DEFINE_integer("steps", 50, "denoising steps")
     flags.DEFINE_float("guidance", 5.0, "classifier-free guidance scale (the paper's benchmark: 5)")
-    flags.DEFINE_enum("scheduler", "plms", scheduler_names(), "sampler")
+    flags.DEFINE_enum("scheduler", None, scheduler_names(),
+                      "sampler (default: the model's own, its scheduler_config.json; PLMS for the released PbE)")
     flags.DEFINE_integer("seed", 0, "base seed (row i uses seed + 1000 i)")
     flags.DEFINE_integer("batch_size", 8, "images per batch, for sampling and feature extraction")
     flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "sampling compute dtype")

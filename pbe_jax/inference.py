@@ -2,7 +2,7 @@
 shared by `PaintByExample.__call__`, the batch CLI, evaluation and the training sample grids.
 
     edit(pipe, source, mask, reference, num_inference_steps=50, guidance_scale=5.0,
-         scheduler='plms', seed=0, ...) -> list of PIL images | float array [N, H, W, 3] in [0, 1]
+         scheduler=None (the model's own), seed=0, ...) -> list of PIL images | float array [N, H, W, 3] in [0, 1]
 
 Host side (`prepare`): images are read (PIL / numpy / paths; EXIF orientation applied), the mask
 is binarised at 0.5 with white = edit (the official scripts and diffusers), sizes that are not a
@@ -287,7 +287,7 @@ def edit_function(pipe, *, scheduler: Scheduler, cfg: bool, masked_latents: str 
 
 
 def run_edit(pipe, inputs: EditInputs, *, num_inference_steps: int = 50, guidance_scale: float = 5.0,
-             scheduler: str | None = "plms", eta: float = 0.0, latents: np.ndarray | None = None,
+             scheduler: str | None = None, eta: float = 0.0, latents: np.ndarray | None = None,
              masked_latents: str = "sample", mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
     """`EditInputs` in, float32 [N, H', W', 3] in [0, 1] out (host, padded size). Pads the batch
     to the mesh's batch size and drops the padding, so any N works on any number of devices."""
@@ -434,7 +434,7 @@ def _as_list(x) -> list:
 
 
 def edit(pipe, source, mask, reference, *, num_inference_steps: int = 50, guidance_scale: float = 5.0,
-         scheduler: str | None = "plms", seed: int | Sequence[int] = 0, num_images_per_prompt: int = 1,
+         scheduler: str | None = None, seed: int | Sequence[int] = 0, num_images_per_prompt: int = 1,
          latents: np.ndarray | None = None, masked_latents: str = "sample", paste_back: bool = False,
          paste_back_radius: float = 8.0, mask_crop_padding: int | None = None,
          reference_preprocess: str = "squash", output_type: str = "pil", eta: float = 0.0,

@@ -42,7 +42,8 @@ class PaintByExample(PaintByExampleModel):
                  example_image=None, **kwargs):
         """Paint `reference` into the white region of `mask` on `source`; arguments and return
         values in `pbe_jax.inference.edit` (num_inference_steps=50, guidance_scale=5.0,
-        scheduler='plms', seed=0, num_images_per_prompt=1, latents=None, masked_latents='sample',
+        scheduler=None (the model's own: PLMS for the released PbE), seed=0,
+        num_images_per_prompt=1, latents=None, masked_latents='sample',
         paste_back=False, mask_crop_padding=None, reference_preprocess='squash',
         output_type='pil'). diffusers' names work too: `image=`, `mask_image=`, `example_image=`."""
         source = _one_of("source", source, "image", image)

@@ -106,7 +106,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 4, "images per device batch (all devices together)")
     flags.DEFINE_integer("steps", 50, "denoising steps")
     flags.DEFINE_float("guidance", 5.0, "classifier-free guidance scale (1 = off)")
-    flags.DEFINE_enum("scheduler", "plms", scheduler_names(), "sampler")
+    flags.DEFINE_enum("scheduler", None, scheduler_names(),
+                      "sampler (default: the model's own, its scheduler_config.json; PLMS for the released PbE)")
     flags.DEFINE_integer("seed", 0, "base seed (rows without a seed use seed + 1000 * row)")
     flags.DEFINE_integer("num_samples", 1, "outputs per row")
     flags.DEFINE_bool("paste_back", False, "blend the source back outside a feathered mask")

@@ -95,6 +95,12 @@ def register(cls: type["Scheduler"]) -> type["Scheduler"]:
     return cls
 
 
+def own_scheduler_name(model_config: Mapping[str, Any]) -> str:
+    """The short name of a model's own scheduler (its `scheduler_config.json`'s `_class_name`):
+    'plms' for the released PbE (PNDMScheduler), 'ddim' for the demo."""
+    return _entry(dict(model_config).get("_class_name")).names[0]
+
+
 def scheduler_names() -> list[str]:
     """The short names users pick a sampler by (CLI flags, `pipe(..., scheduler=...)`)."""
     return sorted(NAMES)

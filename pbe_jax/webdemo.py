@@ -15,6 +15,7 @@ model's shape and reuses the start-up compilation.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import threading
@@ -32,7 +33,7 @@ from pbe_jax.data.config import data_config
 from pbe_jax.data.synthetic import synthetic_scene
 from pbe_jax.data.transforms import pad_box
 from pbe_jax.inference import crop_window, larger_than_model, load_rgb, model_resolution, to_uint8
-from pbe_jax.schedulers import scheduler_names
+from pbe_jax.schedulers import own_scheduler_name, scheduler_names
 
 try:
     import gradio as gr
@@ -49,7 +50,7 @@ class Settings:
     steps: int = 50
     guidance: float = 5.0
     seed: int = 0
-    scheduler: str = "plms"
+    scheduler: str | None = None  # None: the model's own (scheduler_config.json)
     paste_back: bool = True
     crop: bool = True
     padding: int = 32
@@ -140,7 +141,9 @@ class DemoEditor:
     def __init__(self, pipe, *, settings: Settings = Settings(), max_megapixels: float = 40.0,
                  max_full_megapixels: float | None = None):
         self.pipe = pipe
-        self.settings = settings
+        # the model's own sampler unless told otherwise (the demo's x0 model has no PLMS)
+        self.settings = settings if settings.scheduler else dataclasses.replace(
+            settings, scheduler=own_scheduler_name(pipe.scheduler_config))
         self.resolution = model_resolution(pipe)
         self.max_pixels = int(max_megapixels * 1e6)
         # A whole-image edit (crop off, or a small source) runs the UNet over the whole latent
