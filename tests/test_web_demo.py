@@ -178,7 +178,7 @@ def test_page_in_headless_chromium(pipe, tmp_path):
 
             page.locator("#source input[type=file]").set_input_files(str(tmp_path / "source.png"))
             # the editor selects its brush once the image is on the canvas
-            page.wait_for_selector("#source button[aria-label='Brush'].highlight", timeout=60_000)
+            page.wait_for_selector("#source button[aria-label='Brush'].highlight", timeout=180_000)
             box = page.locator("#source canvas").last.bounding_box()
             cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
             page.mouse.move(cx - 40, cy)
