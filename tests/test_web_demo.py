@@ -174,7 +174,7 @@ def test_page_in_headless_chromium(pipe, tmp_path):
             assert page.locator("#run").is_disabled()
             editor.lock.release()
             page.wait_for_selector("#run:not([disabled])", timeout=300_000)
-            assert "Ready" in page.locator("#status").inner_text()
+            page.wait_for_selector("#status:has-text('Ready')", timeout=30_000)
 
             page.locator("#source input[type=file]").set_input_files(str(tmp_path / "source.png"))
             # the editor selects its brush once the image is on the canvas
@@ -190,8 +190,9 @@ def test_page_in_headless_chromium(pipe, tmp_path):
             page.wait_for_selector("#reference img", timeout=30_000)
             page.locator("#run").click()
             _wait_result(page, (200, 150), 120_000)
-            assert "Edited 200x150" in page.locator("#status").inner_text()
-            assert page.locator("#download").is_visible()
+            # the outputs render one by one: wait for each instead of reading them at once
+            page.wait_for_selector("#status:has-text('Edited 200x150')", timeout=30_000)
+            page.wait_for_selector("#download", state="visible", timeout=30_000)
             if os.environ.get("PBE_DEMO_SCREENSHOT"):
                 page.screenshot(path=os.environ["PBE_DEMO_SCREENSHOT"], full_page=True)
 
