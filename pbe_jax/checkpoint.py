@@ -47,8 +47,31 @@ def ckpt_dir(workdir: str) -> str:
     return os.path.join(workdir, "checkpoints")
 
 
+# Replica-parallel saving (orbax's default off GPUs) splits every replicated array into one
+# slice per replica, each cut on the device by a program of its own (shape and offset): the
+# first save of the demo's 900 arrays on 8 devices compiled for 26 s and held training that
+# long. One process writes every slice anyway, so it only pays off across hosts, and only for
+# slices big enough to outweigh their compile.
+REPLICA_PARALLEL_MIN_BYTES = 4 * 2**20
+_array_handler_for: int | None = None
+
+
+def _register_array_handler() -> None:
+    """Register orbax's jax.Array handler with the settings above (process-wide, once per
+    process count)."""
+    global _array_handler_for
+    n = jax.process_count()
+    if _array_handler_for == n:
+        return
+    handler = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=n > 1, min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    _array_handler_for = n
+
+
 class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+        _register_array_handler()
         self.directory = ckpt_dir(workdir)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                             enable_async_checkpointing=async_save)

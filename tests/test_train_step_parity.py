@@ -223,3 +223,35 @@ def test_adamw_follows_torch(built):
     # the decay (lr * wd = 1e-4 of the vector per step, at steps 2 and 3) is the difference
     np.testing.assert_allclose(history[True][3] - history[False][3],
                                -1e-4 * (history[True][1] + history[True][2]), rtol=2e-2, atol=1e-7)
+
+
+def test_adamw_bf16_first_moment_is_optax_mu_dtype():
+    """`train.mu_dtype=bfloat16` stores AdamW's first moment in bf16 (a quarter less optimizer
+    state): every parameter's trajectory equals optax.adamw(mu_dtype=bfloat16) (same formula
+    where torch and optax agree: every param gets a gradient every step), and stays within
+    bf16 rounding of the fp32 optimizer."""
+    from pbe_jax.training.optim import torch_adamw
+
+    rng = np.random.default_rng(0)
+    params = {"a": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32),
+              "b": jnp.asarray(rng.normal(size=(32,)), jnp.float32)}
+    kw = dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+    runs = {"ours_bf16": torch_adamw(optax.constant_schedule(1e-3), mu_dtype="bfloat16", **kw),
+            "ours_fp32": torch_adamw(optax.constant_schedule(1e-3), **kw),
+            "optax_bf16": optax.adamw(1e-3, mu_dtype=jnp.bfloat16, **kw)}
+    traj = {}
+    for name, tx in runs.items():
+        p, state = params, tx.init(params)
+        for step in range(20):
+            g = jax.tree.map(lambda x: jnp.asarray(
+                np.random.default_rng(step).normal(size=x.shape), jnp.float32) + 0.5 * x, p)
+            upd, state = jax.jit(tx.update)(g, state, p)
+            p = optax.apply_updates(p, upd)
+        mu = state.mu if hasattr(state, "mu") else state[0].mu  # optax: chain(scale_by_adam, ...)
+        traj[name] = (p, {str(x.dtype) for x in jax.tree.leaves(mu)})
+    assert traj["ours_bf16"][1] == {"bfloat16"} and traj["ours_fp32"][1] == {"float32"}
+    for k in params:
+        ours, ref, full = (np.asarray(traj[n][0][k]) for n in ("ours_bf16", "optax_bf16", "ours_fp32"))
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
+        moved = np.max(np.abs(full - np.asarray(params[k])))  # 20 steps of ~1e-3
+        assert np.max(np.abs(ours - full)) <= 2e-2 * moved, (k, np.max(np.abs(ours - full)), moved)
