@@ -53,20 +53,14 @@ def ckpt_dir(workdir: str) -> str:
 # long. One process writes every slice anyway, so it only pays off across hosts, and only for
 # slices big enough to outweigh their compile.
 REPLICA_PARALLEL_MIN_BYTES = 4 * 2**20
-_array_handler_for: int | None = None
 
 
 def _register_array_handler() -> None:
-    """Register orbax's jax.Array handler with the settings above (process-wide, once per
-    process count)."""
-    global _array_handler_for
-    n = jax.process_count()
-    if _array_handler_for == n:
-        return
+    """Register orbax's jax.Array handler with the settings above (process-wide)."""
     handler = ocp.type_handlers.ArrayHandler(
-        use_replica_parallel=n > 1, min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
+        use_replica_parallel=jax.process_count() > 1,
+        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-    _array_handler_for = n
 
 
 class Checkpointer:

@@ -59,7 +59,7 @@ def torch_adamw(learning_rate: optax.Schedule, *, b1: float, b2: float, eps: flo
     each param is its own module. `mu_dtype`: the dtype the first moment is stored in (None:
     the param's; e.g. bfloat16 saves a quarter of the AdamW state, optax's `mu_dtype`): the
     update computes in the param's dtype and rounds the new moment to `mu_dtype`."""
-    mu_dtype = None if mu_dtype in (None, "", "none", "float32") else jnp.dtype(mu_dtype)
+    mu_dtype = jnp.dtype(mu_dtype) if mu_dtype else None
 
     def init(params):
         n = len(jax.tree.leaves(params))
@@ -131,5 +131,5 @@ def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     parts.append(torch_adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
                              weight_decay=tcfg.weight_decay,
                              decay_mask=None if tcfg.decay_uncond_vector else _decay_mask,
-                             modules=pbe_modules, mu_dtype=tcfg.get("mu_dtype") or None))
+                             modules=pbe_modules, mu_dtype=tcfg.get("mu_dtype")))
     return optax.chain(*parts), schedule
