@@ -186,6 +186,34 @@ def test_train_step_equals_official(built, drop):
     assert worst <= 1e-5, worst
 
 
+@pytest.mark.parametrize("built", ["epsilon"], indirect=True)
+def test_a_non_finite_step_changes_nothing_and_is_counted(built):
+    """A NaN loss (here: NaN noise draws): params, AdamW's moments, its step counts and the lr
+    schedule's count stay exactly as they were; `nan_skips` counts it; the next finite step is
+    the optimizer's first."""
+    _, cfg, setup, params, frozen, _, step = built
+    batch, draws = _inputs(cfg, drop=False)
+    state = setup.new_state(jax.tree.map(jnp.asarray, params))
+    before = jax.device_get(state)
+    bad = draws._replace(noise=np.full_like(draws.noise, np.nan))
+    state, m = step(state, frozen, batch, jax.tree.map(jnp.asarray, bad))
+    after = jax.device_get(state)
+    assert float(m["update_ok"]) == 0 and int(m["nan_skips"]) == 1 and int(after["step"]) == 1
+    for name in ("params", "opt_state"):
+        for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])):
+            np.testing.assert_array_equal(a, b)
+    state, m = step(state, frozen, batch, jax.tree.map(jnp.asarray, draws))
+    assert float(m["update_ok"]) == 1 and int(m["nan_skips"]) == 1
+    # the skip left no trace: the same as the finite step taken from the start
+    fresh, _ = step(setup.new_state(jax.tree.map(jnp.asarray, params)), frozen, batch,
+                    jax.tree.map(jnp.asarray, draws))
+    got, want = jax.device_get(state), jax.device_get(fresh)
+    assert int(got["opt_state"][-1].count) == 1
+    for name in ("params", "opt_state"):
+        for a, b in zip(jax.tree.leaves(got[name]), jax.tree.leaves(want[name])):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("built", ["v_prediction"], indirect=True)
 def test_adamw_follows_torch(built):
     """Three steps (condition kept, dropped, kept) at lr 1e-2 on torch's own gradients: our

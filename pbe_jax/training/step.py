@@ -64,14 +64,15 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tcfg, tx: optax.GradientT
         params = state["params"]
         loss, grads = loss_and_grads(params, frozen, batch, step_rng, draws)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        # A non-finite step changes nothing: the optimizer leaves its state as it was when not
+        # `ok` (`optim.torch_adamw`), and the params keep their values.
+        updates, opt_state = tx.update(grads, state["opt_state"], params, ok=ok)
+        new_params = jax.tree.map(lambda p, u: jnp.where(ok, (p + u).astype(p.dtype), p), params, updates)
         new = {
             "step": state["step"] + 1,
-            "params": keep(new_params, params),
-            "opt_state": keep(opt_state, state["opt_state"]),
+            "params": new_params,
+            "opt_state": opt_state,
             "rng": rng,
             "nan_skips": state["nan_skips"] + (~ok).astype(jnp.int32),
         }
