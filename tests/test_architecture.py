@@ -44,6 +44,7 @@ def compile_events():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
+@pytest.mark.slow
 def test_loss_sampler_and_export_follow_the_model_scheduler(tmp_path, monkeypatch):
     cfg = tiny_config(**{"train.num_steps": 2, "sample_every_steps": 2, "sample_steps": 2,
                          "sample_num": 2, "train.batch_size": 8})
@@ -95,6 +96,7 @@ def test_loss_target_follows_prediction_type():
         NoiseSchedule.from_config({**cfg.model.scheduler.to_dict(), "prediction_type": "x_start"})
 
 
+@pytest.mark.slow
 def test_second_training_grid_compiles_nothing():
     cfg = tiny_config(**{"sample_steps": 3, "sample_num": 2})
     mesh = shd.make_mesh("data:4,fsdp:2")

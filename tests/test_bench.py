@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 EXPECTED = {
     "train/tiny/images_per_s": "images/s",
     "train/tiny/mfu": "fraction of peak",
@@ -19,6 +21,7 @@ EXPECTED = {
 TABLE_ROW = re.compile(r"^\| (\S+) \| (\S+) \| (\S+) \| (\S+) \| (.+) \|$")
 
 
+@pytest.mark.slow
 def test_bench_tiny_all(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "pbe_jax.bench", "--what=all", "--size=tiny", "--reps=1",
@@ -62,6 +65,7 @@ def test_rows_and_table():
     assert table[3] == "| x/b | 5e+09 | - | - | FLOP |"
 
 
+@pytest.mark.slow
 def test_bench_gpu_command_runs_its_cpu_path(tmp_path):
     """`--what=gpu` (the accelerator benchmark) end to end at the tiny size on the CPU: train and
     sample rows for ours and diffusers, compile times, the compiled step's bytes. (torch.compile

@@ -58,6 +58,7 @@ def _folder(root, n_good=10) -> str:
     return d
 
 
+@pytest.mark.slow
 def test_folder_trains_and_counts_broken_pairs(tmp_path):
     """The training CLI on the folder (one device, the tiny config the other CLI tests compile)."""
     images = _folder(str(tmp_path))

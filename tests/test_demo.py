@@ -173,6 +173,7 @@ def _run(args, timeout=900):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_fit_vae_cli_writes_a_diffusers_autoencoder(tmp_path):
     """`python -m pbe_jax.fit_vae`: a diffusers AutoencoderKL folder with the fitted scaling
     factor, which diffusers loads and runs to the same reconstruction as ours."""
@@ -209,6 +210,7 @@ VAE_PSNR_SHORT = 19.0  # dB, the VAE stage's held-out PSNR after SHORT's steps
 SCORE_SHORT = 0.35  # exemplar_following after SHORT's steps; P(>= this | chance) < 0.01
 
 
+@pytest.mark.slow
 def test_short_demo_run_learns_to_follow_the_exemplar(tmp_path):
     r = _run(["pbe_jax.train", f"--config={CONFIG_FILE}:demo", f"--workdir={tmp_path}",
               *[f"--config.{k}={v}" for k, v in SHORT.items()]])

@@ -58,6 +58,7 @@ def bomb_dataset(root: str) -> dict:
             "data.max_image_pixels": 40_000_000}
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_moved_aside_and_training_resumes_past_it_twice(tmp_path):
     """Also on a dataset with decompression bombs: they are counted (`data/too_large`) and
     training goes on (a bomb used to kill the run, and the resumed stream hit it again)."""

@@ -40,6 +40,7 @@ def batches():
     return host_batches(tiny_config(), 3)
 
 
+@pytest.mark.slow
 def test_sharded_equals_unsharded(batches):
     cfg = tiny_config(**{"train.lr": 1e-4})
     l1, s1, _ = run_steps(cfg, shd.make_mesh("data:1", devices=jax.devices()[:1]), batches)
@@ -56,6 +57,7 @@ def _uncond(state):
     return np.asarray(state["params"]["image_encoder"]["uncond_vector"])
 
 
+@pytest.mark.slow
 def test_frozen_never_change_uncond_trains_only_when_dropped(batches):
     mesh = shd.make_mesh("data:-1")
     cfg = tiny_config(**{"train.cond_drop_prob": 1.0})
@@ -79,6 +81,7 @@ def test_frozen_never_change_uncond_trains_only_when_dropped(batches):
     assert np.max(np.abs(np.asarray(state0["params"]["image_encoder"]["proj_out"]["kernel"]) - p_before)) > 0
 
 
+@pytest.mark.slow
 def test_fsdp_divides_param_and_optimizer_bytes(monkeypatch):
     monkeypatch.setattr(shd, "MIN_SHARD_SIZE", 0)  # tiny model: shard every divisible array
     cfg = tiny_config()
@@ -97,6 +100,7 @@ def test_fsdp_divides_param_and_optimizer_bytes(monkeypatch):
     assert saved >= 0.9 * (b_dp - b_fs), (m_dp.argument_size_in_bytes, m_fs.argument_size_in_bytes)
 
 
+@pytest.mark.slow
 def test_demo_config_trains_loss_falls(tmp_path):
     """The real loop (train_and_evaluate) on a fixed small synthetic dataset: loss falls."""
     from pbe_jax.training.loop import train_and_evaluate
