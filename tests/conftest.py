@@ -26,14 +26,7 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a minute or more on 2 cores: a large model, a "
-                            "training run or several processes (still runs in CI; scheduled first)")
-
-
-def pytest_collection_modifyitems(config, items):
-    """The slow tests first (a stable sort: each group keeps its order). With pytest-xdist
-    handing out one test at a time (`--maxschedchunk=1` in pytest.ini) the two workers take the
-    long tests early and end together on the short ones."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+                            "training run or several processes (still runs in CI)")
 
 
 @pytest.fixture(scope="session", autouse=True)

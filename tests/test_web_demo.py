@@ -174,31 +174,33 @@ def test_page_in_headless_chromium(pipe, tmp_path):
             page.wait_for_selector("#source button[aria-label='Brush'].highlight", timeout=180_000)
             page.locator("#reference input[type=file]").set_input_files(str(tmp_path / "reference.png"))
             page.wait_for_selector("#reference img", timeout=30_000)
-            # Brush a stroke and run. On a loaded machine the canvas can take the first stroke
-            # before its layer is ready, and the page then says the mask is empty (as it must):
-            # brush again, as a person would, at most three times.
+            # Brush a stroke, let the editor take it, run. On a loaded machine the canvas can
+            # still drop a stroke, and the page then says the mask is empty (as it must): brush
+            # again, as a person would, at most three times. The page counts those messages
+            # (they close by themselves, so they are counted as they appear).
+            page.evaluate("""() => { window.__emptyMasks = 0; const seen = new WeakSet();
+                new MutationObserver(() => { for (const e of document.querySelectorAll('.toast-body'))
+                    if (!seen.has(e) && e.innerText.includes('mask is empty')) {
+                        seen.add(e); window.__emptyMasks += 1; } })
+                  .observe(document.body, {childList: true, subtree: true, characterData: true}); }""")
             for attempt in range(3):
                 box = page.locator("#source canvas").last.bounding_box()
                 cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
                 page.mouse.move(cx - 40, cy)
                 page.mouse.down()
                 for i in range(20):
-                    page.mouse.move(cx - 40 + 4 * i, cy + 2 * i)
+                    page.mouse.move(cx - 40 + 4 * i, cy + 2 * i, steps=2)
                 page.mouse.up()
-                for close in page.locator(".toast-close").all():  # earlier messages
-                    close.click()
-                page.locator(".toast-body").first.wait_for(state="detached", timeout=30_000)
+                page.wait_for_timeout(1_000)  # the editor commits the stroke to its value
+                empty = page.evaluate("() => window.__emptyMasks")
                 page.locator("#run").click()
                 outcome = page.wait_for_function(
-                    "([w, h]) => { const i = document.querySelector('#result img');"
+                    "([w, h, n]) => { const i = document.querySelector('#result img');"
                     " if (i && i.complete && i.naturalWidth === w && i.naturalHeight === h) return 'edited';"
-                    " const t = [...document.querySelectorAll('.toast-body')]"
-                    "   .filter(e => e.innerText.includes('mask is empty'));"
-                    " return t.length ? 'empty' : false; }", arg=[200, 150],
+                    " return window.__emptyMasks > n ? 'empty' : false; }", arg=[200, 150, empty],
                     timeout=120_000).json_value()
                 if outcome == "edited":
                     break
-                page.wait_for_timeout(1_000)
             assert outcome == "edited", "three brush strokes never registered as a mask"
             # the outputs render one by one: wait for each instead of reading them at once
             page.wait_for_selector("#status:has-text('Edited 200x150')", timeout=30_000)
