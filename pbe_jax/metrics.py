@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Mapping
 
@@ -81,6 +82,21 @@ def check_workdir_backend(workdir: str) -> None:
                           "pip install 'pbe_jax[gcs]'")
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter. Its module imports torch when torch is installed (1.3 s of
+    start-up on 2 cores) only to accept torch tensors, which pbe_jax never passes: unless torch
+    is already loaded, it is imported with torch hidden."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import SummaryWriter  # noqa: PLC0415
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     def __init__(self, workdir: str, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -94,9 +110,7 @@ class MetricWriter:
             _drop_cut_line(self._path)
             self._jsonl = self._path.open("ab")
             try:
-                from tensorboardX import SummaryWriter  # noqa: PLC0415
-
-                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+                self._tb = _summary_writer_class()(os.path.join(workdir, "tb"))
             except ImportError:
                 log.warning("tensorboardX not installed: no TensorBoard events (metrics.jsonl still written)")
 

@@ -107,8 +107,9 @@ class Setup:
             "rng": jax.device_put(jax.random.PRNGKey(config.seed + 1), rep),
             "nan_skips": jax.device_put(jnp.zeros((), jnp.int32), rep),
         }
-        if "ema" in self.state_sharding:
-            state["ema"] = jax.tree.map(jnp.copy, params)
+        if "ema" in self.state_sharding:  # one program for the whole tree (not one per shape)
+            state["ema"] = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                                   out_shardings=self.state_sharding["ema"])(params)
         return state
 
     def jit_step(self) -> Callable:
