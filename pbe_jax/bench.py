@@ -8,8 +8,9 @@ r"""Benchmarks: pbe_jax side by side with the PyTorch stack it replaces, in one 
   python -m pbe_jax.bench --what=load --size=sd15 --reps=1           # checkpoint load time
   python -m pbe_jax.bench --what=crop --size=small                   # crop around the mask
   python -m pbe_jax.bench --what=gpu --json=gpu.json                 # every accelerator number
+  python -m pbe_jax.bench --what=ops --size=small                    # UNet fwd+bwd op by op vs torch
 
-`--what` takes a comma-separated list of {train, sample, data, memory, load, crop, gpu} or `all`
+`--what` takes a comma-separated list of {train, sample, data, memory, load, crop, gpu, ops} or `all`
 (all but crop and gpu):
 - train: the full PbE training step, pbe_jax vs eager PyTorch (diffusers/transformers modules,
   the official recipe): images/s, step time, FLOPs/step, achieved FLOP/s and MFU
@@ -43,14 +44,14 @@ from typing import Callable
 from absl import app, flags
 
 from pbe_jax import runtime
-from pbe_jax.benchmarks import crop, gpu, load, memory, sample, train
+from pbe_jax.benchmarks import crop, gpu, load, memory, ops, sample, train
 from pbe_jax.benchmarks.report import Row, machine_line, markdown_table
 from pbe_jax.benchmarks.sizes import get_size
 from pbe_jax.data.bench import run
 
 ALL = ("train", "sample", "data", "memory", "load")
 
-_WHAT = flags.DEFINE_string("what", "data", "comma-separated benchmarks (train,sample,data,memory,load,crop,gpu) or 'all'")
+_WHAT = flags.DEFINE_string("what", "data", "comma-separated benchmarks (train,sample,data,memory,load,crop,gpu,ops) or 'all'")
 _SIZE = flags.DEFINE_enum("size", "small", ["tiny", "small", "sd15"], "model size")
 _DTYPE = flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "compute dtype (params stay fp32)")
 _JSON = flags.DEFINE_string("json", "", "write every result row to this JSON file")
@@ -138,6 +139,10 @@ def bench_crop() -> list:
                     full=_CROP_FULL.value, dtype=_DTYPE.value)
 
 
+def bench_ops() -> list:
+    return ops.run(_size(), reps=_REPS.value, reference=_REFERENCE.value)
+
+
 def bench_data() -> list:
     r = run(resolution=_DATA_RES.value, num_images=_DATA_IMAGES.value,
             num_samples=_DATA_SAMPLES.value,
@@ -161,6 +166,7 @@ BENCHMARKS: dict[str, Callable[[], list]] = {
     "load": bench_load,
     "crop": bench_crop,
     "gpu": bench_gpu,
+    "ops": bench_ops,
 }
 
 
@@ -173,7 +179,7 @@ def main(argv) -> None:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise app.UsageError(f"unknown benchmark(s) {unknown}; known: {sorted(BENCHMARKS)} or 'all'")
-    if {"train", "sample", "gpu"} & set(names) and _REFERENCE.value:
+    if {"train", "sample", "gpu", "ops"} & set(names) and _REFERENCE.value:
         import torch
 
         torch.set_num_threads(_TORCH_THREADS.value or os.cpu_count() or 1)

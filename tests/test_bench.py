@@ -86,3 +86,29 @@ def test_bench_gpu_command_runs_its_cpu_path(tmp_path):
     assert "bf16" in proc.stdout  # the gpu preset's dtype
     assert not any(k.endswith("_vs_torch_compile") for k in rows)
     assert not any(k.endswith("peak_device_memory") for k in rows)  # no allocator stats on a CPU
+
+
+def test_op_table_times_and_classifies_each_xla_op():
+    """`--what=ops` reads the JAX profiler's per-op times of a compiled program and sorts each
+    op into a class by the HLO it runs (a fusion by what is fused inside it)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pbe_jax.benchmarks import ops
+
+    def f(x, k, w):
+        y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.tanh(y.reshape(-1, y.shape[-1]) @ w).sum()
+
+    args = (np.ones((2, 16, 16, 8), np.float32), np.ones((3, 3, 8, 16), np.float32),
+            np.ones((16, 32), np.float32))
+    per_op, kinds, wall = ops.jax_op_seconds(jax.jit(f), args, reps=2)
+    assert per_op and wall > 0 and all(s >= 0 for s in per_op.values())
+    classes = ops.by_class(per_op, lambda op: ops._classify_hlo(op, kinds))
+    assert set(classes) == set(ops.CLASSES)
+    assert classes["conv"] > 0 and classes["matmul"] > 0, (per_op, kinds)
+    assert ops._classify_torch("aten::convolution_backward") == "conv"
+    assert ops._classify_torch("aten::addmm") == "matmul"
+    assert ops._classify_torch("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert ops._classify_torch("aten::native_group_norm") == "elementwise / norm"
