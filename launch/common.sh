@@ -45,6 +45,22 @@ _forward_signal() {
   fi
 }
 
+# follow_log FILE: stream FILE from its start to stdout while the processes run. tail follows it
+# until stop_following (its --pid is this launcher, so it never outlives a killed launcher).
+# stop_following: once the processes have exited, give tail a moment to print the last lines they
+# wrote (tail's own --pid check on a process that just exited could end it before its final
+# read), then stop it.
+follow_log() {
+  tail -n +1 -f --pid=$$ "$1" &
+  FOLLOW_PID=$!
+}
+
+stop_following() {
+  sleep 1
+  kill "$FOLLOW_PID" 2>/dev/null || true
+  wait "$FOLLOW_PID" 2>/dev/null || true
+}
+
 trap_group_signals() {
   trap '_forward_signal INT' INT
   trap '_forward_signal TERM' TERM

@@ -83,12 +83,11 @@ done
 [[ "$DRY_RUN" == 1 ]] && exit 0
 
 trap_group_signals
-# Stream process 0's output; tail ends by itself when process 0 does.
-tail -n +1 -f --pid="${pids[0]}" "$logdir/proc_0.log" &
-tail_pid=$!
+# Stream process 0's output while the processes run.
+follow_log "$logdir/proc_0.log"
 status=0
 wait_group "${pids[@]}" || status=$?
-wait "$tail_pid" 2>/dev/null || true
+stop_following
 if ((status != 0)); then
   for ((i = 1; i < nproc; i++)); do
     echo "---- last lines of $logdir/proc_$i.log" >&2

@@ -89,10 +89,9 @@ done
 
 trap_group_signals
 first_log="$logdir/proc_$((node_rank * nproc_per_node)).log"
-tail -n +1 -f --pid="${pids[0]}" "$first_log" &
-tail_pid=$!
+follow_log "$first_log"
 status=0
 wait_group "${pids[@]}" || status=$?
-wait "$tail_pid" 2>/dev/null || true
+stop_following
 echo "launcher: exit status $status (logs in $logdir)" >&2
 exit "$status"
