@@ -51,6 +51,9 @@ _forward_signal() {
 # wrote (tail's own --pid check on a process that just exited could end it before its final
 # read), then stop it.
 follow_log() {
+  # The process creates its log when it starts, in the background: it may not exist yet, and
+  # tail would give up on a missing file and stream nothing.
+  [[ -e "$1" ]] || : >"$1"
   tail -n +1 -f --pid=$$ "$1" &
   FOLLOW_PID=$!
 }
