@@ -48,8 +48,7 @@ _forward_signal() {
 # follow_log FILE: stream FILE from its start to stdout while the processes run. tail follows it
 # until stop_following (its --pid is this launcher, so it never outlives a killed launcher).
 # stop_following: once the processes have exited, give tail a moment to print the last lines they
-# wrote (tail's own --pid check on a process that just exited could end it before its final
-# read), then stop it.
+# wrote, then stop it.
 follow_log() {
   # The process creates its log when it starts, in the background: it may not exist yet, and
   # tail would give up on a missing file and stream nothing.

@@ -107,7 +107,8 @@ def torch_adamw(learning_rate: optax.Schedule, *, b1: float, b2: float, eps: flo
                 # The update reads the stored moments rather than recomputing them: each is
                 # written in place once and no copy of the old moments is needed (on XLA:CPU
                 # ~2 fewer kernels per parameter). A bf16 mu updates with the unrounded moment.
-                m_new, v_new = m_out, v_new = jax.lax.optimization_barrier((m_out, v_new))
+                m_out, v_new = jax.lax.optimization_barrier((m_out, v_new))
+                m_new = m_out
             u = -step_size * m_new / (jnp.sqrt(v_new) / bc2_sqrt + eps)
             if decays[i] and weight_decay:
                 u = u - lr * weight_decay * p  # torch: p *= 1 - lr * weight_decay, first
