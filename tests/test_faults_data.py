@@ -37,6 +37,35 @@ def png_bomb(w: int, h: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def test_a_large_png_is_probed_without_decoding_a_pixel(monkeypatch, tmp_path):
+    """PIL's PNG `getexif()` decodes the whole image: the probe (and the folder source's size
+    check) must read the header only, or an 81-megapixel PNG costs 240 MB and seconds per visit
+    before `data.max_image_pixels` rejects it."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    from pbe_jax.data.sources import _display_size
+
+    def no_decoding(self, *a, **k):
+        raise AssertionError("the probe decoded the pixels")
+
+    big = png_bomb(9000, 9000)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buf, "PNG", exif=exif.tobytes())
+    (tmp_path / "big.png").write_bytes(big)
+    (tmp_path / "rotated.png").write_bytes(buf.getvalue())
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decoding)
+    h = dec.probe(big)
+    assert (h.raw_size, h.orientation, h.format) == ((9000, 9000), 1, "PNG")
+    h = dec.probe(buf.getvalue())  # a PNG's eXIf orientation is still read
+    assert (h.raw_size, h.orientation, h.size) == ((40, 30), 6, (30, 40))
+    assert _display_size(str(tmp_path / "big.png")) == (9000, 9000)
+    assert _display_size(str(tmp_path / "rotated.png")) == (30, 40)
+
+
 def test_too_large_is_appended_to_the_bad_reasons():
     assert dec.BAD_REASONS == (*OLD_REASONS, "too_large")
 

@@ -52,7 +52,7 @@ BAD_REASONS = (
 REASON_INDEX = {r: i for i, r in enumerate(BAD_REASONS)}
 
 _EXIF_ORIENTATION = 0x0112
-_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that transpose the image
+SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that transpose the image
 
 
 class BadImage(Exception):
@@ -77,20 +77,29 @@ class Header:
     @property
     def size(self) -> tuple[int, int]:
         w, h = self.raw_size
-        return (h, w) if self.orientation in _SWAPS_SIDES else (w, h)
+        return (h, w) if self.orientation in SWAPS_SIDES else (w, h)
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1-8; 1 when absent or corrupt) of an opened image, from its header.
+
+    PIL's `PngImageFile.getexif()` decodes the whole image first (in case an eXIf chunk follows
+    the pixel data): for an 81-megapixel PNG that is 240 MB and seconds, before any size limit
+    is checked. PNG requires eXIf before the pixel data, so the base method (the chunks PIL read
+    at open) sees every conforming file's orientation without decoding a pixel."""
+    try:
+        exif = Image.Image.getexif(im) if im.format == "PNG" else im.getexif()
+        orientation = int(exif.get(_EXIF_ORIENTATION, 1))
+    except Exception:  # a corrupt EXIF block does not make the pixels unusable
+        return 1
+    return orientation if orientation in range(1, 9) else 1
 
 
 def probe(data: bytes) -> Header:
     """Parse the header of encoded image `data` without decoding pixels (~20 us)."""
     try:
         im = Image.open(io.BytesIO(data))
-        orientation = 1
-        try:
-            orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
-        except Exception:  # a corrupt EXIF block does not make the pixels unusable
-            orientation = 1
-        if orientation not in range(1, 9):
-            orientation = 1
+        orientation = exif_orientation(im)
         fmt = im.format or ""
         # PIL opens 16-bit RGB PNGs as mode 'RGB'; the IHDR bit depth (byte 24) tells.
         high = im.mode.startswith("I") or (fmt == "PNG" and len(data) > 24 and data[24] == 16)
@@ -207,7 +216,7 @@ def orient_boxes(boxes: np.ndarray, orientation: int) -> np.ndarray:
 def boxes_in_raw_frame(header: Header, annotated_size: tuple[int, int] | None) -> bool:
     """Whether a record's boxes were drawn on the raw pixels: only decidable when the record
     carries its annotated (W, H) and the orientation swaps the sides."""
-    if not annotated_size or header.orientation not in _SWAPS_SIDES:
+    if not annotated_size or header.orientation not in SWAPS_SIDES:
         return False
     aw, ah = annotated_size
     rw, rh = header.raw_size

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from pbe_jax.data.decode import SWAPS_SIDES, exif_orientation
 from pbe_jax.data.synthetic import synthetic_scene
 
 log = logging.getLogger(__name__)
@@ -385,10 +386,10 @@ def _display_size(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             w, h = im.size
-            orientation = int(im.getexif().get(0x0112, 1))
+            orientation = exif_orientation(im)
     except Exception:
         return 0, 0
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return (h, w) if orientation in SWAPS_SIDES else (w, h)
 
 
 def _folder_boxes(cfg, manifest: str, present: set[str]) -> BoxIndex:
