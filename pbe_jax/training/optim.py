@@ -47,31 +47,6 @@ class TorchAdamWState(NamedTuple):
     nu: Any
 
 
-@functools.partial(jax.jit, static_argnames=("b1", "b2", "eps", "weight_decay", "gated"))
-def _leaf_update(g, m, v, p, step_size, bc2_sqrt, on, lr, *, b1: float, b2: float, eps: float,
-                 weight_decay: float, gated: bool):
-    """One parameter's AdamW step -> (update, new mu, new nu). A jitted function so that
-    tracing the train step traces it once per distinct (shape, dtype, flags) instead of once per
-    parameter (XLA inlines the calls: the same program, a third less tracing of the step)."""
-    m_new = b1 * m + (1 - b1) * g  # a bf16 mu: b1 * m rounds to bf16, as optax
-    v_new = b2 * v + (1 - b2) * g * g
-    if gated:  # skipped (its module never ran, or not ok): the moments stay
-        m_new, v_new = jnp.where(on, m_new, m), jnp.where(on, v_new, v)
-    m_out = m_new.astype(m.dtype)
-    if m_out.dtype == m_new.dtype:
-        # The update reads the stored moments rather than recomputing them: each is written in
-        # place once and no copy of the old moments is needed (on XLA:CPU ~2 fewer kernels per
-        # parameter). A bf16 mu updates with the unrounded moment.
-        m_out, v_new = jax.lax.optimization_barrier((m_out, v_new))
-        m_new = m_out
-    u = -step_size * m_new / (jnp.sqrt(v_new) / bc2_sqrt + eps)
-    if weight_decay:
-        u = u - lr * weight_decay * p  # torch: p *= 1 - lr * weight_decay, first
-    if gated:
-        u = jnp.where(on, u, 0)
-    return u.astype(p.dtype), m_out, v_new
-
-
 def torch_adamw(learning_rate: optax.Schedule, *, b1: float, b2: float, eps: float,
                 weight_decay: float, decay_mask: Any = None,
                 modules: Callable[[Any], list[int]] | None = None,
@@ -123,9 +98,23 @@ def torch_adamw(learning_rate: optax.Schedule, *, b1: float, b2: float, eps: flo
                                              jax.tree.leaves(state.nu), jax.tree.leaves(params))):
             step_size, bc2_sqrt, on = scalars[module[i]]
             gated = module[i] >= 0 or ok is not None  # else always stepped
-            wd = weight_decay if decays[i] else 0.0
-            for lst, x in zip(out, _leaf_update(g, m, v, p, step_size, bc2_sqrt, on, lr, b1=b1,
-                                                b2=b2, eps=eps, weight_decay=wd, gated=gated)):
+            m_new = b1 * m + (1 - b1) * g  # a bf16 mu: b1 * m rounds to bf16, as optax
+            v_new = b2 * v + (1 - b2) * g * g
+            if gated:  # skipped (its module never ran, or not ok): the moments stay
+                m_new, v_new = jnp.where(on, m_new, m), jnp.where(on, v_new, v)
+            m_out = m_new.astype(m.dtype)
+            if m_out.dtype == m_new.dtype:
+                # The update reads the stored moments rather than recomputing them: each is
+                # written in place once and no copy of the old moments is needed (on XLA:CPU
+                # ~2 fewer kernels per parameter). A bf16 mu updates with the unrounded moment.
+                m_out, v_new = jax.lax.optimization_barrier((m_out, v_new))
+                m_new = m_out
+            u = -step_size * m_new / (jnp.sqrt(v_new) / bc2_sqrt + eps)
+            if decays[i] and weight_decay:
+                u = u - lr * weight_decay * p  # torch: p *= 1 - lr * weight_decay, first
+            if gated:
+                u = jnp.where(on, u, 0)
+            for lst, x in zip(out, (u.astype(p.dtype), m_out, v_new)):
                 lst.append(x)
         upd, mu, nu = (jax.tree.unflatten(treedef, lst) for lst in out)
         count = state.count + (1 if ok is None else ok.astype(jnp.int32))
