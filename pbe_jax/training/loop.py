@@ -170,14 +170,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         clock.mark("trace+lower")
         compiled = lowered.compile()
         clock.mark("compile")
-    flops = step_flops(compiled) if compiled is not None else 0.0
-    peak = peak_flops_per_device(config.peak_flops)
-    log.info("train step: %.3g FLOPs/step/device; peak %.3g FLOP/s/device", flops, peak)
-    if step0 == 0 and batch is not None:
-        writer.image(0, "train_inputs", _input_grid(batch))
     exemplar = ExemplarEval(config) if config.exemplar_eval.num_triplets else None
     # ---- loop
     pre = Preemption(every=config.log_every_steps)
+    flops = peak = 0.0
     last = {}
     step = step0
     t_last, n_last, wait_last = time.perf_counter(), step0, it.wait_seconds()
@@ -190,6 +186,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 clock.mark("first step")
                 log.info("%s", clock.line())
                 startup = clock.as_dict()  # goes into the first metrics row
+                # What only the logs need waits until the first step has run (and is not
+                # counted in the first logged step time).
+                t_extra = time.perf_counter()
+                flops = step_flops(compiled)
+                peak = peak_flops_per_device(config.peak_flops)
+                log.info("train step: %.3g FLOPs/step/device; peak %.3g FLOP/s/device", flops, peak)
+                if step0 == 0:
+                    writer.image(0, "train_inputs", _input_grid(batch))
+                t_last += time.perf_counter() - t_extra
             step += 1
             stop_nan = config.train.nan_policy == "stop" and not bool(m["update_ok"])
             if stop_nan:
