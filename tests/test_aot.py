@@ -48,7 +48,7 @@ def _param_bytes(cfg) -> int:
 
 
 def test_state_bytes_per_device_follow_the_mesh():
-    cfg = tiny_config()
+    cfg = tiny_config(small_model=False)
     full = _param_bytes(cfg)
     dp = Setup(cfg, shd.make_mesh("data:8")).abstract_state()
     fsdp = Setup(cfg, shd.make_mesh("data:1,fsdp:8")).abstract_state()
@@ -74,7 +74,7 @@ def test_compiler_out_of_memory_is_a_verdict(monkeypatch):
         raise RuntimeError(msg)
 
     monkeypatch.setattr(Setup, "compile", refuse)
-    cfg = tiny_config()
+    cfg = tiny_config(small_model=False)
     cfg.mesh = "data:1,fsdp:2"
     devices = jax.devices()[:2]
     r = compile_report(cfg, devices, device_memory_gib=16)
@@ -99,7 +99,7 @@ def test_cli_compiles_for_fake_devices(tmp_path):
     env["JAX_PLATFORMS"] = "cpu"
     cmd = [sys.executable, "-m", "pbe_jax.tools.aot_compile", f"--config={CONFIG_FILE}:demo,mesh=data:1,fsdp:2",
            "--topology=cpu:2", "--device_memory_gib=0.001", f"--json_out={out}",
-           *cli_overrides(**{"train.batch_size": 4})]
+           *cli_overrides(False, **{"train.batch_size": 4})]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     # 1 MiB per device cannot hold the state: the verdict and the exit status say so
     assert r.returncode == 3, r.stdout + r.stderr[-3000:]
@@ -108,7 +108,7 @@ def test_cli_compiles_for_fake_devices(tmp_path):
     assert rep["devices"] == 2 and rep["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
 
     # the same sizes, computed here over 2 of the test's fake devices
-    cfg = tiny_config(**{"train.batch_size": 4})
+    cfg = tiny_config(small_model=False, **{"train.batch_size": 4})
     cfg.mesh = "data:1,fsdp:2"
     setup = Setup(cfg, shd.make_mesh(cfg.mesh, devices=jax.devices()[:2]))
     state = setup.abstract_state()
@@ -140,7 +140,7 @@ def test_tpu_topology_without_libtpu_says_what_to_install():
 def test_tpu_topology_compiles_on_this_host(tmp_path):
     out = tmp_path / "report.json"
     r = subprocess.run([sys.executable, "-m", "pbe_jax.tools.aot_compile", f"--config={CONFIG_FILE}:demo,mesh=data:-1",
-                        "--topology=v5p-8", f"--json_out={out}", *cli_overrides(**{"train.batch_size": 4})],
+                        "--topology=v5p-8", f"--json_out={out}", *cli_overrides(False, **{"train.batch_size": 4})],
                        capture_output=True, text=True, cwd=REPO, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     rep = json.loads(out.read_text())
