@@ -105,8 +105,8 @@ def test_demo_config_trains_loss_falls(tmp_path):
     """The real loop (train_and_evaluate) on a fixed small synthetic dataset: loss falls."""
     from pbe_jax.training.loop import train_and_evaluate
 
-    n = 120  # the mean loss of the last 20 steps is ~0.68x the first 20's here (0.74x at 200)
-    cfg = tiny_config(small_model=False, **{"train.num_steps": n, "train.lr": 3e-3, "ckpt_every_steps": n,
+    n = 120  # the mean loss of the last 20 steps is 0.68x the first 20's here (seeds 1, 2: 0.77x, 0.71x)
+    cfg = tiny_config(**{"train.num_steps": n, "train.lr": 3e-3, "ckpt_every_steps": n,
                          "data.synthetic_num_images": 8})
     train_and_evaluate(cfg, str(tmp_path))
     rows = read_metrics(str(tmp_path))
