@@ -99,7 +99,7 @@ def test_cli_compiles_for_fake_devices(tmp_path):
     env["JAX_PLATFORMS"] = "cpu"
     cmd = [sys.executable, "-m", "pbe_jax.tools.aot_compile", f"--config={CONFIG_FILE}:demo,mesh=data:1,fsdp:2",
            "--topology=cpu:2", "--device_memory_gib=0.001", f"--json_out={out}",
-           *cli_overrides(False, **{"train.batch_size": 4})]
+           *cli_overrides(small_model=False, **{"train.batch_size": 4})]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     # 1 MiB per device cannot hold the state: the verdict and the exit status say so
     assert r.returncode == 3, r.stdout + r.stderr[-3000:]
@@ -140,7 +140,7 @@ def test_tpu_topology_without_libtpu_says_what_to_install():
 def test_tpu_topology_compiles_on_this_host(tmp_path):
     out = tmp_path / "report.json"
     r = subprocess.run([sys.executable, "-m", "pbe_jax.tools.aot_compile", f"--config={CONFIG_FILE}:demo,mesh=data:-1",
-                        "--topology=v5p-8", f"--json_out={out}", *cli_overrides(False, **{"train.batch_size": 4})],
+                        "--topology=v5p-8", f"--json_out={out}", *cli_overrides(small_model=False, **{"train.batch_size": 4})],
                        capture_output=True, text=True, cwd=REPO, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     rep = json.loads(out.read_text())
