@@ -36,13 +36,15 @@ def _scores(q, k, scale):
 
 
 def _flash_forward(q, k, v, scale):
-    s = _scores(q, k, scale)
+    # the scale goes on q ([B, Lq, H, D]), not on the [B, H, Lq, Lk] scores
+    qs = q * jnp.asarray(scale, q.dtype)
+    s = jnp.einsum("bqhd,bkhd->bhqk", qs, k)
     m = jnp.max(s, axis=-1, keepdims=True)  # [B, H, Lq, 1]
     p = jnp.exp(s - m)  # unnormalised probabilities
     l = jnp.sum(p, axis=-1, keepdims=True)
     # normalise the [B, Lq, H, D] output, not the [B, H, Lq, Lk] probabilities
     out = jnp.einsum("bhqk,bkhd->bqhd", p, v) / jnp.swapaxes(l, 1, 2)
-    return out, (q, k, v, out, m, l)
+    return out, (qs, k, v, out, m, l)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -54,13 +56,14 @@ def _flash_attention(q, k, v, scale):
 
 
 def _flash_bwd(scale, res, d_out):
-    q, k, v, out, m, l = res
-    p = jnp.exp(_scores(q, k, scale) - m) / l  # [B, H, Lq, Lk]
+    qs, k, v, out, m, l = res
+    p = jnp.exp(jnp.einsum("bqhd,bkhd->bhqk", qs, k) - m) / l  # [B, H, Lq, Lk]
     dv = jnp.einsum("bhqk,bqhd->bkhd", p, d_out)
     dp = jnp.einsum("bqhd,bkhd->bhqk", d_out, v)
     row = jnp.swapaxes(jnp.sum(d_out * out, axis=-1, keepdims=True), 1, 2)  # [B, H, Lq, 1]
-    ds = p * (dp - row) * scale
-    return jnp.einsum("bhqk,bkhd->bqhd", ds, k), jnp.einsum("bhqk,bqhd->bkhd", ds, q), dv
+    ds = p * (dp - row)  # d(scores)
+    dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k) * jnp.asarray(scale, qs.dtype)
+    return dq, jnp.einsum("bhqk,bqhd->bkhd", ds, qs), dv
 
 
 _flash_attention.defvjp(lambda q, k, v, scale: _flash_forward(q, k, v, scale), _flash_bwd)
