@@ -35,16 +35,23 @@ def _scores(q, k, scale):
     return jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale  # [B, H, Lq, Lk]
 
 
+def _heads_first(x):  # [B, L, H, D] <-> [B, H, L, D]
+    return jnp.swapaxes(x, 1, 2)
+
+
 def _flash_forward(q, k, v, scale):
-    # the scale goes on q ([B, Lq, H, D]), not on the [B, H, Lq, Lk] scores
-    qs = q * jnp.asarray(scale, q.dtype)
-    s = jnp.einsum("bqhd,bkhd->bhqk", qs, k)
+    # Head-major [B, H, L, D] operands for every product: XLA:CPU picks much faster kernels for
+    # "bhqd,bhkd" than for the [B, L, H, D] forms (the value product 3.4x at [8, 256, 8, 8]).
+    # The scale goes on q, not on the [B, H, Lq, Lk] scores.
+    qs = _heads_first(q * jnp.asarray(scale, q.dtype))
+    k, v = _heads_first(k), _heads_first(v)
+    s = jnp.einsum("bhqd,bhkd->bhqk", qs, k)
     m = jnp.max(s, axis=-1, keepdims=True)  # [B, H, Lq, 1]
     p = jnp.exp(s - m)  # unnormalised probabilities
     l = jnp.sum(p, axis=-1, keepdims=True)
-    # normalise the [B, Lq, H, D] output, not the [B, H, Lq, Lk] probabilities
-    out = jnp.einsum("bhqk,bkhd->bqhd", p, v) / jnp.swapaxes(l, 1, 2)
-    return out, (qs, k, v, out, m, l)
+    # normalise the [B, H, Lq, D] output, not the [B, H, Lq, Lk] probabilities
+    out = jnp.einsum("bhqk,bhkd->bhqd", p, v) / l
+    return _heads_first(out), (qs, k, v, out, m, l)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -56,14 +63,16 @@ def _flash_attention(q, k, v, scale):
 
 
 def _flash_bwd(scale, res, d_out):
-    qs, k, v, out, m, l = res
-    p = jnp.exp(jnp.einsum("bqhd,bkhd->bhqk", qs, k) - m) / l  # [B, H, Lq, Lk]
-    dv = jnp.einsum("bhqk,bqhd->bkhd", p, d_out)
-    dp = jnp.einsum("bqhd,bkhd->bhqk", d_out, v)
-    row = jnp.swapaxes(jnp.sum(d_out * out, axis=-1, keepdims=True), 1, 2)  # [B, H, Lq, 1]
+    qs, k, v, out, m, l = res  # head-major
+    d_out = _heads_first(d_out)
+    p = jnp.exp(jnp.einsum("bhqd,bhkd->bhqk", qs, k) - m) / l  # [B, H, Lq, Lk]
+    dv = jnp.einsum("bhqk,bhqd->bhkd", p, d_out)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", d_out, v)
+    row = jnp.sum(d_out * out, axis=-1, keepdims=True)  # [B, H, Lq, 1]
     ds = p * (dp - row)  # d(scores)
-    dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k) * jnp.asarray(scale, qs.dtype)
-    return dq, jnp.einsum("bhqk,bqhd->bkhd", ds, qs), dv
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k) * jnp.asarray(scale, qs.dtype)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, qs)
+    return _heads_first(dq), _heads_first(dk), _heads_first(dv)
 
 
 _flash_attention.defvjp(lambda q, k, v, scale: _flash_forward(q, k, v, scale), _flash_bwd)
