@@ -75,7 +75,7 @@ def _flash_bwd(scale, res, d_out):
     return _heads_first(dq), _heads_first(dk), _heads_first(dv)
 
 
-_flash_attention.defvjp(lambda q, k, v, scale: _flash_forward(q, k, v, scale), _flash_bwd)
+_flash_attention.defvjp(_flash_forward, _flash_bwd)
 
 
 def _xla_attention(q, k, v, *, scale: float, upcast: bool) -> jax.Array:
