@@ -29,6 +29,14 @@ def pytest_configure(config):
                             "training run or several processes (still runs in CI)")
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The `slow` tests first. pytest-xdist's default `load` scheduler deals the first quarter of
+    the collection to the workers in turn and the rest on demand, so the long tests spread over
+    the workers and the short ones fill the gaps at the end, instead of one worker finishing a
+    long test alone while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads():
     try:

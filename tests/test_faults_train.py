@@ -167,6 +167,11 @@ def _tmp_dirs(ck: str, since: float) -> list[str]:
     return out
 
 
+def _complete_steps(ck: str) -> set[int]:
+    """The steps whose checkpoint is complete (orbax renames the tmp folder into place last)."""
+    return {int(d) for d in os.listdir(ck) if d.isdigit()} if os.path.isdir(ck) else set()
+
+
 def _kill_when(p: subprocess.Popen, ready, deadline: float) -> None:
     while not ready():
         assert p.poll() is None, f"training exited (rc {p.returncode}) before the planned kill"
@@ -178,9 +183,9 @@ def _kill_when(p: subprocess.Popen, ready, deadline: float) -> None:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path):
-    """Three SIGKILLs at random moments (one while a checkpoint is being written), a resume after
-    each: the losses equal an uninterrupted run's bit for bit, metrics.jsonl holds exactly one
-    row per step, and the final params are equal."""
+    """Three SIGKILLs (right after a checkpoint is complete, while one is being written, at a
+    random moment), a resume after each: the losses equal an uninterrupted run's bit for bit,
+    metrics.jsonl holds exactly one row per step, and the final params are equal."""
     n, k = 16, 2
     over = {"train.num_steps": n, "ckpt_every_steps": k}
     env = subprocess_env(1)
@@ -191,7 +196,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path):
     rng = random.Random(15)
     last = lambda: last_logged_step(killed)  # noqa: E731
     mid_write, retries, kills = 0, 2, []
-    plan = ["random", "during a checkpoint write", "random"]
+    plan = ["right after a complete checkpoint", "during a checkpoint write", "random"]
     while plan:
         what = plan.pop(0)
         p = subprocess.Popen(train_cmd(killed, **over), env=env, stdout=subprocess.DEVNULL,
@@ -201,6 +206,9 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path):
             target = min(last() + rng.randint(1, 3), n - 4)
             pause = rng.uniform(0.0, 0.5)
             _kill_when(p, lambda: last() >= target and (time.sleep(pause) or True), deadline)
+        elif what == "right after a complete checkpoint":
+            newest = max(_complete_steps(ck), default=0)
+            _kill_when(p, lambda: max(_complete_steps(ck), default=0) > newest, deadline)
         else:
             _kill_when(p, lambda: bool(_tmp_dirs(ck, t0)), deadline)
             if _tmp_dirs(ck, t0):  # still there after the kill: the write was cut

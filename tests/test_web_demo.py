@@ -140,6 +140,7 @@ def _browser_available():
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_browser_available() is not None, reason=str(_browser_available()))
 def test_page_in_headless_chromium(pipe, tmp_path):
     from playwright.sync_api import sync_playwright
