@@ -297,3 +297,35 @@ def test_wrong_checkpoint_is_rejected_naming_keys(tmp_path_factory, tmp_path):
     names = r"decoder\.conv_out\.bias[\s\S]*encoder\.conv_in\.weight"  # missing, then mis-shaped
     with pytest.raises(CheckpointMismatchError, match=names):
         AutoencoderKL.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_image_conv_pads_the_forward_only_and_equals_the_plain_conv(stride):
+    """A 3x3 conv over 3 channels (the VAE's conv_in) runs its forward padded to 4 channels
+    (`layers.IMAGE_CONV_CHANNELS`): the kernel parameter keeps its [3, 3, 3, C] shape, and values
+    and gradients equal the plain convolution's (PyTorch's conv2d as the reference)."""
+    from pbe_jax.models import layers
+
+    c = layers.conv(3, 8, nnx.Rngs(0), stride=stride)
+    assert c.kernel.shape == (3, 3, 3, 8) and c.conv_general_dilated is layers._image_conv
+    assert layers.conv(4, 8, nnx.Rngs(0)).conv_general_dilated is jax.lax.conv_general_dilated
+    rng = np.random.default_rng(stride)
+    x = rng.standard_normal((2, 12, 12, 3)).astype(np.float32)
+    g = rng.standard_normal(c(jnp.asarray(x)).shape).astype(np.float32)
+    k, b = np.asarray(c.kernel.get_value()), np.asarray(c.bias.get_value())
+
+    graphdef, state = nnx.split(c)
+
+    def loss(x, state):
+        return jnp.sum(nnx.merge(graphdef, state)(x) * g)
+
+    val, (gx, gstate) = jax.value_and_grad(loss, argnums=(0, 1))(jnp.asarray(x), state)
+    gk = gstate["kernel"].get_value()
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64, requires_grad=True)
+    tk = torch.tensor(k.transpose(3, 2, 0, 1), dtype=torch.float64, requires_grad=True)
+    ty = torch.nn.functional.conv2d(tx, tk, torch.tensor(b, dtype=torch.float64), stride=stride, padding=1)
+    tval = (ty * torch.tensor(g.transpose(0, 3, 1, 2), dtype=torch.float64)).sum()
+    tval.backward()
+    np.testing.assert_allclose(float(val), float(tval), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gx), tx.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gk), tk.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-4)
