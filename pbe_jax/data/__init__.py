@@ -5,3 +5,6 @@
 - `pipeline.make_loader` / `pipeline.make_dataset`: the grain pipeline.
 - `python -m pbe_jax.data.preview`: a PNG grid of samples to check by eye.
 """
+
+# The public submodules (what the API reference documents); `preview` and `bench` are command lines.
+__all__ = ["batch", "config", "decode", "pipeline", "prefetch", "sources", "synthetic", "transforms"]

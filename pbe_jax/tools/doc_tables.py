@@ -1,0 +1,307 @@
+"""The documentation's tables of measured numbers, generated from JSON files under `docs/results/`.
+
+A result file is what one command wrote, wrapped with where it came from:
+
+    {"kind": "bench" | "aot_compile" | "demo",
+     "meta": {"command": ..., "machine": ..., "date": ..., "commit": ..., "note": ...},
+     "results": <the tool's own JSON: `pbe_jax.bench --json`, `tools.aot_compile --json_out`,
+                 or the demo run's metrics.jsonl eval rows + vae/fit.json>}
+
+The docs render each file with the `{results-table}` directive (`docs/_ext/results_table.py`), so
+no number is typed into prose. Re-measuring is re-running `record`:
+
+    python -m pbe_jax.tools.doc_tables record docs/results/bench_small_cpu.json --kind=bench \\
+        -- python -m pbe_jax.bench --what=all --size=small --torch_threads=2 --json={json}
+    python -m pbe_jax.tools.doc_tables record docs/results/aot_v5p8_sd15.json --kind=aot_compile \\
+        -- python -m pbe_jax.tools.aot_compile --config=configs/pbe.py:sd15 --topology=v5p-8 --json_out={json}
+    python -m pbe_jax.tools.doc_tables record docs/results/demo.json --kind=demo \\
+        -- python -m pbe_jax.train --config=configs/pbe.py:demo --workdir={workdir}
+    python -m pbe_jax.tools.doc_tables show docs/results/demo.json     # the table as markdown
+    python -m pbe_jax.tools.doc_tables check docs                      # every directive renders
+
+`record` runs the command with `{json}` / `{workdir}` replaced by a temporary path, then writes
+the file with the command, the date (UTC), the machine and the git commit.
+"""
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import json
+import os
+import pathlib
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+KINDS = ("bench", "aot_compile", "demo")
+META_KEYS = ("command", "machine", "date")
+# `{results-table} results/x.json [more.json ...]` in a MyST page (```{results-table} ...```).
+DIRECTIVE = re.compile(r"^[`:]{3,}\{results-table\}\s+(.+)$", re.M)
+GiB = 2**30
+
+
+class ResultFileError(ValueError):
+    """A result file that is missing, not JSON, or lacks a field the table needs."""
+
+
+def load(path: str | os.PathLike) -> dict:
+    """The result file at `path`, checked: its kind, `meta` (command, machine, date), `results`."""
+    path = pathlib.Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ResultFileError(f"{path}: no such result file") from None
+    except json.JSONDecodeError as e:
+        raise ResultFileError(f"{path}: not JSON ({e})") from None
+    if doc.get("kind") not in KINDS:
+        raise ResultFileError(f"{path}: 'kind' is {doc.get('kind')!r}, expected one of {KINDS}")
+    missing = [k for k in META_KEYS if not doc.get("meta", {}).get(k)]
+    if missing:
+        raise ResultFileError(f"{path}: 'meta' lacks {missing} (every number says how it was made)")
+    if not isinstance(doc.get("results"), dict) or not doc["results"]:
+        raise ResultFileError(f"{path}: 'results' must be a non-empty object")
+    return doc
+
+
+def _num(x) -> str:
+    """Same format as `pbe_jax.bench` prints (`benchmarks.report`)."""
+    if x is None:
+        return "-"
+    a = abs(x)
+    if a != 0 and (a >= 1e5 or a < 1e-2):
+        return f"{x:.3g}"
+    return f"{x:.3f}" if a < 10 else f"{x:.1f}"
+
+
+def bench_table(doc: dict, rows: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """`pbe_jax.bench --json` rows (those matching the `rows` globs, in their order)."""
+    res = doc["results"]
+    names = list(res)
+    if rows:
+        names = [n for pat in rows for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not names:
+            raise ResultFileError(f"no benchmark row matches {rows}; rows: {list(res)}")
+    header = ["benchmark", "pbe_jax", "reference", "pbe_jax / reference", "unit"]
+    out = []
+    for n in names:
+        r = res[n]
+        ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}x"
+        out.append([n, _num(r["ours"]), _num(r.get("reference")), ratio, r["unit"]])
+    return header, out
+
+
+def _gib(b) -> str:
+    return "-" if b is None else f"{b / GiB:.2f} GiB"
+
+
+def aot_table(docs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """One row per `tools.aot_compile --json_out` report: the per-device memory and the verdict."""
+    header = ["target", "config", "params + optimizer", "frozen VAE + CLIP", "XLA temporaries",
+              "total per device", "verdict"]
+    out = []
+    for doc in docs:
+        r, t = doc["results"], doc["results"]["target"]
+        mem = r.get("compiled") or {}
+        if r.get("compile_error"):
+            verdict = f"does not fit: {r['compile_error']}"
+        elif r.get("fits") is None:
+            verdict = "-"
+        else:
+            verdict = ("fits" if r["fits"] else "does not fit") + f" ({_gib(r.get('device_memory_bytes'))})"
+        out.append([f"{t['name']} ({r['devices']} devices, mesh {r['mesh']})", r["config_arg"],
+                    _gib(r.get("state_bytes")), _gib(r.get("frozen_bytes")), _gib(mem.get("temp")),
+                    _gib(r.get("peak_bytes")), verdict])
+    return header, out
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}%"
+
+
+# The demo's rows: (label, key in the final eval row, format).
+DEMO_EVALS = [
+    ("exemplar closer (two-way, chance ~50%)", "eval/exemplar_closer", _pct),
+    ("exemplar following (strict 8-way, chance 12.5%)", "eval/exemplar_following", _pct),
+    ("self following (the masked object's own crop as reference)", "eval/self_following", _pct),
+    ("PSNR outside the mask (no paste-back)", "eval/psnr_outside_mask", lambda v: f"{v:.1f} dB"),
+    ("VAE PSNR on the eval sources", "eval/vae_psnr", lambda v: f"{v:.1f} dB"),
+]
+
+
+def demo_table(doc: dict) -> tuple[list[str], list[list[str]]]:
+    """The demo run's scores: the last eval row of metrics.jsonl (earlier evals in brackets),
+    the VAE stage's fit.json, the final loss and the command's wall time."""
+    res = doc["results"]
+    evals = res["evals"]
+    last = evals[-1]
+    out = []
+    for label, key, fmt in DEMO_EVALS:
+        if key not in last:
+            continue
+        earlier = ", ".join(f"step {e['step']}: {fmt(e[key])}" for e in evals[:-1] if key in e)
+        out.append([f"{label} (`{key}`)", f"**{fmt(last[key])}** at step {last['step']}"
+                    + (f" ({earlier})" if earlier else "")])
+    fit = res.get("vae_fit")
+    if fit:
+        out.insert(0, ["VAE stage (`vae/fit.json`)",
+                       f"held-out PSNR **{fit['heldout_psnr']:.2f} dB** on {fit['heldout_images']} crops "
+                       f"after {fit['steps']} steps, `scaling_factor` {fit['scaling_factor']:.4f}, "
+                       f"{fit['seconds']:.0f} s"])
+    if res.get("final_loss") is not None:
+        out.append(["final loss (`loss`)", f"{res['final_loss']:.3g} at step {last['step']}"])
+    if res.get("wall_s") is not None:
+        m, s = divmod(round(res["wall_s"]), 60)
+        out.insert(0, ["the whole command", f"**{m} min {s:02d} s** wall"])
+    return ["what", "measured"], out
+
+
+def table(paths: list[str | os.PathLike], rows: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of the table for one or more result files of one kind."""
+    docs = [load(p) for p in paths]
+    kinds = {d["kind"] for d in docs}
+    if len(kinds) != 1:
+        raise ResultFileError(f"{[str(p) for p in paths]}: one table needs one kind, got {sorted(kinds)}")
+    kind = kinds.pop()
+    if kind == "aot_compile":
+        return aot_table(docs)
+    if len(docs) != 1:
+        raise ResultFileError(f"a {kind} table takes one result file, got {len(docs)}")
+    return bench_table(docs[0], rows) if kind == "bench" else demo_table(docs[0])
+
+
+def source_line(paths: list[str | os.PathLike]) -> str:
+    """How the numbers were made: each file's command, machine and date (and its note)."""
+    parts = []
+    for p in paths:
+        m = load(p)["meta"]
+        s = f"`{m['command']}` on {m['machine']}, {m['date']}"
+        if m.get("commit"):
+            s += f", commit {m['commit']}"
+        if m.get("note"):
+            s += f" ({m['note']})"
+        parts.append(f"{pathlib.Path(p).name}: {s}")
+    return "; ".join(parts)
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """The table as GitHub markdown (what `show` prints)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def directives(docs_dir: str | os.PathLike) -> list[tuple[pathlib.Path, list[pathlib.Path]]]:
+    """Every `{results-table}` directive in the docs: (page, result files, resolved from the page)."""
+    found = []
+    for page in sorted(pathlib.Path(docs_dir).rglob("*.md")):
+        if "_build" in page.parts:
+            continue
+        for m in DIRECTIVE.finditer(page.read_text()):
+            found.append((page, [page.parent / a for a in m.group(1).split()]))
+    return found
+
+
+def check(docs_dir: str | os.PathLike) -> int:
+    """Render every directive's table; the number of tables (an error names the page and file)."""
+    found = directives(docs_dir)
+    for page, paths in found:
+        try:
+            _, rows = table(paths)
+        except (ResultFileError, KeyError, TypeError) as e:
+            raise ResultFileError(f"{page}: {e}") from None
+        if not rows:
+            raise ResultFileError(f"{page}: {[str(p) for p in paths]} renders an empty table")
+    return len(found)
+
+
+def machine() -> str:
+    """This machine in words: OS, CPU, cores, and the JAX devices when jax is importable."""
+    s = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores"
+    try:
+        import jax  # the tools run under pbe_jax anyway; jax only names the accelerator
+
+        d = jax.devices()
+        s += f", {len(d)} x {d[0].device_kind}"
+    except Exception:  # noqa: BLE001 (a machine line must not fail the record)
+        pass
+    return s
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def demo_results(workdir: pathlib.Path, wall_s: float) -> dict:
+    """The demo's results from its workdir: eval rows of metrics.jsonl, the final loss, fit.json."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [{k: v for k, v in r.items() if k == "step" or k.startswith("eval/")}
+             for r in rows if any(k.startswith("eval/") for k in r)]
+    if not evals:
+        raise ResultFileError(f"{workdir}/metrics.jsonl has no eval/* row")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    out = {"evals": evals, "final_loss": losses[-1] if losses else None, "wall_s": wall_s}
+    fit = workdir / "vae" / "fit.json"
+    if fit.exists():
+        out["vae_fit"] = {k: v for k, v in json.loads(fit.read_text()).items() if k != "history"}
+    return out
+
+
+def record(out: str, kind: str, argv: list[str]) -> dict:
+    """Run `argv` ({json} / {workdir} replaced by a temporary path) and write its result file."""
+    if kind not in KINDS:
+        raise ValueError(f"--kind must be one of {KINDS}, got {kind!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        json_path, workdir = os.path.join(tmp, "out.json"), os.path.join(tmp, "workdir")
+        cmd = [a.replace("{json}", json_path).replace("{workdir}", workdir) for a in argv]
+        t0 = time.time()
+        subprocess.run(cmd, check=True)
+        wall = time.time() - t0
+        if kind == "demo":
+            results = demo_results(pathlib.Path(workdir), wall)
+        else:
+            results = json.loads(pathlib.Path(json_path).read_text())
+            if kind == "aot_compile":
+                results["config_arg"] = next((a.split("=", 1)[1].split(":", 1)[-1] for a in argv
+                                              if a.startswith("--config=")), "?")
+    doc = {"kind": kind,
+           "meta": {"command": shlex.join(argv), "machine": machine(),
+                    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                    "commit": _git_commit()},
+           "results": results}
+    pathlib.Path(out).write_text(json.dumps(doc, indent=2) + "\n")
+    load(out)  # what was written must render
+    return doc
+
+
+def main(argv: list[str]) -> int:
+    usage = ("usage: python -m pbe_jax.tools.doc_tables record OUT.json --kind=KIND -- COMMAND... | "
+             "show FILE.json... | check DOCS_DIR")
+    if len(argv) < 2 or argv[0] not in ("record", "show", "check"):
+        print(usage, file=sys.stderr)
+        return 2
+    if argv[0] == "record":
+        if "--" not in argv or not any(a.startswith("--kind=") for a in argv[:argv.index("--")]):
+            print(usage, file=sys.stderr)
+            return 2
+        head, cmd = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+        kind = next(a.split("=", 1)[1] for a in head if a.startswith("--kind="))
+        record(head[1], kind, cmd)
+        print(markdown(*table([head[1]])))
+    elif argv[0] == "show":
+        print(markdown(*table(argv[1:])))
+        print(f"\nSource: {source_line(argv[1:])}")
+    else:
+        print(f"{check(argv[1])} tables render")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
