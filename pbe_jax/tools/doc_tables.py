@@ -31,6 +31,7 @@ import os
 import pathlib
 import platform
 import re
+import resource
 import shlex
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def _gib(b) -> str:
 def aot_table(docs: list[dict]) -> tuple[list[str], list[list[str]]]:
     """One row per `tools.aot_compile --json_out` report: the per-device memory and the verdict."""
     header = ["target", "config", "params + optimizer", "frozen VAE + CLIP", "XLA temporaries",
-              "total per device", "verdict"]
+              "generated code", "total per device", "verdict"]
     out = []
     for doc in docs:
         r, t = doc["results"], doc["results"]["target"]
@@ -114,7 +115,7 @@ def aot_table(docs: list[dict]) -> tuple[list[str], list[list[str]]]:
             verdict = ("fits" if r["fits"] else "does not fit") + f" ({_gib(r.get('device_memory_bytes'))})"
         out.append([f"{t['name']} ({r['devices']} devices, mesh {r['mesh']})", r["config_arg"],
                     _gib(r.get("state_bytes")), _gib(r.get("frozen_bytes")), _gib(mem.get("temp")),
-                    _gib(r.get("peak_bytes")), verdict])
+                    _gib(mem.get("generated_code")), _gib(r.get("peak_bytes")), verdict])
     return header, out
 
 
@@ -155,7 +156,9 @@ def demo_table(doc: dict) -> tuple[list[str], list[list[str]]]:
         out.append(["final loss (`loss`)", f"{res['final_loss']:.3g} at step {last['step']}"])
     if res.get("wall_s") is not None:
         m, s = divmod(round(res["wall_s"]), 60)
-        out.insert(0, ["the whole command", f"**{m} min {s:02d} s** wall"])
+        cpu = (f" (CPU {res['cpu_user_s']:.0f} s user + {res['cpu_sys_s']:.0f} s sys)"
+               if res.get("cpu_user_s") is not None else "")
+        out.insert(0, ["the whole command", f"**{m} min {s:02d} s** wall{cpu}"])
     return ["what", "measured"], out
 
 
@@ -239,7 +242,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def demo_results(workdir: pathlib.Path, wall_s: float) -> dict:
+def demo_results(workdir: pathlib.Path, wall_s: float, cpu: tuple[float, float] | None = None) -> dict:
     """The demo's results from its workdir: eval rows of metrics.jsonl, the final loss, fit.json."""
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [{k: v for k, v in r.items() if k == "step" or k.startswith("eval/")}
@@ -248,6 +251,8 @@ def demo_results(workdir: pathlib.Path, wall_s: float) -> dict:
         raise ResultFileError(f"{workdir}/metrics.jsonl has no eval/* row")
     losses = [r["loss"] for r in rows if "loss" in r]
     out = {"evals": evals, "final_loss": losses[-1] if losses else None, "wall_s": wall_s}
+    if cpu is not None:
+        out["cpu_user_s"], out["cpu_sys_s"] = cpu
     fit = workdir / "vae" / "fit.json"
     if fit.exists():
         out["vae_fit"] = {k: v for k, v in json.loads(fit.read_text()).items() if k != "history"}
@@ -261,11 +266,12 @@ def record(out: str, kind: str, argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         json_path, workdir = os.path.join(tmp, "out.json"), os.path.join(tmp, "workdir")
         cmd = [a.replace("{json}", json_path).replace("{workdir}", workdir) for a in argv]
-        t0 = time.time()
+        t0, r0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run(cmd, check=True)
-        wall = time.time() - t0
+        wall, r1 = time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
         if kind == "demo":
-            results = demo_results(pathlib.Path(workdir), wall)
+            cpu = (r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime)
+            results = demo_results(pathlib.Path(workdir), wall, cpu)
         else:
             results = json.loads(pathlib.Path(json_path).read_text())
             if kind == "aot_compile":
