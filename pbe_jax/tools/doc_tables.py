@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 
+import jax
+
 KINDS = ("bench", "aot_compile", "demo")
 META_KEYS = ("command", "machine", "date")
 # `{results-table} results/x.json [more.json ...]` in a MyST page (```{results-table} ...```).
@@ -90,7 +92,8 @@ def bench_table(doc: dict, rows: list[str] | None = None) -> tuple[list[str], li
     out = []
     for n in names:
         r = res[n]
-        ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}x"
+        ratio = r.get("ratio")
+        ratio = "-" if ratio is None else f"{ratio:.2f}x" if abs(ratio) >= 0.01 else f"{ratio:.2g}x"
         out.append([n, _num(r["ours"]), _num(r.get("reference")), ratio, r["unit"]])
     return header, out
 
@@ -225,8 +228,6 @@ def machine() -> str:
     """This machine in words: OS, CPU, cores, and the JAX devices when jax is importable."""
     s = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores"
     try:
-        import jax  # the tools run under pbe_jax anyway; jax only names the accelerator
-
         d = jax.devices()
         s += f", {len(d)} x {d[0].device_kind}"
     except Exception:  # noqa: BLE001 (a machine line must not fail the record)

@@ -1,0 +1,141 @@
+"""The documentation's generated parts: the result tables rendered from docs/results/*.json, the
+README's demo scores against the same file, the API reference's list of public names, and the
+README's links into docs/. (The strict Sphinx build itself runs in CI, after the test command.)"""
+import glob
+import json
+import os
+import re
+import sys
+
+import pytest
+
+from pbe_jax.benchmarks.report import Row, markdown_table
+from pbe_jax.tools import doc_api, doc_tables
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(REPO, "docs")
+RESULTS = sorted(glob.glob(os.path.join(DOCS, "results", "*.json")))
+
+
+def _cells(markdown_line: str) -> list[str]:
+    return [c.strip() for c in markdown_line.strip().strip("|").split("|")]
+
+
+def test_every_results_table_in_the_docs_renders_from_an_existing_file():
+    found = doc_tables.directives(DOCS)
+    pages = {os.path.basename(p) for p, _ in found}
+    assert {"demo.md", "performance.md", "scale_out.md", "editing.md"} <= pages
+    for page, paths in found:
+        for p in paths:
+            assert p.is_file(), f"{page}: result file {p} is missing"
+    assert doc_tables.check(DOCS) == len(found)
+
+
+def test_every_result_file_says_how_it_was_made_and_is_shown():
+    assert RESULTS, "no docs/results/*.json"
+    shown = {os.path.realpath(p) for _, paths in doc_tables.directives(DOCS) for p in paths}
+    for path in RESULTS:
+        doc = doc_tables.load(path)
+        assert all(doc["meta"][k] for k in ("command", "machine", "date")), path
+        assert os.path.realpath(path) in shown, f"{path} is rendered by no results-table directive"
+
+
+@pytest.mark.parametrize("path", [p for p in RESULTS if os.path.basename(p).startswith("bench_")])
+def test_a_benchmark_table_is_the_table_the_bench_command_prints(path):
+    # The docs' table and `python -m pbe_jax.bench`'s printed table agree on every row's name,
+    # both values and unit (the same formatting), in the order of the --json file.
+    doc = doc_tables.load(path)
+    header, rows = doc_tables.bench_table(doc)
+    printed = markdown_table([Row(n, r["ours"], r["reference"], r["unit"]) for n, r in doc["results"].items()])
+    printed_rows = [_cells(line) for line in printed.splitlines()[2:]]
+    assert len(rows) == len(printed_rows) == len(doc["results"])
+    for ours, theirs in zip(rows, printed_rows):
+        assert [ours[i] for i in (0, 1, 2, 4)] == [theirs[i] for i in (0, 1, 2, 4)]
+    assert header[0] == "benchmark"
+
+
+def test_the_readmes_demo_scores_are_those_of_the_results_file():
+    demo = doc_tables.load(os.path.join(DOCS, "results", "demo.json"))["results"]
+    last = demo["evals"][-1]
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme[readme.index("## What the demo shows"):]
+    section = section[:section.index("\n## ", 4)]
+    rows = {_cells(line)[0]: _cells(line)[1] for line in section.splitlines() if line.startswith("| ")}
+    want = {"exemplar following": f"{100 * last['eval/exemplar_following']:.1f}%",
+            "exemplar closer": f"{100 * last['eval/exemplar_closer']:.1f}%",
+            "held-out VAE PSNR": f"{demo['vae_fit']['heldout_psnr']:.2f} dB"}
+    for label, value in want.items():
+        got = [v for k, v in rows.items() if k.startswith(label)]
+        assert got == [value], f"README's '{label}' row says {got}, docs/results/demo.json says {value}"
+
+
+def test_a_bad_result_file_is_an_error_naming_the_file_and_the_field(tmp_path):
+    missing = tmp_path / "none.json"
+    with pytest.raises(doc_tables.ResultFileError, match="none.json: no such result file"):
+        doc_tables.load(missing)
+    no_meta = tmp_path / "no_meta.json"
+    no_meta.write_text(json.dumps({"kind": "bench", "meta": {"command": "x"}, "results": {"a": {}}}))
+    with pytest.raises(doc_tables.ResultFileError, match=r"no_meta.json: 'meta' lacks \['machine', 'date'\]"):
+        doc_tables.load(no_meta)
+    page = tmp_path / "page.md"
+    page.write_text("# p\n\n```{results-table} none.json\n```\n")
+    with pytest.raises(doc_tables.ResultFileError, match="page.md: .*none.json: no such result file"):
+        doc_tables.check(tmp_path)
+
+
+def test_record_wraps_what_the_command_wrote_with_its_provenance(tmp_path):
+    out = tmp_path / "bench.json"
+    rows = {"train/tiny/step_time": {"ours": 0.5, "reference": 1.0, "ratio": 0.5, "unit": "s"}}
+    writer = f"import json, sys; json.dump({rows!r}, open(sys.argv[1], 'w'))"
+    doc = doc_tables.record(str(out), "bench", [sys.executable, "-c", writer, "{json}"])
+    assert doc["results"] == rows and json.loads(out.read_text()) == doc
+    assert "{json}" in doc["meta"]["command"] and doc["meta"]["machine"] and doc["meta"]["date"]
+    assert doc_tables.bench_table(doc)[1] == [["train/tiny/step_time", "0.500", "1.000", "0.50x", "s"]]
+
+    # The demo: the eval rows of WORKDIR/metrics.jsonl, the last loss and vae/fit.json.
+    script = ("import json, os, sys; d = sys.argv[1]; os.makedirs(d + '/vae');"
+              "open(d + '/metrics.jsonl', 'w').write('\\n'.join(json.dumps(r) for r in ["
+              "{'step': 10, 'loss': 0.5}, {'step': 20, 'eval/exemplar_following': 0.25},"
+              "{'step': 20, 'loss': 0.25}]) + '\\n');"
+              "json.dump({'steps': 5, 'heldout_psnr': 20.0, 'heldout_images': 4, 'scaling_factor': 0.5,"
+              "'seconds': 3.0, 'history': [1, 2]}, open(d + '/vae/fit.json', 'w'))")
+    demo = doc_tables.record(str(tmp_path / "demo.json"), "demo", [sys.executable, "-c", script, "{workdir}"])
+    res = demo["results"]
+    assert res["evals"] == [{"step": 20, "eval/exemplar_following": 0.25}] and res["final_loss"] == 0.25
+    assert "history" not in res["vae_fit"] and res["wall_s"] > 0
+    table = dict(doc_tables.demo_table(demo)[1])
+    assert table["exemplar following (strict 8-way, chance 12.5%) (`eval/exemplar_following`)"] == "**25.0%** at step 20"
+
+
+def test_the_api_reference_covers_every_public_name_of_the_four_packages():
+    pages = "\n".join(open(p).read() for p in glob.glob(os.path.join(DOCS, "api", "*.rst")))
+    documented = set()
+    for module in doc_api.REFERENCE:
+        assert f".. public-api:: {module}\n" in pages, f"no API page renders {module}"
+        names = doc_api.documented_objects(module)
+        assert names, f"{module} has no public name"
+        documented |= set(names)
+    assert {"pbe_jax.PaintByExample", "pbe_jax.models.UNet2DConditionModel", "pbe_jax.models.AutoencoderKL",
+            "pbe_jax.schedulers.DDIM", "pbe_jax.schedulers.make_scheduler",
+            "pbe_jax.data.pipeline.make_loader", "pbe_jax.data.batch.normalize_batch",
+            "pbe_jax.data.sources.make_source"} <= documented
+    # `__all__` wins where a module has one; else the names it defines, never imported ones.
+    import pbe_jax.models
+    import pbe_jax.schedulers
+    assert doc_api.public_names("pbe_jax.models") == list(pbe_jax.models.__all__)
+    assert "dataclass" not in doc_api.public_names("pbe_jax.schedulers")
+    assert all(not n.startswith("_") for n in documented)
+
+
+def test_the_readme_is_short_and_its_links_into_docs_resolve():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    assert len(readme.splitlines()) <= 250
+    links = re.findall(r"\]\((docs/[^)\s]+)\)", readme)
+    assert len(links) >= 10
+    for link in links:
+        path, _, anchor = link.partition("#")
+        assert os.path.exists(os.path.join(REPO, path)), f"README links to {path}, which does not exist"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", open(os.path.join(REPO, path)).read(), re.M)
+            slugs = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
+            assert anchor in slugs, f"README links to {link}: no heading '{anchor}' in {path}"
