@@ -16,6 +16,7 @@ from ml_collections import config_flags
 
 from pbe_jax import distributed
 from pbe_jax import sharding as shd
+from pbe_jax.configs.validate import check_or_exit
 from pbe_jax.metrics import setup_logging
 from pbe_jax.training.vae_fit import VAE_DIR, fit_vae, save_vae
 
@@ -33,6 +34,7 @@ def main(argv) -> None:
     distributed.initialize_from_flags()
     setup_logging()
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    check_or_exit(config)  # every field, with the command line's overrides
     if int(config.vae_fit.steps) <= 0:
         raise app.UsageError("config.vae_fit.steps is 0: nothing to fit (set "
                              "--config.vae_fit.steps=N)")

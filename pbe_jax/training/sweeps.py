@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from etils import epath
 
 from pbe_jax.configs import load_config, load_module
+from pbe_jax.configs.validate import check_run
 from pbe_jax.outputs import atomic_write
 
 MAX_NAME = 100
@@ -147,6 +148,7 @@ def expand(spec: str, root: str, extra_flags: Sequence[str] = ()) -> list[Run]:
         workdir = os.path.join(root, name)
         args = (base, f"--workdir={workdir}",
                 *(f"--config.{k}={flag_value(v)}" for k, v in point.items()), *extra_flags)
+        check_run(f"{path}:{run_arg}", args[2:], where=f"sweep run {name}")
         runs.append(Run(name, point, workdir, args))
     return runs
 
