@@ -148,8 +148,9 @@ def expand(spec: str, root: str, extra_flags: Sequence[str] = ()) -> list[Run]:
         workdir = os.path.join(root, name)
         args = (base, f"--workdir={workdir}",
                 *(f"--config.{k}={flag_value(v)}" for k, v in point.items()), *extra_flags)
-        check_run(f"{path}:{run_arg}", args[2:], where=f"sweep run {name}")
         runs.append(Run(name, point, workdir, args))
+    for run in runs:  # each run's config as its command line will see it, before any starts
+        check_run(f"{path}:{run_arg}", run.train_args[2:], where=f"sweep run {run.name}")
     return runs
 
 
