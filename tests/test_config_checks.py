@@ -206,3 +206,16 @@ def test_sweep_refuses_a_point_that_cannot_run():
     with pytest.raises(ConfigError, match=r"--config\.train\.num_steps is given 2 times"):
         sweeps.expand(f"{CONFIG_FILE}:demo,sweep=cond_drop", "/tmp/unused",
                       ["--config.train.num_steps=5", "--config.train.num_steps=6"])
+
+
+def test_unet_channels_follow_the_vae_and_the_image_encoder():
+    cfg = load_config("pbe:demo", {"model.unet.cross_attention_dim": 64, "model.unet.in_channels": 4,
+                                   "model.unet.out_channels": 8})
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert e.value.problems == [
+        "config.model.unet.in_channels=4: expected 2 x config.model.vae.latent_channels + 1 "
+        "(noisy + masked-image latents + mask) = 9",
+        "config.model.unet.out_channels=8: expected config.model.vae.latent_channels = 4",
+        "config.model.unet.cross_attention_dim=64: expected config.model.image_encoder.proj_size "
+        "(the context width) = 32"]

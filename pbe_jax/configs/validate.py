@@ -296,6 +296,16 @@ def _sizes(c: _Checks) -> None:
                 f"config.data.resolution={res} != config.model.unet.sample_size={sample} x VAE "
                 f"factor {f}: set config.model.unet.sample_size={res // f} (get_config's res= "
                 f"and --config.data.resolution keep them together)")
+    latent = c.get("model.vae.latent_channels")
+    for field, want, expr in (  # what the UNet's convs and cross-attention must agree with
+            ("model.unet.in_channels", None if latent is _MISSING else 2 * latent + 1,
+             "2 x config.model.vae.latent_channels + 1 (noisy + masked-image latents + mask)"),
+            ("model.unet.out_channels", latent, "config.model.vae.latent_channels"),
+            ("model.unet.cross_attention_dim", c.get("model.image_encoder.proj_size"),
+             "config.model.image_encoder.proj_size (the context width)")):
+        got = c.get(field)
+        if _MISSING not in (got, want) and want is not None and got != want:
+            c.problems.append(f"config.{field}={got}: expected {expr} = {want}")
     batch, accum = c.get("train.batch_size"), c.get("train.grad_accum")
     if (_MISSING not in (batch, accum) and isinstance(batch, int) and isinstance(accum, int)
             and batch >= 1 and accum >= 1 and batch % accum):
