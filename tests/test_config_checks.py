@@ -44,6 +44,8 @@ NONSENSE = [
     ("dtype", "fp8", "unknown dtype"),
     ("vae_fit.recon", "l3", "expected one of ('l1', 'l2')"),
     ("evals.scheduler", "dpm", "expected one of ('ddim',"),
+    ("init_from.format", "hf", "expected one of ('diffusers', 'ldm', 'sd-init', 'orbax')"),
+    ("mesh", "data:-1,fsdp:-1", "at most one -1"),
 ]
 
 
@@ -56,6 +58,13 @@ def test_nonsense_value_is_refused_naming_the_field(field, value, expected):
     assert len(line) == 1, e.value.problems
     assert expected in line[0]
     assert f"config.{field}={value!r}" in str(e.value)
+
+
+def test_the_noise_schedule_is_checked_as_the_loss_reads_it():
+    cfg = load_config("pbe:demo", {"model.scheduler.prediction_type": "eps"})
+    with pytest.raises(ConfigError, match=re.escape(
+            "config.model.scheduler: scheduler config: prediction_type='eps' cannot be trained")):
+        validate(cfg)
 
 
 def test_reference_size_mismatch_names_both_fields():

@@ -109,15 +109,19 @@ class _Checks:
             return
         self.add(path, v, f"expected one of {allowed}" + (f" (or {empty})" if empty else ""))
 
-    def parse(self, path: str, fn: Callable[[Any], Any]) -> None:
-        """The consumer's own parser `fn` accepts the value (its message says what is allowed)."""
+    def parse(self, path: str, fn: Callable[[Any], Any], block: bool = False) -> None:
+        """The consumer's own parser `fn` accepts the value (its message says what is allowed).
+        `block`: the value is a whole block, named but not printed."""
         v = self.get(path)
         if v is _MISSING:
             return
         try:
             fn(v)
         except (ValueError, TypeError, KeyError) as e:
-            self.add(path, v, str(e))
+            if block:
+                self.problems.append(f"config.{path}: {e}")
+            else:
+                self.add(path, v, str(e))
 
     def number(self, path: str, *, lo: float | None = None, hi: float | None = None,
                lo_open: bool = False, hi_open: bool = False, integer: bool = False,
@@ -183,12 +187,12 @@ def _general(c: _Checks) -> None:
     c.enum("attention_impl", attention_impls())
     c.enum("remat_policy", remat_policies(), empty="'' = recompute everything")
     c.enum("init_from.format", FORMATS, empty="'' = random init")
-    if c.get("init_from.format") not in ("", _MISSING) and c.get("init_from.path") == "":
+    if c.get("init_from.format") in FORMATS and c.get("init_from.path") == "":
         c.problems.append(f"config.init_from.path='': config.init_from.format="
                           f"{c.get('init_from.format')!r} needs a path (a folder or Hub id)")
     scheduler = c.get("model.scheduler")
     if scheduler is not _MISSING:
-        c.parse("model.scheduler", lambda s: NoiseSchedule.from_config(s.to_dict()))
+        c.parse("model.scheduler", lambda s: NoiseSchedule.from_config(s.to_dict()), block=True)
     c.count("log_every_steps")
     c.count("ckpt_every_steps")
     c.count("keep_checkpoints", note="the run keeps this many newest steps; 0 would keep none")
