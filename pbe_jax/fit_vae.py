@@ -31,10 +31,10 @@ def define_flags() -> None:
 
 def main(argv) -> None:
     del argv
+    check_or_exit(flags.FLAGS.config)  # every field, with the command line's overrides
     distributed.initialize_from_flags()
     setup_logging()
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    check_or_exit(config)  # every field, with the command line's overrides
     if int(config.vae_fit.steps) <= 0:
         raise app.UsageError("config.vae_fit.steps is 0: nothing to fit (set "
                              "--config.vae_fit.steps=N)")

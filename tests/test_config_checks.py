@@ -94,10 +94,11 @@ def test_train_and_evaluate_refuses_before_touching_the_workdir(tmp_path):
     assert not workdir.exists()
 
 
-def _train(tmp_path, *overrides: str) -> tuple[subprocess.CompletedProcess, float]:
+def _train(tmp_path, *overrides: str, module: str = "pbe_jax.train",
+           where: str = "--workdir") -> tuple[subprocess.CompletedProcess, float]:
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "pbe_jax.train", f"--config={CONFIG_FILE}:demo",
-           f"--workdir={tmp_path / 'run'}", *overrides]
+    cmd = [sys.executable, "-m", module, f"--config={CONFIG_FILE}:demo",
+           f"{where}={tmp_path / 'run'}", *overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     return proc, time.perf_counter() - t0
@@ -126,6 +127,20 @@ def test_command_line_refuses_a_tuple_given_twice(tmp_path):
     assert "--config.model.unet.block_out_channels is given 2 times" in proc.stderr
     assert not (tmp_path / "run").exists()
     assert took < 60
+
+
+@pytest.mark.slow
+def test_vae_stage_and_aot_command_lines_refuse_nonsense(tmp_path):
+    proc, _ = _train(tmp_path, "--config.vae_fit.lr=-0.001", module="pbe_jax.fit_vae")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config.vae_fit.lr=-0.001: expected a number > 0" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    proc, _ = _train(tmp_path, "--topology=cpu:8", "--config.train.batch_size=12",
+                     "--config.train.grad_accum=5", module="pbe_jax.tools.aot_compile",
+                     where="--json_out")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config.train.batch_size=12 is not divisible by config.train.grad_accum=5" in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_field_given_twice_is_refused():
