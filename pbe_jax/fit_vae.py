@@ -16,6 +16,7 @@ from ml_collections import config_flags
 
 from pbe_jax import distributed
 from pbe_jax import sharding as shd
+from pbe_jax.configs.validate import check_or_exit
 from pbe_jax.metrics import setup_logging
 from pbe_jax.training.vae_fit import VAE_DIR, fit_vae, save_vae
 
@@ -30,6 +31,7 @@ def define_flags() -> None:
 
 def main(argv) -> None:
     del argv
+    check_or_exit(flags.FLAGS.config)  # every field, with the command line's overrides
     distributed.initialize_from_flags()
     setup_logging()
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir

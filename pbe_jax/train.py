@@ -9,6 +9,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from pbe_jax import distributed, runtime
+from pbe_jax.configs.validate import check_or_exit
 from pbe_jax.metrics import setup_logging
 from pbe_jax.training.loop import train_and_evaluate
 
@@ -24,6 +25,7 @@ def define_flags() -> None:
 def main(argv) -> None:
     del argv
     clock = runtime.StartupClock()  # 'imports': interpreter start to here
+    check_or_exit(flags.FLAGS.config)  # every field, with the command line's overrides
     distributed.initialize_from_flags()
     setup_logging()
     clock.mark("runtime+distributed")

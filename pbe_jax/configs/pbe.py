@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from pbe_jax.configs.validate import validate, vae_factor
 from pbe_jax.data.config import data_config
 from pbe_jax.evals.config import evals_config
 from pbe_jax.schedulers import pbe_scheduler_config
@@ -262,6 +263,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.resolution = 32
         c.data.synthetic_style = "palette"
     c.data.resolution = kw.get("res", 768 if variant == "sd21_768" else c.data.resolution)
+    # One source for the image side: the UNet's sample_size (latent side, stated in an exported
+    # model's config) follows config.data.resolution, through res= and through
+    # --config.data.resolution / sweeps alike. Setting sample_size itself unlinks it; a pair
+    # that disagrees is refused at start (pbe_jax/configs/validate.py).
+    c.model.unet.sample_size = c.data.get_ref("resolution") // vae_factor(c.model)
     # A paper variant left on the synthetic default would train a real model on demo scenes:
     # the loader refuses it until --config.data.source (and its files) are set.
     c.data.allow_synthetic = demo
@@ -297,6 +303,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # synthetic seed `seed`; 0 = off (sd15: it scores the demo's synthetic domain only).
     c.exemplar_eval = ml_collections.ConfigDict({
         "num_triplets": 64 if demo else 0, "seed": 1000, "grid_rows": 4, "scheduler": ""})
+    validate(c, where=f"get_config({arg!r})")  # overrides are checked again where a run starts
     return c
 
 

@@ -17,6 +17,7 @@ from flax import nnx
 from pbe_jax import checkpoint, runtime
 from pbe_jax import sharding as shd
 from pbe_jax.checkpoint import Checkpointer
+from pbe_jax.configs.validate import validate
 from pbe_jax.convert.load import load_pipeline, load_scheduler_config
 from pbe_jax.convert.orbax_io import scheduler_of_run
 from pbe_jax.data.pipeline import make_loader
@@ -117,6 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Train `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics.
     `clock`: the command line's start-up clock; the sections up to the end of the first step
     are marked on it and logged as one 'start-up' line (and `startup/*` metrics)."""
+    validate(config)  # every field (pbe_jax/configs/validate.py), before anything compiles or loads
     clock = clock or runtime.StartupClock(first=None)
     check_workdir_backend(workdir)  # a gs:// workdir without its packages fails here, naming them
     ensure_writable(workdir, "--workdir")  # local or gs://; before any compute

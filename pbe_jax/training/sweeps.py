@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from etils import epath
 
 from pbe_jax.configs import load_config, load_module
+from pbe_jax.configs.validate import check_run
 from pbe_jax.outputs import atomic_write
 
 MAX_NAME = 100
@@ -148,6 +149,8 @@ def expand(spec: str, root: str, extra_flags: Sequence[str] = ()) -> list[Run]:
         args = (base, f"--workdir={workdir}",
                 *(f"--config.{k}={flag_value(v)}" for k, v in point.items()), *extra_flags)
         runs.append(Run(name, point, workdir, args))
+    for run in runs:  # each run's config as its command line will see it, before any starts
+        check_run(f"{path}:{run_arg}", run.train_args[2:], where=f"sweep run {run.name}")
     return runs
 
 
