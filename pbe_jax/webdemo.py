@@ -27,6 +27,7 @@ import logging
 import os
 import secrets
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -387,7 +388,12 @@ def build_app(pipe, *, examples=None, settings: Settings = Settings(), max_megap
 def serve(app: gr.Blocks, **launch_kwargs) -> None:
     """`app.launch(**launch_kwargs)` and serve until Ctrl-C or SIGTERM, then close the server and
     remove the page's results folder. SIGTERM only sets a flag (an exception raised wherever the
-    main thread is, e.g. inside gradio's start-up, would skip the clean-up)."""
+    main thread is, e.g. inside gradio's start-up, would skip the clean-up).
+
+    Stopped while the model runs in another thread (the start-up compilation, an edit), it ends
+    the process itself after the clean-up (`os._exit(0)`): an interpreter exit while XLA works in
+    another thread aborts."""
+    editor = getattr(app, "editor", None)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
@@ -400,9 +406,15 @@ def serve(app: gr.Blocks, **launch_kwargs) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
         app.close()
-        editor = getattr(app, "editor", None)
         if editor is not None:
             editor.close()
+    warmup = getattr(editor, "_warmup_thread", None)
+    if editor is not None and (editor.lock.locked() or (warmup is not None and warmup.is_alive())):
+        log.warning("exiting while the model runs (%s)", editor.state)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def examples_data_config(model: str):
