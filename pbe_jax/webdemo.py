@@ -206,7 +206,7 @@ class DemoEditor:
             with self.lock:
                 inference.edit(self.pipe, np.zeros((rh, rw, 3), np.uint8), mask, np.zeros((rh, rw, 3), np.uint8),
                          num_inference_steps=s.steps, guidance_scale=s.guidance, scheduler=s.scheduler,
-                         seed=s.seed, output_type="np")
+                         seed=max(s.seed, 0), output_type="np")  # -1 (random): any seed compiles the same
         except Exception as e:  # noqa: BLE001 (shown on the page instead of a dead thread)
             self.state = f"failed: {type(e).__name__}: {e}"
             raise

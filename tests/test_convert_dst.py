@@ -9,7 +9,7 @@ import pytest
 
 import pbe_jax.convert.__main__ as convert_cli
 from pbe_jax import locks
-from pbe_jax.convert import diffusers_io, orbax_io
+from pbe_jax.convert import diffusers_io, orbax_io, safetensors_io
 from pbe_jax.convert.__main__ import main as convert_main
 from pbe_jax.convert.safetensors_io import open_safetensors
 from pbe_jax.pipeline import PaintByExample
@@ -75,6 +75,22 @@ def test_interrupted_orbax_export_into_a_new_folder_leaves_nothing(tiny, tmp_pat
     monkeypatch.setattr(orbax_io, "write_json", _injected(OSError(28, "No space left on device")))
     assert _convert(src, "orbax", dst) == 1  # params/ written, then the config fails
     assert os.listdir(tmp_path) == []
+
+
+def test_interrupted_ldm_export_keeps_the_old_file(tiny, tmp_path, monkeypatch):
+    _, src = tiny[0]
+    single = tmp_path / "pbe.safetensors"
+    single.write_bytes(b"an older export")
+
+    def cut(arrays, path, metadata=None):  # the disk fills up half-way through the file
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors_io, "save_file", cut)
+    assert _convert(src, "ldm", single, "--overwrite") == 1
+    assert single.read_bytes() == b"an older export"
+    assert os.listdir(tmp_path) == ["pbe.safetensors"]  # no cut temporary file, no lock file
 
 
 def test_existing_dst_is_refused_before_loading(tiny, tmp_path, monkeypatch, capsys):

@@ -243,7 +243,8 @@ class Destination:
                     model, as_card_info(card), repo_id=repo_id, fmt=self.fmt, path=final)))
             self._swap(tmp)
         except BaseException:
-            _remove(tmp)
+            for q in self.path.parent.glob(tmp.name + "*"):  # with a writer's own `.tmp` file
+                _remove(q)
             raise
         return final
 
