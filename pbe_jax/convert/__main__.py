@@ -159,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _sigterm_exits():
     """SIGTERM raises SystemExit(143) while converting, so the temporary export is removed."""
     def handler(signum, frame):
+        print("error: stopped by SIGTERM; --dst is as it was before this command", file=sys.stderr)
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, handler)

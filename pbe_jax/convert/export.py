@@ -128,7 +128,9 @@ def check_destination(dst: str, fmt: str, *, overwrite: bool = False) -> None:
 
 def _remove(p: epath.Path) -> None:
     try:
-        if p.is_dir():
+        if "://" not in os.fspath(p) and os.path.islink(p):  # a link aside: drop the link only
+            os.unlink(p)
+        elif p.is_dir():
             shutil.rmtree(p) if "://" not in os.fspath(p) else p.rmtree()
         elif p.exists():
             p.unlink()
@@ -230,8 +232,10 @@ class Destination:
         `dst`. Returns the written path (absolute for orbax, as `save_orbax` does)."""
         final = os.fspath(self.path) if self.fmt == "orbax" else self.dst
         if not self.local:
-            if self.overwrite and self.path.exists():
-                _remove(self.path)  # no atomic folder rename on object stores (module docstring)
+            if self.overwrite and self.path.is_dir():  # no atomic folder rename on object stores
+                for q in self.path.iterdir():
+                    if q.name != locks.LOCK_NAME:
+                        _remove(q)
             return model.save_pretrained(self.dst, format=self.fmt, card=card, repo_id=repo_id,
                                          **save_kwargs)
         tmp = self._sibling(TMP_TAG)
