@@ -17,7 +17,7 @@ from pbe_jax import runtime
 from pbe_jax.inference import model_resolution
 from pbe_jax.models.hub import cast_dtype
 from pbe_jax.pipeline import PaintByExample
-from pbe_jax.webdemo import Settings, build_app, demo_examples, examples_data_config
+from pbe_jax.webdemo import Settings, build_app, demo_examples, examples_data_config, serve
 
 _MODEL = flags.DEFINE_string("model", None, "diffusers PbE repo (dir or hub id) or a pbe_jax workdir/checkpoint")
 _PORT = flags.DEFINE_integer("port", 7860, "port to serve on")
@@ -42,8 +42,8 @@ def main(argv) -> None:
     page = build_app(pipe, examples=examples, max_megapixels=_MAX_MP.value,
                      settings=Settings(steps=_STEPS.value, padding=_PADDING.value))
     page.queue(max_size=32, default_concurrency_limit=1)
-    page.launch(server_name=_HOST.value, server_port=_PORT.value, share=_SHARE.value, show_error=True,
-                max_file_size="64mb")
+    serve(page, server_name=_HOST.value, server_port=_PORT.value, share=_SHARE.value, show_error=True,
+          max_file_size="64mb")  # until Ctrl-C / SIGTERM; then the page's result files are removed
 
 
 if __name__ == "__main__":

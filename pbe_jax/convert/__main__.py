@@ -25,14 +25,22 @@ model; otherwise a check): a JSON file `{"unet": {...}, "vae": {...}, "image_enc
 diffusers PbE directory, or a training config `configs/pbe.py:demo`. An LDM `.safetensors` written
 by `--to ldm` carries its architecture and needs none.
 
+An export is written whole: into a hidden temporary sibling of `--dst`, renamed into place at the
+end, so an interrupted export (an error, Ctrl-C, SIGTERM) leaves `--dst` as it was. A `--dst`
+that already holds files is refused unless `--overwrite` (which replaces a previous export, never
+an unrelated folder); a `--dst` inside a training workdir is refused (an export there would change
+what `--model=WORKDIR` loads). One export writes a `--dst` at a time (a lock names the other).
+
 `--push_to_hub REPO` uploads the written folder (diffusers or orbax) to the Hub model repo REPO with
 huggingface_hub (token from `huggingface-cli login` / HF_TOKEN); `--dry_run` only lists the files.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Sequence
@@ -42,9 +50,11 @@ from absl import flags
 
 from pbe_jax.checkpoint import CheckpointError
 from pbe_jax.configs import load_config
+from pbe_jax.convert.export import LDM_SUFFIXES, Destination, DestinationError
 from pbe_jax.convert.load import FORMATS, load_pipeline, param_counts
 from pbe_jax.convert.model_card import card_info
 from pbe_jax.models.hub import cast_dtype, push_to_hub
+from pbe_jax.locks import LockedError
 from pbe_jax.models.registry import COMPONENTS
 from pbe_jax.outputs import NotWritableError, ensure_writable
 from pbe_jax.pipeline import PaintByExample
@@ -81,8 +91,12 @@ def make_flags() -> flags.FlagValues:
                         "(org/name)", flag_values=fv)
     flags.DEFINE_bool("dry_run", False, "with --push_to_hub: list the files, upload nothing", flag_values=fv)
     flags.DEFINE_bool("private", False, "with --push_to_hub: create the repo private", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace the previous export at --dst (as a whole, once the "
+                      "new one is written)", flag_values=fv)
+    flags.DEFINE_bool("reclaim_lock", False, "take over --dst's lock left by a process on another host "
+                      "that is known to be gone", flag_values=fv)
     for name in ("src_variant", "allow_missing", "use_ema", "model_config", "no_progress",
-                 "max_shard_size", "push_to_hub", "dry_run"):
+                 "max_shard_size", "push_to_hub", "dry_run", "reclaim_lock"):
         flags.DEFINE_alias(name.replace("_", "-"), name, flag_values=fv)
     for name in ("from", "src", "to", "dst"):
         flags.mark_flag_as_required(name, flag_values=fv)
@@ -127,12 +141,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --push_to_hub uploads a folder (--to diffusers or orbax); an LDM checkpoint is "
               "one file", file=sys.stderr)
         return 2
-    shard = f.max_shard_size
-    try:  # before reading gigabytes; an LDM checkpoint is one file, written into its folder
-        ensure_writable(os.path.dirname(os.path.abspath(f.dst)) if dst_format == "ldm" else f.dst, "--dst")
-    except NotWritableError as e:
+    if dst_format == "ldm" and not f.dst.endswith(LDM_SUFFIXES):
+        print(f"error: --dst {f.dst}: an LDM checkpoint is one file; name it *.safetensors (or *.ckpt "
+              "for a PyTorch pickle)", file=sys.stderr)
+        return 2
+    try:  # before reading gigabytes: the export is written next to --dst, then renamed into place
+        ensure_writable(os.path.dirname(os.path.abspath(f.dst)) if "://" not in f.dst else f.dst, "--dst")
+        dest = Destination(f.dst, dst_format, overwrite=f.overwrite, reclaim=f.reclaim_lock).open()
+    except (NotWritableError, DestinationError, LockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    with dest, _sigterm_exits():
+        return _convert(f, dest, src_format, dst_format, f.max_shard_size)
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM raises SystemExit(143) while converting, so the temporary export is removed."""
+    def handler(signum, frame):
+        print("error: stopped by SIGTERM; --dst is as it was before this command", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _convert(f, dest: Destination, src_format: str, dst_format: str, shard) -> int:
     t0 = time.perf_counter()
     try:
         model, report = load_pipeline(
@@ -144,13 +181,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     t1 = time.perf_counter()
     try:
-        out = model.save_pretrained(
-            f.dst, dtype=f.dtype if f.dtype != "fp32" else None, variant=f.variant, format=dst_format,
+        out = dest.write(
+            model, dtype=f.dtype if f.dtype != "fp32" else None, variant=f.variant,
             progress=not f.no_progress, max_shard_size=int(shard) if shard and shard.isdigit() else shard,
             repo_id=f.push_to_hub, card=card_info(src_format, f.src, use_ema=f.use_ema))
     except ValueError as e:  # an option the output format does not take
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions: nothing of this export is left at --dst
+        print(f"error: writing the export failed ({type(e).__name__}: {e}); --dst {f.dst} is as it was "
+              "before this command", file=sys.stderr)
+        return 1
     t2 = time.perf_counter()
     counts = param_counts(model)
     print(report.summary())

@@ -191,9 +191,21 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: di
     tmp = path + ".tmp"
     try:
         save_file(arrays, tmp, metadata=meta)
+        os.replace(tmp, path)
     except (SafetensorError, ValueError) as e:
+        _unlink(tmp)
         raise CheckpointFormatError(f"{path}: cannot write safetensors ({e})") from None
-    os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(path: str) -> None:
+    """Remove a cut temporary file (a failed write leaves nothing behind)."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def read_torch_bin(path: str) -> dict[str, np.ndarray]:
@@ -236,8 +248,12 @@ def write_torch_ckpt(path: str, tensors: Mapping[str, np.ndarray]) -> None:
         sd[k] = (torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
                  if arr.dtype == ml_dtypes.bfloat16 else torch.from_numpy(arr))
     tmp = path + ".tmp"
-    torch.save({"state_dict": sd}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"state_dict": sd}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
 
 
 def read_checkpoint(path: str) -> dict[str, np.ndarray | LazyTensor]:
