@@ -20,10 +20,11 @@ Faults:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import jax
 import numpy as np
@@ -45,6 +46,35 @@ class CheckpointError(RuntimeError):
 
 def ckpt_dir(workdir: str) -> str:
     return os.path.join(workdir, "checkpoints")
+
+
+def step_dir(directory: str | os.PathLike, step: int) -> epath.Path:
+    """The folder of step `step` in a `checkpoints/` directory (the one place that names it)."""
+    return epath.Path(directory) / str(int(step))
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """[(dotted field, old value, new value)] where two config dicts (`config.to_dict()` or a
+    checkpoint's saved config) differ; a field only one has shows `None` on the other side."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, name + ".")
+        elif _plain(a) != _plain(b):
+            out.append((name, a, b))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists compare equal (a config holds tuples, its JSON lists)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]], limit: int = 12) -> str:
+    shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes[:limit])
+    return shown + (f" (and {len(changes) - limit} more)" if len(changes) > limit else "")
 
 
 # Replica-parallel saving (orbax's default off GPUs) splits every replicated array into one
@@ -122,11 +152,16 @@ class Checkpointer:
             items[FROZEN] = ocp.args.StandardRestore(frozen_target)
         return self.manager.restore(step, args=ocp.args.Composite(**items))
 
-    def restore_latest(self, state_target: Any, frozen_target: Any | None):
+    def restore_latest(self, state_target: Any, frozen_target: Any | None,
+                       config: dict | None = None):
         """(step, restored) from the newest checkpoint that restores, or None when there is none;
         newer ones that fail are moved aside (`restore_newest`). Raises `CheckpointError` when
-        checkpoints exist but none restores."""
-        dirs = [epath.Path(self.directory) / str(s) for s in self.steps()]
+        checkpoints exist but none restores, and, given the run's `config` (a dict), when the
+        newest one does not fit the targets' shapes (`check_fits`: a changed model config is
+        not corruption, so nothing is moved aside)."""
+        dirs = [step_dir(self.directory, s) for s in self.steps()]
+        if dirs and config is not None:
+            check_fits(dirs[-1], {STATE: state_target, FROZEN: frozen_target}, config)
         found = restore_newest(dirs, lambda d: self.restore(int(d.name), state_target, frozen_target))
         self.manager.reload()  # forget the steps moved aside: their numbers are free again
         return None if found is None else (int(found[0].name), found[1])
@@ -223,7 +258,7 @@ def training_steps(path: str | os.PathLike) -> list[epath.Path]:
     if is_step_dir(p):
         return [p]
     ck = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    return [ck / str(s) for s in finished_steps(ck) if (ck / str(s) / STATE).exists()]
+    return [step_dir(ck, s) for s in finished_steps(ck) if (step_dir(ck, s) / STATE).exists()]
 
 
 def read_config(step_dir: str | os.PathLike) -> dict:
@@ -233,9 +268,65 @@ def read_config(step_dir: str | os.PathLike) -> dict:
 
 def item_tree(step_dir: str | os.PathLike, item: str) -> Any:
     """The tree structure (metadata) of one item of a step, without reading arrays."""
-    meta = ocp.PyTreeCheckpointer().metadata(epath.Path(step_dir) / item)
+    with _quiet_absl():  # items of a composite checkpoint have no per-item metadata file
+        meta = ocp.PyTreeCheckpointer().metadata(epath.Path(step_dir) / item)
     meta = getattr(meta, "item_metadata", meta)
     return getattr(meta, "tree", meta)
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    """{'params.unet.conv_in.kernel': shape} of a tree of arrays / ShapeDtypeStructs / orbax
+    metadata."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
+            tuple(getattr(x, "shape", ()) or ()) for path, x in flat}
+
+
+def check_fits(step: str | os.PathLike, targets: dict[str, Any], config: dict) -> None:
+    """Raise `CheckpointError` when the arrays of checkpoint `step` do not have the shapes of
+    `targets` ({item: abstract tree}; None items are skipped), naming the parameters, both
+    shapes and the config fields that differ between the checkpoint's saved config and
+    `config` (instead of orbax's shape error). Does nothing when the step's metadata cannot be
+    read (a corrupt step: the restore fallback deals with it)."""
+    wrong = []
+    try:
+        for item, target in targets.items():
+            if target is None:
+                continue
+            have, want = _shapes(item_tree(step, item)), _shapes(target)
+            for k in sorted(set(have) | set(want)):
+                if have.get(k) != want.get(k):
+                    wrong.append(f"{item} {k}: checkpoint {_shape_str(have.get(k))}, "
+                                 f"config {_shape_str(want.get(k))}")
+        saved = read_config(step) if wrong else {}
+    except Exception as e:  # noqa: BLE001 (unreadable metadata: not ours to judge here)
+        log.debug("shape check of %s skipped (%s)", step, e)
+        return
+    if not wrong:
+        return
+    changes = [c for c in config_changes(saved, config) if c[0].startswith("model.")]
+    fields = (f"the config differs from the checkpoint's in {describe_changes(changes)}"
+              if changes else "the model config fields are the same (the code's model changed?)")
+    raise CheckpointError(
+        f"checkpoint {step} does not fit the config: {len(wrong)} array(s) differ, e.g. "
+        + "; ".join(wrong[:5]) + f". {fields}. Model shapes cannot change on resume: run with "
+        "the checkpoint's values, or start a new run in another --workdir.")
+
+
+def _shape_str(shape: tuple | None) -> str:
+    return "(absent)" if shape is None else str(tuple(shape))
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """Orbax logs warnings meant for developers while reading metadata: keep them out."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def restore_numpy(directory: str | os.PathLike, keys: Iterable[str] | None = None) -> dict:
