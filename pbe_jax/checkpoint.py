@@ -278,15 +278,16 @@ def _shapes(tree: Any) -> dict[str, tuple]:
     """{'params.unet.conv_in.kernel': shape} of a tree of arrays / ShapeDtypeStructs / orbax
     metadata."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
+    return {".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path):
             tuple(getattr(x, "shape", ()) or ()) for path, x in flat}
 
 
 def check_fits(step: str | os.PathLike, targets: dict[str, Any], config: dict) -> None:
-    """Raise `CheckpointError` when the arrays of checkpoint `step` do not have the shapes of
+    """Raise `CheckpointError` when arrays of checkpoint `step` do not have the shapes of
     `targets` ({item: abstract tree}; None items are skipped), naming the parameters, both
     shapes and the config fields that differ between the checkpoint's saved config and
-    `config` (instead of orbax's shape error). Does nothing when the step's metadata cannot be
+    `config` (instead of orbax's shape error). Compares the arrays both trees name (a tree
+    whose structure differs is left to orbax); does nothing when the step's metadata cannot be
     read (a corrupt step: the restore fallback deals with it)."""
     wrong = []
     try:
@@ -294,10 +295,9 @@ def check_fits(step: str | os.PathLike, targets: dict[str, Any], config: dict) -
             if target is None:
                 continue
             have, want = _shapes(item_tree(step, item)), _shapes(target)
-            for k in sorted(set(have) | set(want)):
-                if have.get(k) != want.get(k):
-                    wrong.append(f"{item} {k}: checkpoint {_shape_str(have.get(k))}, "
-                                 f"config {_shape_str(want.get(k))}")
+            for k in sorted(set(have) & set(want), key=lambda k: (not k.startswith("params."), k)):
+                if have[k] != want[k]:
+                    wrong.append(f"{item} {k}: checkpoint {have[k]}, config {want[k]}")
         saved = read_config(step) if wrong else {}
     except Exception as e:  # noqa: BLE001 (unreadable metadata: not ours to judge here)
         log.debug("shape check of %s skipped (%s)", step, e)
@@ -311,10 +311,6 @@ def check_fits(step: str | os.PathLike, targets: dict[str, Any], config: dict) -
         f"checkpoint {step} does not fit the config: {len(wrong)} array(s) differ, e.g. "
         + "; ".join(wrong[:5]) + f". {fields}. Model shapes cannot change on resume: run with "
         "the checkpoint's values, or start a new run in another --workdir.")
-
-
-def _shape_str(shape: tuple | None) -> str:
-    return "(absent)" if shape is None else str(tuple(shape))
 
 
 @contextlib.contextmanager
