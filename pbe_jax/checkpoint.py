@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -93,9 +94,39 @@ def _register_array_handler() -> None:
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
+def _abandoned_write(unraisable) -> bool:
+    return (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed")
+
+
+def _condense_abandoned_writes() -> None:
+    """When one array of an async save fails (a full disk), orbax's save coroutine ends and
+    closes its event loop while the other arrays' tensorstore writes are still pending; each of
+    them then reports `RuntimeError: Event loop is closed` as an unraisable exception, one
+    traceback per array (thousands for a real model) around the one error that matters. Keep
+    one log line for all of them (process-wide; other unraisable exceptions are untouched)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "pbe_jax_condensed", False):
+        return
+    seen = [0]
+
+    def hook(unraisable):
+        if not _abandoned_write(unraisable):
+            previous(unraisable)
+            return
+        seen[0] += 1
+        if seen[0] == 1:
+            log.warning("a checkpoint save failed: its other pending array writes were abandoned "
+                        "(orbax: 'Event loop is closed', reported once); the save's error follows")
+
+    hook.pbe_jax_condensed = True
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
         _register_array_handler()
+        _condense_abandoned_writes()
         self.directory = ckpt_dir(workdir)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                             enable_async_checkpointing=async_save)

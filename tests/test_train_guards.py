@@ -9,9 +9,9 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 
-import jax
 import pytest
 
 from pbe_jax import sharding as shd
@@ -155,3 +155,35 @@ def test_sigterm_during_the_vae_stage_stops_cleanly_with_a_message(tmp_path):
     assert not [n for n in os.listdir(wd) if n.startswith("vae")], os.listdir(wd)
     assert not os.path.exists(os.path.join(wd, "checkpoints")) or \
         os.listdir(os.path.join(wd, "checkpoints")) == []
+
+
+_FILE_SIZE_LIMIT_SAVE = """
+import resource, signal, sys, tempfile, time
+import jax.numpy as jnp
+import numpy as np
+from pbe_jax.checkpoint import Checkpointer, CheckpointError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as ENOSPC
+ck = Checkpointer(tempfile.mkdtemp(), keep=3)
+state = {"params": {f"w{i}": jnp.arange(20000, dtype=jnp.float32) + i for i in range(300)}}
+resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.RLIM_INFINITY))
+ck.save(10, state, {"vae": {"w": np.ones(10, np.float32)}}, {}, {"seed": 0})
+deadline = time.time() + 300
+try:
+    while time.time() < deadline:
+        ck.check()
+        time.sleep(0.01)
+except CheckpointError as e:
+    print("RAISED", e)
+ck.close()
+time.sleep(2)  # the abandoned writes report after the save's error
+"""
+
+
+def test_a_failed_array_write_reports_the_abandoned_writes_once(tmp_path):
+    """A disk that fills while the arrays of a save are written: the save's error is raised,
+    and the other arrays' abandoned writes ('Event loop is closed', one traceback per array
+    before) make one log line."""
+    p = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMIT_SAVE], env=subprocess_env(1),
+                       capture_output=True, text=True, timeout=600)
+    assert "RAISED checkpoint" in p.stdout and "failed to write" in p.stdout, p.stderr[-3000:]
+    assert p.stderr.count("Event loop is closed") <= 1, p.stderr[-3000:]  # timing: 0 or 1
