@@ -5,19 +5,25 @@ setup (abstract model, shardings) and the optimizer live in `pbe_jax.training`.
 """
 from __future__ import annotations
 
+import logging
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
-from pbe_jax import distributed, runtime
+from pbe_jax import distributed, locks, runtime
 from pbe_jax.configs.validate import check_or_exit
 from pbe_jax.metrics import setup_logging
 from pbe_jax.training.loop import train_and_evaluate
+from pbe_jax.training.preemption import Preempted
 
 
 def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/pbe.py:demo",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs); gs:// works")
+    flags.DEFINE_bool("reclaim_lock", False, "take over the workdir's lock when its holder (named "
+                      "in the refusal) is on another host that is known to be gone")
     flags.mark_flags_as_required(["config", "workdir"])
     distributed.define_flags()
 
@@ -29,7 +35,13 @@ def main(argv) -> None:
     distributed.initialize_from_flags()
     setup_logging()
     clock.mark("runtime+distributed")
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, clock)
+    try:
+        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, clock,
+                           reclaim_lock=flags.FLAGS.reclaim_lock)
+    except Preempted as e:  # SIGTERM in a stage without checkpoints: stopped cleanly
+        logging.getLogger("pbe_jax").warning("%s", e)
+    except locks.LockedError as e:  # another run writes this workdir: say who, no traceback
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from flax import nnx
 from pbe_jax import checkpoint, runtime
 from pbe_jax import sharding as shd
 from pbe_jax.checkpoint import Checkpointer
-from pbe_jax.configs.validate import validate
 from pbe_jax.convert.load import load_pipeline, load_scheduler_config
 from pbe_jax.convert.orbax_io import scheduler_of_run
 from pbe_jax.data.pipeline import make_loader
@@ -26,7 +25,8 @@ from pbe_jax.evals.benchmark import training_eval
 from pbe_jax.evals.exemplar import ExemplarEval
 from pbe_jax.metrics import (MetricWriter, check_workdir_backend, image_grid, last_logged_step,
                              peak_flops_per_device)
-from pbe_jax.outputs import atomic_write, ensure_writable
+from pbe_jax.outputs import ensure_writable
+from pbe_jax.training import guards
 from pbe_jax.training.preemption import Preemption
 from pbe_jax.training.samples import training_samples
 from pbe_jax.training.state import Setup, config_runtime, step_flops
@@ -44,7 +44,7 @@ def resolve_noise_schedule(config: ml_collections.ConfigDict, ckpt: Checkpointer
     found, source = None, ""
     steps = ckpt.steps()
     for step in reversed(steps):  # newest readable: restore moves corrupt steps aside and says so
-        step_dir = epath.Path(ckpt.directory) / str(step)
+        step_dir = checkpoint.step_dir(ckpt.directory, step)
         try:
             found, source = scheduler_of_run(checkpoint.read_config(step_dir)), f"checkpoint {step_dir}"
             break
@@ -113,16 +113,19 @@ def _refuse_lost_history(workdir: str, had_checkpoints: bool, config) -> None:
         f"start over, use a new --workdir or delete {workdir}/metrics.jsonl.")
 
 
+@guards.holds_workdir_lock  # one writer per workdir; takes `reclaim_lock=`
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        clock: runtime.StartupClock | None = None) -> dict:
     """Train `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics.
     `clock`: the command line's start-up clock; the sections up to the end of the first step
-    are marked on it and logged as one 'start-up' line (and `startup/*` metrics)."""
-    validate(config)  # every field (pbe_jax/configs/validate.py), before anything compiles or loads
+    are marked on it and logged as one 'start-up' line (and `startup/*` metrics). The whole run
+    holds WORKDIR's lock (`guards.holds_workdir_lock`; `reclaim_lock=True` takes over one left
+    on another host)."""
     clock = clock or runtime.StartupClock(first=None)
     check_workdir_backend(workdir)  # a gs:// workdir without its packages fails here, naming them
     ensure_writable(workdir, "--workdir")  # local or gs://; before any compute
     had_checkpoints = epath.Path(checkpoint.ckpt_dir(workdir)).is_dir()
+    guards.check_steps_left(config, workdir)  # past num_steps: refused before any compute
     # ---- mesh
     mesh = shd.make_mesh(config.mesh)
     log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
@@ -142,14 +145,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     clock.mark("abstract model")
     writer = MetricWriter(workdir)
     # ---- params. Precedence: workdir checkpoint > config.init_from > random init.
-    restored = ckpt.restore_latest(setup.abstract_state(), setup.abstract_frozen()) \
-        if ckpt.steps() else None
+    restored = ckpt.restore_latest(setup.abstract_state(), setup.abstract_frozen(),
+                                   json.loads(config.to_json())) if ckpt.steps() else None
     if restored is not None:
         step0, r = restored
         state, frozen = r.state, r.frozen
         if r.data:
             loader.set_state(r.data)
         log.info("resumed from %s/%d", ckpt.directory, step0)
+        guards.config_changes_on_resume(r.config, config, step0)
+        guards.write_config(config, workdir)  # config.json follows the run's current config
     else:
         _refuse_lost_history(workdir, had_checkpoints, config)
         params, frozen = _init_params(setup, config)
@@ -157,8 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             frozen = frozen_with_vae(frozen, vae_dir, setup.place_fn())
         state = setup.new_state(params)
         step0 = 0
-        if jax.process_index() == 0:
-            atomic_write(epath.Path(workdir) / "config.json", config.to_json(indent=2))
+        guards.write_config(config, workdir)
     writer.keep_until(step0)  # the rows past step0 are logged again
     jax.block_until_ready((state, frozen))
     clock.mark("params restore" if restored is not None else "params init")
@@ -180,6 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     step = step0
     t_last, n_last, wait_last = time.perf_counter(), step0, it.wait_seconds()
     startup = {}
+    skips0 = int(jax.device_get(state["nan_skips"]))  # a run that skips every step fails below
     try:
         while step < config.train.num_steps:
             state, m = compiled(state, frozen, batch)
@@ -242,6 +247,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ckpt.close()
         writer.close()
         it.close()  # stops the prefetch thread, then grain worker processes / threads
+    if step > step0:
+        guards.check_some_step_applied(config, step0, step, skips0, int(jax.device_get(m["nan_skips"])))
     shown = [k for k in ("loss", *sorted(k for k in last if k.startswith("eval/"))) if k in last]
     if shown:  # the final console line: the loss and the held-out scores
         log.info("done: step %d %s", step, ", ".join(f"{k} {last[k]:.4g}" for k in shown))
