@@ -14,7 +14,11 @@ import pytest
 from flax import nnx
 
 from pbe_jax import sharding as shd
+from pbe_jax.benchmarks.model import build
+from pbe_jax.benchmarks.sizes import get_size
+from pbe_jax.convert import lora_io
 from pbe_jax.models import lora
+from pbe_jax.pipeline import PaintByExample
 from pbe_jax.training.state import Setup
 from tests.test_train import _final_params, host_batches
 from tests.train_utils import read_metrics, subprocess_env, tiny_config, train_cmd
@@ -145,3 +149,71 @@ def test_lora_run_sigkilled_resumes_exactly_from_a_checkpoint_of_megabytes(tmp_p
     step_dir = os.path.join(killed, "checkpoints", str(n))
     assert sorted(os.listdir(step_dir)) == sorted(d for d in os.listdir(step_dir) if d != "frozen")
     assert "frozen" not in os.listdir(step_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Using a LoRA: load_lora (PEFT file), scale changes without compiling, fuse / unfuse
+# --------------------------------------------------------------------------------------------
+
+
+def _random_adapter(model_dir, rank=2, alpha=4.0, seed=0):
+    """An Adapter with non-zero factors for the model's attention projections."""
+    shadow = PaintByExample.from_pretrained(model_dir)
+    lora.add_lora(shadow, lora.LoRASpec(rank=rank, alpha=alpha), nnx.Rngs(seed))
+    rng = np.random.default_rng(seed)
+    layers = {n: (np.asarray(ly.lora.lora_a[...]),
+                  (0.3 * rng.standard_normal(ly.lora.lora_b[...].shape)).astype(np.float32))
+              for n, ly in lora.lora_layers(shadow).items()}
+    return lora_io.Adapter(layers, alpha / rank)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("lora_base"))
+    build(get_size("tiny"), export_dir=d)  # random weights, host init
+    return d
+
+
+def _edit(pipe):
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, (64, 64, 3), np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    ref = rng.integers(0, 256, (40, 40, 3), np.uint8)
+    return pipe(src, mask, ref, num_inference_steps=2, seed=0, output_type="np")
+
+
+@pytest.mark.slow
+def test_load_lora_from_a_peft_file_scale_compiles_nothing_fuse_unfuse(tiny_pipe_dir, tmp_path):
+    from tests.test_architecture import compile_events
+
+    base = PaintByExample.from_pretrained(tiny_pipe_dir)
+    adapter = _random_adapter(tiny_pipe_dir)
+    f = lora_io.save_peft(adapter, str(tmp_path / "lora"))
+    assert os.path.basename(f) == "pytorch_lora_weights.safetensors"
+    back = lora_io.read_lora(str(tmp_path / "lora"))  # the PEFT layout read back
+    assert back.layers.keys() == adapter.layers.keys()
+    pipe = PaintByExample.from_pretrained(tiny_pipe_dir)
+    kernel0 = {n: np.asarray(ly.kernel[...]) for n, ly in lora.lora_layers(pipe).items()} or None
+    names = pipe.load_lora(f, scale=1.0)
+    assert sorted(names) == sorted(adapter.layers)
+    out_base = _edit(base)
+    out1 = _edit(pipe)
+    assert np.abs(out1 - out_base).max() > 1e-3  # the adapter changes the edit
+    with compile_events() as events:
+        pipe.set_lora_scale(0.5)
+        out_half = _edit(pipe)
+        pipe.set_lora_scale(0.0)
+        out0 = _edit(pipe)
+    assert events == [], f"changing the LoRA scale compiled: {events}"
+    assert np.abs(out_half - out1).max() > 1e-4
+    np.testing.assert_allclose(out0, out_base, atol=1e-6)
+    pipe.set_lora_scale(1.0)
+    kernels = {n: np.asarray(ly.kernel[...]) for n, ly in lora.lora_layers(pipe).items()}
+    assert kernel0 is None
+    pipe.fuse_lora()
+    np.testing.assert_allclose(_edit(pipe), out1, atol=2e-5)
+    pipe.unfuse_lora()
+    for n, ly in lora.lora_layers(pipe).items():
+        np.testing.assert_allclose(np.asarray(ly.kernel[...]), kernels[n], atol=1e-6)
+    np.testing.assert_allclose(_edit(pipe), out1, atol=2e-5)

@@ -23,6 +23,7 @@ from typing import Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # Targets of the default spec: the UNet's attention projections (diffusers' LoRA scripts).
@@ -145,4 +146,12 @@ def set_lora_scale(model: nnx.Module, scale: float) -> None:
     """Set every adapter's multiplier to `scale * alpha / rank`: a new value of a variable, so
     a compiled function that takes the model's state runs it without recompiling."""
     for layer in lora_layers(model).values():
-        layer.lora_scale[...] = jnp.asarray(scale * layer.lora_alpha_over_rank, jnp.float32)
+        put_scale(layer, scale * layer.lora_alpha_over_rank)
+
+
+def put_scale(layer: ScaledLoRALinear, multiplier: float) -> None:
+    """Set a layer's multiplier, on the devices (sharding) its old value had."""
+    old = layer.lora_scale[...]
+    value = np.float32(multiplier)
+    layer.lora_scale[...] = (jax.device_put(value, old.sharding) if hasattr(old, "sharding")
+                             else jnp.asarray(value))
