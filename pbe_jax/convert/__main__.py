@@ -42,6 +42,7 @@ from absl import flags
 
 from pbe_jax.checkpoint import CheckpointError
 from pbe_jax.configs import load_config
+from pbe_jax.convert import lora_io
 from pbe_jax.convert.load import FORMATS, load_pipeline, param_counts
 from pbe_jax.convert.model_card import card_info
 from pbe_jax.models.hub import cast_dtype, push_to_hub
@@ -49,7 +50,7 @@ from pbe_jax.models.registry import COMPONENTS
 from pbe_jax.outputs import NotWritableError, ensure_writable
 from pbe_jax.pipeline import PaintByExample
 
-FORMATS_OUT = ("diffusers", "orbax", "ldm")
+FORMATS_OUT = ("diffusers", "orbax", "ldm", "diffusers_lora")
 DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -79,6 +80,8 @@ def make_flags() -> flags.FlagValues:
                         "(e.g. 5GB) into shards + index", flag_values=fv)
     flags.DEFINE_string("push_to_hub", None, "upload the written folder to this Hub model repo "
                         "(org/name)", flag_values=fv)
+    flags.DEFINE_bool("fuse_lora", False, "--from orbax of a LoRA run: its base (config.init_from) "
+                      "with the adapters merged in, an ordinary model", flag_values=fv)
     flags.DEFINE_bool("dry_run", False, "with --push_to_hub: list the files, upload nothing", flag_values=fv)
     flags.DEFINE_bool("private", False, "with --push_to_hub: create the repo private", flag_values=fv)
     for name in ("src_variant", "allow_missing", "use_ema", "model_config", "no_progress",
@@ -133,12 +136,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotWritableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if dst_format == "diffusers_lora":  # a LoRA run's adapters as pytorch_lora_weights.safetensors
+        try:
+            out = lora_io.save_peft(lora_io.read_lora(f.src, use_ema=f.use_ema), f.dst)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: cannot export the LoRA of {f.src}:\n{e}", file=sys.stderr)
+            return 1
+        print(f"wrote diffusers/PEFT LoRA {out} ({os.path.getsize(out) / 2**20:.2f} MiB)")
+        return 0
     t0 = time.perf_counter()
     try:
-        model, report = load_pipeline(
-            src_format, f.src, clip=f.clip, model_config=read_model_config(f.model_config),
-            seed=f.seed, variant=f.src_variant, revision=f.revision, allow_missing=f.allow_missing,
-            use_ema=f.use_ema, progress=not f.no_progress, return_report=True, cls=PaintByExample)
+        if f.fuse_lora:  # the run's base + its adapters, merged
+            if src_format != "orbax" or not lora_io.is_lora_run(f.src):
+                raise ValueError("--fuse_lora needs --from orbax --src <a LoRA run's workdir or step>")
+            model, report = lora_io.load_run(f.src, use_ema=f.use_ema, cls=PaintByExample,
+                                             return_report=True, progress=not f.no_progress)
+            lora_io.merge(model)
+        else:
+            model, report = load_pipeline(
+                src_format, f.src, clip=f.clip, model_config=read_model_config(f.model_config),
+                seed=f.seed, variant=f.src_variant, revision=f.revision, allow_missing=f.allow_missing,
+                use_ema=f.use_ema, progress=not f.no_progress, return_report=True, cls=PaintByExample)
     except (OSError, ValueError, KeyError, CheckpointError) as e:  # the message says what is wrong
         print(f"error: cannot load {src_format} checkpoint {f.src}:\n{e}", file=sys.stderr)
         return 1

@@ -25,7 +25,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from pbe_jax import checkpoint
-from pbe_jax.models.lora import LoRASpec, add_lora, lora_layers, put_scale
+from pbe_jax.convert.load import load_pipeline
+from pbe_jax.models.lora import LoRASpec, add_lora, lora_layers, put_scale, set_module
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
@@ -176,6 +177,47 @@ def unfuse(model) -> None:
         put_scale(layer, s)
 
 
+def is_lora_run(path: str) -> bool:
+    """A pbe_jax training workdir / step whose config trains LoRA adapters."""
+    steps = checkpoint.training_steps(path) if epath.Path(path).is_dir() else []
+    if not steps:
+        return False
+    return bool(int(checkpoint.read_config(steps[-1]).get("train", {}).get("lora", {}).get("rank", 0) or 0))
+
+
+def load_run(path: str, *, use_ema: bool = False, cls=None, return_report: bool = False, **kw):
+    """A LoRA run's model: its base, loaded from where the run got it (`config.init_from`),
+    with the run's adapters and other trained params. Raises ValueError for a run whose base
+    was a random init (there is nothing to load it from)."""
+    config = checkpoint.read_config(checkpoint.training_steps(path)[-1])
+    init = config.get("init_from", {})
+    if not init.get("format"):
+        raise ValueError(f"{path}: the LoRA run's base was a random init (config.init_from is "
+                         "empty): pass the base yourself (PaintByExample.from_pretrained(base)"
+                         ".load_lora(run))")
+    extra = {"cls": cls} if cls is not None else {}
+    model, report = load_pipeline(init["format"], init["path"], clip=init.get("clip") or None,
+                                  model_config=config.get("model"), return_report=True, **extra, **kw)
+    apply_lora(model, read_run(path, use_ema=use_ema))
+    report.notes.append(f"LoRA adapters of {path} on the base {init['format']}:{init['path']}")
+    return (model, report) if return_report else model
+
+
+def merge(model) -> None:
+    """Fuse every adapter into its kernel and put a plain `nnx.Linear` (the fused kernel and
+    the bias, same Variables) in its place: an ordinary model, e.g. to save as diffusers."""
+    fuse(model)
+    for name, layer in lora_layers(model).items():
+        plain = nnx.Linear(layer.in_features, layer.out_features, use_bias=layer.use_bias,
+                           dtype=layer.dtype, param_dtype=layer.param_dtype,
+                           precision=layer.precision, kernel_init=nnx.initializers.zeros_init(),
+                           rngs=nnx.Rngs(0))
+        plain.kernel = layer.kernel
+        if layer.use_bias:
+            plain.bias = layer.bias
+        set_module(model, tuple(int(p) if p.isdigit() else p for p in name.split(".")), plain)
+
+
 def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     """diffusers/PEFT tensors of `adapter` (alpha / rank folded into lora_B)."""
     out = {}
@@ -198,4 +240,4 @@ def save_peft(adapter: Adapter, dst: str) -> str:
 
 
 __all__ = ["Adapter", "LORA_WEIGHTS", "apply_lora", "fuse", "peft_tensors", "read_lora",
-           "read_peft", "read_run", "save_peft", "unfuse"]
+           "is_lora_run", "load_run", "merge", "read_peft", "read_run", "save_peft", "unfuse"]

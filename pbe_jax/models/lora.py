@@ -106,7 +106,8 @@ def _linears(model: nnx.Module) -> Iterable[tuple[tuple, nnx.Module]]:
             yield path, node
 
 
-def _set(model: nnx.Module, path: tuple, node) -> None:
+def set_module(model: nnx.Module, path: tuple, node) -> None:
+    """Put `node` at `path` (attribute names / list indices) of `model`."""
     parent = model
     for p in path[:-1]:
         parent = parent[p] if isinstance(p, int) else getattr(parent, p)
@@ -129,7 +130,7 @@ def add_lora(model: nnx.Module, spec: LoRASpec, rngs: nnx.Rngs, *, scale: float 
         if isinstance(node, nnx.Conv):
             raise ValueError(f"LoRA target {name} is a convolution: pbe_jax's LoRA adapts Linear "
                              f"layers only (targets {spec.targets})")
-        _set(model, path, ScaledLoRALinear.from_linear(node, spec.rank, spec.alpha, rngs, scale=scale))
+        set_module(model, path, ScaledLoRALinear.from_linear(node, spec.rank, spec.alpha, rngs, scale=scale))
         adapted.append(name)
     if not adapted:
         raise ValueError(f"LoRA targets {spec.targets} match no Linear layer in {spec.components}")
