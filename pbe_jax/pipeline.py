@@ -90,6 +90,12 @@ class PaintByExample(PaintByExampleModel):
         layer paths. The scale is a model variable: `set_lora_scale` recompiles nothing."""
         return lora_io.apply_lora(self, lora_io.read_lora(path, use_ema=use_ema), scale)
 
+    def with_lora(self, path: str | None, scale: float = 1.0) -> "PaintByExample":
+        """`load_lora(path, scale)` when `path` is given (the commands' --lora); returns self."""
+        if path:
+            self.load_lora(path, scale=scale)
+        return self
+
     def set_lora_scale(self, scale: float) -> None:
         """Every adapter's output times `scale` (0: the base model; 1: as trained)."""
         set_lora_scale(self, scale)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -17,6 +18,7 @@ from pbe_jax import sharding as shd
 from pbe_jax.benchmarks.model import build
 from pbe_jax.benchmarks.sizes import get_size
 from pbe_jax.convert import lora_io
+from pbe_jax.convert.__main__ import main as convert_main
 from pbe_jax.models import lora
 from pbe_jax.pipeline import PaintByExample
 from pbe_jax.training.state import Setup
@@ -147,8 +149,20 @@ def test_lora_run_sigkilled_resumes_exactly_from_a_checkpoint_of_megabytes(tmp_p
     for x, y in zip(jax.tree.leaves(_final_params(full, n)), jax.tree.leaves(_final_params(killed, n))):
         np.testing.assert_array_equal(x, y)
     step_dir = os.path.join(killed, "checkpoints", str(n))
-    assert sorted(os.listdir(step_dir)) == sorted(d for d in os.listdir(step_dir) if d != "frozen")
-    assert "frozen" not in os.listdir(step_dir)
+    assert "frozen" not in os.listdir(step_dir) and "state" in os.listdir(step_dir)
+    # the run's adapters read back (pbe_jax layout) and export as diffusers/PEFT
+    adapter = lora_io.read_lora(killed)
+    final = _final_params(killed, n)
+    name = next(iter(adapter.layers))
+    node = final
+    for part in name.split("."):
+        node = node[part]
+    np.testing.assert_array_equal(adapter.layers[name][1], np.asarray(node["lora"]["lora_b"]))
+    assert "image_encoder.uncond_vector" in adapter.params
+    dst = str(tmp_path / "peft")
+    assert convert_main(["--from", "orbax", "--src", killed, "--to", "diffusers_lora", "--dst", dst]) == 0
+    peft = lora_io.read_peft(os.path.join(dst, lora_io.LORA_WEIGHTS))
+    assert peft.layers.keys() == adapter.layers.keys()
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,3 +231,47 @@ def test_load_lora_from_a_peft_file_scale_compiles_nothing_fuse_unfuse(tiny_pipe
     for n, ly in lora.lora_layers(pipe).items():
         np.testing.assert_allclose(np.asarray(ly.kernel[...]), kernels[n], atol=1e-6)
     np.testing.assert_allclose(_edit(pipe), out1, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_sample_cli_lora_flags(tiny_pipe_dir, tmp_path):
+    """`python -m pbe_jax.sample --lora=FILE --lora_scale=S`: the LoRA changes the edit."""
+    from PIL import Image
+
+    f = lora_io.save_peft(_random_adapter(tiny_pipe_dir), str(tmp_path / "lora"))
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(tmp_path / "s.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), np.uint8)).save(tmp_path / "r.png")
+    env = subprocess_env(1)
+    outs = []
+    for extra in ([], [f"--lora={f}", "--lora_scale=1.5"]):
+        out = str(tmp_path / f"out{len(outs)}.png")
+        cmd = [sys.executable, "-m", "pbe_jax.sample", f"--model={tiny_pipe_dir}", f"--source={tmp_path / 's.png'}",
+               f"--mask={tmp_path / 'm.png'}", f"--reference={tmp_path / 'r.png'}", f"--out={out}",
+               "--steps=2", *extra]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+        outs.append(np.asarray(Image.open(out), np.int16))
+    assert np.abs(outs[0] - outs[1]).max() > 0
+
+
+@pytest.mark.slow
+def test_bf16_base_halves_the_frozen_unet_and_trains():
+    mesh = shd.make_mesh("data:-1")
+    b = host_batches(tiny_config(), 1)[0]
+    gb = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in b.items()}
+    losses, frozen_bytes = [], []
+    for dtype in ("", "bfloat16"):
+        setup = Setup(tiny_config(**LORA, **{"train.lora.base_dtype": dtype}), mesh)
+        params, frozen = setup.random_params()
+        unet = jax.tree.leaves(frozen["unet"])
+        assert {str(x.dtype) for x in unet} == ({"float32"} if not dtype else {"bfloat16", "float32"})
+        assert jax.tree.leaves(frozen["vae"])[0].dtype == np.float32  # only the adapted base
+        frozen_bytes.append(sum(x.nbytes for x in unet))
+        _, m = setup.jit_step()(setup.new_state(params), frozen, gb)
+        losses.append(float(m["loss"]))
+    assert frozen_bytes[1] < 0.51 * frozen_bytes[0] + 64, frozen_bytes
+    assert np.isfinite(losses[1]) and abs(losses[1] - losses[0]) < 2e-2 * abs(losses[0]), losses

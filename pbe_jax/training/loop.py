@@ -27,7 +27,7 @@ from pbe_jax.metrics import (MetricWriter, check_workdir_backend, image_grid, la
                              peak_flops_per_device)
 from pbe_jax.outputs import atomic_write, ensure_writable
 from pbe_jax.training.preemption import Preemption
-from pbe_jax.training.lora import log_trainable, lora_enabled, with_lora
+from pbe_jax.training.lora import cast_base, log_trainable, lora_enabled, with_lora
 from pbe_jax.training.samples import training_samples
 from pbe_jax.training.state import Setup, config_runtime, step_flops
 from pbe_jax.training.vae_fit import frozen_with_vae, run_vae_stage
@@ -79,7 +79,7 @@ def _init_params(setup: Setup, config):
         with_lora(model, config)
         _, p, f, _ = nnx.split(model, setup.trainable, setup.frozen, ...)
         return (jax.device_put(nnx.to_pure_dict(p), setup.params_sharding),
-                jax.device_put(nnx.to_pure_dict(f), setup.frozen_sharding))
+                cast_base(jax.device_put(nnx.to_pure_dict(f), setup.frozen_sharding), config))
     _, p, f, _ = nnx.split(model, setup.trainable, setup.frozen, ...)
     return nnx.to_pure_dict(p), nnx.to_pure_dict(f)
 

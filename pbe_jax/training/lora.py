@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -57,6 +58,35 @@ def with_lora_scales(frozen: dict, config) -> dict:
         return jax.device_put(np.float32(spec.alpha / spec.rank), x.sharding)
 
     return jax.tree_util.tree_map_with_path(fill, frozen)
+
+
+def base_dtype(config):
+    """The dtype the frozen base of a LoRA run is held in (`config.train.lora.base_dtype`), or
+    None (as loaded)."""
+    if not lora_enabled(config) or not config.train.lora.get("base_dtype"):
+        return None
+    return jnp.dtype(config.train.lora.base_dtype)
+
+
+def cast_base(frozen, config):
+    """`frozen` (arrays or ShapeDtypeStructs) with the float leaves of the adapted components
+    (the UNet by default: the base the adapters sit on) in `base_dtype`; the VAE and the image
+    encoder stay as they are. Layers compute in the config's dtype whatever the storage."""
+    dtype = base_dtype(config)
+    if dtype is None:
+        return frozen
+    comps = set(config.train.lora.components)
+
+    def cast(path, x):
+        top = str(getattr(path[0], "key", path[0]))
+        if top not in comps or not jnp.issubdtype(x.dtype, jnp.floating) or \
+                str(getattr(path[-1], "key", path[-1])) == "lora_scale":
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, frozen)
 
 
 def _dotted(path) -> str:

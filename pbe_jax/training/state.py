@@ -17,7 +17,7 @@ from pbe_jax.models.abstract import eval_shape
 from pbe_jax.models.hub import cast_dtype
 from pbe_jax.models.init import host_init
 from pbe_jax.models.paint_by_example import PaintByExampleModel
-from pbe_jax.training.lora import training_filters, with_lora, with_lora_scales
+from pbe_jax.training.lora import cast_base, training_filters, with_lora, with_lora_scales
 from pbe_jax.training.optim import make_optimizer
 from pbe_jax.training.step import make_train_step
 
@@ -82,7 +82,8 @@ class Setup:
                 leaves.append(place(key, host_init(key, x.shape, seed)))
             return jax.tree.unflatten(treedef, leaves)
 
-        return make(self.abstract_params()), with_lora_scales(make(self.abstract_frozen()), self.config)
+        return make(self.abstract_params()), cast_base(with_lora_scales(make(self.abstract_frozen()), self.config),
+                                                       self.config)
 
     def place_fn(self) -> Callable[[tuple, np.ndarray], jax.Array]:
         """For checkpoint loaders: put a host array straight into its sharding. Each process
@@ -137,7 +138,7 @@ class Setup:
 
     def abstract_frozen(self) -> dict:
         shapes = nnx.to_pure_dict(nnx.split(self.abstract, self.frozen, ...)[1])
-        return self._with_sharding(shapes, self.frozen_sharding)
+        return cast_base(self._with_sharding(shapes, self.frozen_sharding), self.config)
 
     def abstract_state(self) -> dict:
         """The train state's shapes with shardings: restore targets and AOT-compile inputs."""
