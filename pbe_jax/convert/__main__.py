@@ -17,6 +17,11 @@ r"""Convert Paint-by-Example checkpoints between formats.
   python -m pbe_jax.convert --from orbax --src /runs/pbe_sd15 --use-ema --to diffusers --dst /ckpt/mine \
       --push_to_hub me/pbe-mine --dry_run
 
+  # a LoRA run (config.train.lora.rank > 0): its adapters as diffusers/PEFT
+  # pytorch_lora_weights.safetensors, or its base (config.init_from) with them merged in
+  python -m pbe_jax.convert --from orbax --src /runs/my_lora --to diffusers_lora --dst /ckpt/my_lora
+  python -m pbe_jax.convert --from orbax --src /runs/my_lora --fuse_lora --to diffusers --dst /ckpt/merged
+
   # one original-layout (LDM) file, for tools that load single-file checkpoints
   python -m pbe_jax.convert --from diffusers --src /ckpt/mine --to ldm --dst /ckpt/mine.safetensors
 
