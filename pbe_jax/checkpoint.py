@@ -142,12 +142,11 @@ class Checkpointer:
         """Start writing step `step` (and wait until it is complete with `wait`). Raises
         `CheckpointError` when this save, or the previous one, fails."""
         self.check(block=True)
-        args = ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(state),
-            FROZEN: ocp.args.StandardSave(frozen),
-            DATA: ocp.args.JsonSave(data_state or {}),
-            CONFIG: ocp.args.JsonSave(config),
-        })
+        items = {STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(data_state or {}),
+                 CONFIG: ocp.args.JsonSave(config)}
+        if frozen is not None:  # None: a LoRA run, whose base is reloaded from its source
+            items[FROZEN] = ocp.args.StandardSave(frozen)
+        args = ocp.args.Composite(**items)
         try:
             self.manager.save(step, args=args, force=True)
         except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many types)

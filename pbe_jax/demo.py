@@ -20,6 +20,8 @@ from pbe_jax.pipeline import PaintByExample
 from pbe_jax.webdemo import Settings, build_app, demo_examples, examples_data_config, serve
 
 _MODEL = flags.DEFINE_string("model", None, "diffusers PbE repo (dir or hub id) or a pbe_jax workdir/checkpoint")
+_LORA = flags.DEFINE_string("lora", None, "a LoRA on --model: a pbe_jax LoRA run or a diffusers/PEFT .safetensors")
+_LORA_SCALE = flags.DEFINE_float("lora_scale", 1.0, "--lora: its adapters' output times this")
 _PORT = flags.DEFINE_integer("port", 7860, "port to serve on")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "address to serve on (0.0.0.0: every interface)")
 _SHARE = flags.DEFINE_bool("share", False, "also open a public Gradio share link")
@@ -36,7 +38,8 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]} (boolean flags take '=': --share=false)")
     runtime.configure_from_flags()  # the compilation cache: a restart compiles nothing
-    pipe = PaintByExample.from_pretrained(_MODEL.value, dtype=cast_dtype(_DTYPE.value))
+    pipe = PaintByExample.from_pretrained(_MODEL.value, dtype=cast_dtype(_DTYPE.value)).with_lora(
+        _LORA.value, _LORA_SCALE.value)
     examples = demo_examples(examples_data_config(_MODEL.value), _EXAMPLES.value,
                              resolution=max(model_resolution(pipe)))
     page = build_app(pipe, examples=examples, max_megapixels=_MAX_MP.value,

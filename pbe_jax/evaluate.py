@@ -84,9 +84,11 @@ def main(argv) -> int:
     if F.model:
         results_dir = os.path.join(F.out, "results")
         load = lambda: PaintByExample.from_pretrained(  # noqa: E731
-            F.model, dtype=cast_dtype(F.dtype), use_ema=F.use_ema, variant=F.variant, revision=F.revision)
+            F.model, dtype=cast_dtype(F.dtype), use_ema=F.use_ema, variant=F.variant,
+            revision=F.revision).with_lora(F.lora, F.lora_scale)
         # which weights of --model: part of the settings a resumed run must share
-        chosen = {k: v for k, v in (("use_ema", F.use_ema), ("variant", F.variant), ("revision", F.revision)) if v}
+        chosen = {k: v for k, v in (("use_ema", F.use_ema), ("variant", F.variant), ("revision", F.revision),
+                                    ("lora", F.lora), ("lora_scale", F.lora and F.lora_scale)) if v}
         model_id = F.model + (f" {json.dumps(chosen, sort_keys=True)}" if chosen else "")
         failed = sample_bench(load, rows, results_dir, model=model_id, steps=F.steps, guidance=F.guidance,
                               scheduler=F.scheduler, seed=F.seed, dtype=F.dtype, batch_size=F.batch_size)
@@ -119,6 +121,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 8, "images per batch, for sampling and feature extraction")
     flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "sampling compute dtype")
     flags.DEFINE_bool("use_ema", False, "--model is a training run: load its EMA params")
+    flags.DEFINE_string("lora", None, "a LoRA on --model: a pbe_jax LoRA run or a diffusers/PEFT .safetensors")
+    flags.DEFINE_float("lora_scale", 1.0, "--lora: its adapters' output times this")
     flags.DEFINE_string("variant", None, "diffusers weight variant of --model (e.g. fp16)")
     flags.DEFINE_string("revision", None, "Hub revision (branch, tag or commit) of --model")
     flags.DEFINE_integer("sample_index", 0, "--results: which <id>_<k> sample to score")

@@ -13,12 +13,13 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from pbe_jax.convert import diffusers_io, ldm_io, orbax_io
+from pbe_jax.convert import diffusers_io, ldm_io, lora_io, orbax_io
 from pbe_jax.convert.load import load_pipeline
 from pbe_jax.convert.model_card import CardInfo, as_card_info, write_model_card
 from pbe_jax.inference import edit
 from pbe_jax.models import hub
 from pbe_jax.models.hub import cast_dtype
+from pbe_jax.models.lora import set_lora_scale
 from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE, PaintByExampleModel
 
 __all__ = ["FROZEN", "PaintByExample", "TRAINABLE"]
@@ -81,6 +82,31 @@ class PaintByExample(PaintByExampleModel):
                              return_report=return_report, cls=cls, cache_dir=cache_dir,
                              local_files_only=local_files_only, token=token,
                              force_download=force_download, use_safetensors=use_safetensors)
+
+    def load_lora(self, path: str, scale: float = 1.0, *, use_ema: bool = False) -> list[str]:
+        """Add a LoRA (`convert.lora_io.read_lora`: a pbe_jax LoRA run's workdir or step, or a
+        diffusers/PEFT `pytorch_lora_weights.safetensors` / its folder) at `scale`; a run's
+        other trained parts (`uncond_vector`, ...) replace this model's. Returns the adapted
+        layer paths. The scale is a model variable: `set_lora_scale` recompiles nothing."""
+        return lora_io.apply_lora(self, lora_io.read_lora(path, use_ema=use_ema), scale)
+
+    def with_lora(self, path: str | None, scale: float = 1.0) -> "PaintByExample":
+        """`load_lora(path, scale)` when `path` is given (the commands' --lora); returns self."""
+        if path:
+            self.load_lora(path, scale=scale)
+        return self
+
+    def set_lora_scale(self, scale: float) -> None:
+        """Every adapter's output times `scale` (0: the base model; 1: as trained)."""
+        set_lora_scale(self, scale)
+
+    def fuse_lora(self) -> None:
+        """Merge the adapters into the base kernels (diffusers' `fuse_lora`)."""
+        lora_io.fuse(self)
+
+    def unfuse_lora(self) -> None:
+        """Undo `fuse_lora` (the kernels as before, up to fp32 rounding)."""
+        lora_io.unfuse(self)
 
     def save_pretrained(self, path: str, *, dtype=None, variant: str | None = None,
                         format: str = "diffusers", progress: bool = False,  # noqa: A002

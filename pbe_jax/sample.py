@@ -48,6 +48,9 @@ def _settings(flags_) -> dict:
     keys = ("model", "steps", "guidance", "scheduler", "seed", "num_samples", "paste_back",
             "reference_preprocess", "dtype", "use_ema", "variant", "revision", "mask_crop_padding")
     out = {k: getattr(flags_, k) for k in keys}
+    if flags_.lora:  # a LoRA on the model changes every output
+        out.update(lora=os.path.abspath(flags_.lora) if os.path.exists(flags_.lora) else flags_.lora,
+                   lora_scale=flags_.lora_scale)
     if os.path.exists(out["model"]):  # a local model: the same wherever the command runs from
         out["model"] = os.path.abspath(out["model"])
     return out
@@ -72,7 +75,7 @@ def main(argv) -> int:
     except (NotWritableError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     pipe = PaintByExample.from_pretrained(F.model, dtype=cast_dtype(F.dtype), use_ema=F.use_ema,
-                                          variant=F.variant, revision=F.revision)
+                                          variant=F.variant, revision=F.revision).with_lora(F.lora, F.lora_scale)
     mesh = make_mesh("data:-1") if jax.device_count() > 1 else None
     kw = dict(log=log, batch_size=F.batch_size, steps=F.steps, guidance=F.guidance, scheduler=F.scheduler,
               num_samples=F.num_samples, paste_back=F.paste_back,
@@ -114,6 +117,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("reference_preprocess", "squash", ["squash", "center_crop"], "reference resize")
     flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "compute dtype")
     flags.DEFINE_bool("use_ema", False, "--model is a training run: load its EMA params")
+    flags.DEFINE_string("lora", None, "a LoRA on --model: a pbe_jax LoRA run or a diffusers/PEFT .safetensors")
+    flags.DEFINE_float("lora_scale", 1.0, "--lora: its adapters' output times this")
     flags.DEFINE_string("variant", None, "diffusers weight variant of --model (e.g. fp16)")
     flags.DEFINE_string("revision", None, "Hub revision (branch, tag or commit) of --model")
     flags.DEFINE_integer("max_pixels", MAX_PIXELS, "largest working size (px after padding); larger "

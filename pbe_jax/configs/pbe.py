@@ -257,6 +257,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # CLIP to freeze: a random tower carries a reference's colour only roughly.
     t.train_image_tower = demo
     # The noise schedule (betas, num_train_timesteps, prediction_type) is config.model.scheduler.
+    # LoRA fine-tuning (pbe_jax/training/lora.py): rank > 0 trains adapters on the Linears named
+    # by `targets` (PEFT target_modules; also ff.net.0.proj, ff.net.2, proj_in, proj_out where
+    # Linear) with the base frozen, plus the `also_train` parts (path patterns); 0 = full.
+    t.lora = ml_collections.ConfigDict({
+        "rank": 0, "alpha": 0.0,  # alpha 0 = rank (multiplier 1)
+        "targets": ("to_q", "to_k", "to_v", "to_out.0"), "components": ("unet",),
+        "also_train": ("image_encoder.uncond_vector", "image_encoder.final_layer_norm",
+                       "image_encoder.proj_out"),
+        "base_dtype": "",  # '' = the config's param dtype; 'bfloat16' holds the frozen base in bf16
+    })
 
     c.data = data_config("demo" if demo else "paper")
     if demo:  # 32 px 'palette' scenes: what a 2-level VAE and minutes of CPU can learn

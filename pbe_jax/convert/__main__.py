@@ -17,6 +17,11 @@ r"""Convert Paint-by-Example checkpoints between formats.
   python -m pbe_jax.convert --from orbax --src /runs/pbe_sd15 --use-ema --to diffusers --dst /ckpt/mine \
       --push_to_hub me/pbe-mine --dry_run
 
+  # a LoRA run (config.train.lora.rank > 0): its adapters as diffusers/PEFT
+  # pytorch_lora_weights.safetensors, or its base (config.init_from) with them merged in
+  python -m pbe_jax.convert --from orbax --src /runs/my_lora --to diffusers_lora --dst /ckpt/my_lora
+  python -m pbe_jax.convert --from orbax --src /runs/my_lora --fuse_lora --to diffusers --dst /ckpt/merged
+
   # one original-layout (LDM) file, for tools that load single-file checkpoints
   python -m pbe_jax.convert --from diffusers --src /ckpt/mine --to ldm --dst /ckpt/mine.safetensors
 
@@ -50,16 +55,18 @@ from absl import flags
 
 from pbe_jax.checkpoint import CheckpointError
 from pbe_jax.configs import load_config
+from pbe_jax.convert import lora_io
 from pbe_jax.convert.export import LDM_SUFFIXES, Destination, DestinationError
 from pbe_jax.convert.load import FORMATS, load_pipeline, param_counts
 from pbe_jax.convert.model_card import card_info
 from pbe_jax.models.hub import cast_dtype, push_to_hub
+from pbe_jax import locks
 from pbe_jax.locks import LockedError
 from pbe_jax.models.registry import COMPONENTS
 from pbe_jax.outputs import NotWritableError, ensure_writable
 from pbe_jax.pipeline import PaintByExample
 
-FORMATS_OUT = ("diffusers", "orbax", "ldm")
+FORMATS_OUT = ("diffusers", "orbax", "ldm", "diffusers_lora")
 DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -89,6 +96,8 @@ def make_flags() -> flags.FlagValues:
                         "(e.g. 5GB) into shards + index", flag_values=fv)
     flags.DEFINE_string("push_to_hub", None, "upload the written folder to this Hub model repo "
                         "(org/name)", flag_values=fv)
+    flags.DEFINE_bool("fuse_lora", False, "--from orbax of a LoRA run: its base (config.init_from) "
+                      "with the adapters merged in, an ordinary model", flag_values=fv)
     flags.DEFINE_bool("dry_run", False, "with --push_to_hub: list the files, upload nothing", flag_values=fv)
     flags.DEFINE_bool("private", False, "with --push_to_hub: create the repo private", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "replace the previous export at --dst (as a whole, once the "
@@ -145,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --dst {f.dst}: an LDM checkpoint is one file; name it *.safetensors (or *.ckpt "
               "for a PyTorch pickle)", file=sys.stderr)
         return 2
+    if dst_format == "diffusers_lora":  # a LoRA run's adapters as pytorch_lora_weights.safetensors
+        return _export_lora(f)
     try:  # before reading gigabytes: the export is written next to --dst, then renamed into place
         ensure_writable(os.path.dirname(os.path.abspath(f.dst)) if "://" not in f.dst else f.dst, "--dst")
         dest = Destination(f.dst, dst_format, overwrite=f.overwrite, reclaim=f.reclaim_lock).open()
@@ -153,6 +164,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     with dest, _sigterm_exits():
         return _convert(f, dest, src_format, dst_format, f.max_shard_size)
+
+
+def _export_lora(f) -> int:
+    """`--to diffusers_lora`: one file, `DST/pytorch_lora_weights.safetensors`, written atomically
+    (a temporary name, then a rename) under --dst's lock."""
+    try:
+        ensure_writable(f.dst, "--dst")
+        with locks.hold(f.dst, "--dst", reclaim=f.reclaim_lock):
+            out = lora_io.save_peft(lora_io.read_lora(f.src, use_ema=f.use_ema), f.dst)
+    except (OSError, ValueError, KeyError, LockedError) as e:
+        print(f"error: cannot export the LoRA of {f.src}:\n{e}", file=sys.stderr)
+        return 1
+    print(f"wrote diffusers/PEFT LoRA {out} ({os.path.getsize(out) / 2**20:.2f} MiB)")
+    return 0
 
 
 @contextlib.contextmanager
@@ -172,10 +197,17 @@ def _sigterm_exits():
 def _convert(f, dest: Destination, src_format: str, dst_format: str, shard) -> int:
     t0 = time.perf_counter()
     try:
-        model, report = load_pipeline(
-            src_format, f.src, clip=f.clip, model_config=read_model_config(f.model_config),
-            seed=f.seed, variant=f.src_variant, revision=f.revision, allow_missing=f.allow_missing,
-            use_ema=f.use_ema, progress=not f.no_progress, return_report=True, cls=PaintByExample)
+        if f.fuse_lora:  # the run's base + its adapters, merged
+            if src_format != "orbax" or not lora_io.is_lora_run(f.src):
+                raise ValueError("--fuse_lora needs --from orbax --src <a LoRA run's workdir or step>")
+            model, report = lora_io.load_run(f.src, use_ema=f.use_ema, cls=PaintByExample,
+                                             return_report=True, progress=not f.no_progress)
+            lora_io.merge(model)
+        else:
+            model, report = load_pipeline(
+                src_format, f.src, clip=f.clip, model_config=read_model_config(f.model_config),
+                seed=f.seed, variant=f.src_variant, revision=f.revision, allow_missing=f.allow_missing,
+                use_ema=f.use_ema, progress=not f.no_progress, return_report=True, cls=PaintByExample)
     except (OSError, ValueError, KeyError, CheckpointError) as e:  # the message says what is wrong
         print(f"error: cannot load {src_format} checkpoint {f.src}:\n{e}", file=sys.stderr)
         return 1

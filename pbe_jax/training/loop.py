@@ -28,6 +28,7 @@ from pbe_jax.metrics import (MetricWriter, check_workdir_backend, image_grid, la
 from pbe_jax.outputs import ensure_writable
 from pbe_jax.training import guards
 from pbe_jax.training.preemption import Preemption
+from pbe_jax.training.lora import cast_base, log_trainable, lora_enabled, with_lora
 from pbe_jax.training.samples import training_samples
 from pbe_jax.training.state import Setup, config_runtime, step_flops
 from pbe_jax.training.vae_fit import frozen_with_vae, run_vae_stage
@@ -75,8 +76,21 @@ def _init_params(setup: Setup, config):
     model = load_pipeline(fmt, config.init_from.path, clip=config.init_from.clip or None,
                           model_config=config.model, place=setup.place_fn(), seed=config.seed,
                           **config_runtime(config))
+    if lora_enabled(config):  # adapters on the loaded base, placed as training shards them
+        with_lora(model, config)
+        _, p, f, _ = nnx.split(model, setup.trainable, setup.frozen, ...)
+        return (jax.device_put(nnx.to_pure_dict(p), setup.params_sharding),
+                cast_base(jax.device_put(nnx.to_pure_dict(f), setup.frozen_sharding), config))
     _, p, f, _ = nnx.split(model, setup.trainable, setup.frozen, ...)
     return nnx.to_pure_dict(p), nnx.to_pure_dict(f)
+
+
+def _lora_base(setup: Setup, config, vae_dir):
+    """The frozen params of a resumed LoRA run, from the run's base as at its start."""
+    log.info("LoRA resume: base reloaded from %s", f"{config.init_from.format}:{config.init_from.path}"
+             if config.init_from.format else f"random init (seed {config.seed})")
+    frozen = _init_params(setup, config)[1]
+    return frozen_with_vae(frozen, vae_dir, setup.place_fn()) if vae_dir else frozen
 
 
 def _input_grid(batch) -> np.ndarray:
@@ -145,11 +159,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     clock.mark("abstract model")
     writer = MetricWriter(workdir)
     # ---- params. Precedence: workdir checkpoint > config.init_from > random init.
-    restored = ckpt.restore_latest(setup.abstract_state(), setup.abstract_frozen(),
+    # A LoRA run's checkpoints hold no frozen params: its base is reloaded from where it came.
+    lora = lora_enabled(config)
+    restored = ckpt.restore_latest(setup.abstract_state(), None if lora else setup.abstract_frozen(),
                                    json.loads(config.to_json())) if ckpt.steps() else None
     if restored is not None:
         step0, r = restored
-        state, frozen = r.state, r.frozen
+        state, frozen = r.state, (_lora_base(setup, config, vae_dir) if lora else r.frozen)
         if r.data:
             loader.set_state(r.data)
         log.info("resumed from %s/%d", ckpt.directory, step0)
@@ -163,6 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state = setup.new_state(params)
         step0 = 0
         guards.write_config(config, workdir)
+    log_trainable(state["params"], frozen)
     writer.keep_until(step0)  # the rows past step0 are logged again
     jax.block_until_ready((state, frozen))
     clock.mark("params restore" if restored is not None else "params init")
@@ -228,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             ckpt.check()  # a failed background save stops the run now, not at the next save
             preempted = pre.should_stop(step)
             if step % config.ckpt_every_steps == 0 or is_last or preempted:
-                ckpt.save(step, state, frozen, it.get_state(), json.loads(config.to_json()),
+                ckpt.save(step, state, None if lora else frozen, it.get_state(), json.loads(config.to_json()),
                           wait=preempted or is_last)
             if preempted:
                 log.warning("checkpoint at step %d written; exiting on SIGTERM", step)
