@@ -30,8 +30,9 @@ import sys
 import jax
 from absl import flags
 
-from pbe_jax import distributed
-from pbe_jax.batch_edit import Row, check_settings, read_manifest, write_results, write_settings
+from pbe_jax import distributed, locks
+from pbe_jax.batch_edit import (INPUTS, MAX_SOURCE_PIXELS, Row, check_settings, check_weights, foreign_file,
+                                loaded_weights, read_manifest, read_tag, write_results)
 from pbe_jax.inference import MAX_PIXELS
 from pbe_jax.metrics import setup_logging
 from pbe_jax.models.hub import cast_dtype
@@ -53,42 +54,90 @@ def _settings(flags_) -> dict:
     return out
 
 
-def main(argv) -> int:
-    del argv
-    F = flags.FLAGS
-    distributed.initialize_from_flags()
-    setup_logging()
+def _single_edit_target(F) -> str:
+    """The file a single edit writes (--out), refused when it is one of the inputs, or a file
+    pbe_jax did not write (unless --overwrite)."""
+    out = os.path.abspath(F.out)
+    for what in INPUTS:
+        if os.path.realpath(out) == os.path.realpath(getattr(F, what)):
+            raise ValueError(f"--out {F.out} is the --{what} file: an output never replaces an input; "
+                             "give another --out")
+    if os.path.lexists(out) and read_tag(out) is None and not F.overwrite:
+        raise ValueError(f"--out {foreign_file(F.out)}")
+    return out
+
+
+def _load(F, out: str | None):
+    """The model, and which weights it is (checked against --out's earlier results)."""
+    pipe, report = PaintByExample.from_pretrained(F.model, dtype=cast_dtype(F.dtype), use_ema=F.use_ema,
+                                                  variant=F.variant, revision=F.revision,
+                                                  return_report=True)
+    weights = loaded_weights(report, use_ema=F.use_ema)
+    if out is not None:
+        check_weights(out, weights, overwrite=F.overwrite)
+    return pipe, weights
+
+
+def _check_flags(F) -> None:
     single = F.source or F.mask or F.reference
     if single and not (F.source and F.mask and F.reference):
         raise SystemExit("--source, --mask and --reference go together")
     if not single and not F.manifest:
         raise SystemExit("give --manifest FILE, or --source/--mask/--reference")
+    for name in ("num_samples", "batch_size", "steps"):
+        if getattr(F, name) < 1:
+            raise SystemExit(f"error: --{name}={getattr(F, name)}: must be at least 1")
+    for name in ("max_pixels", "max_source_pixels"):
+        if getattr(F, name) < 0:
+            raise SystemExit(f"error: --{name}={getattr(F, name)}: must be >= 0 (0 = no limit)")
+
+
+def main(argv) -> int:
+    del argv
+    F = flags.FLAGS
+    distributed.initialize_from_flags()
+    setup_logging()
+    _check_flags(F)
+    single = bool(F.source)
     # Everything that can be checked is checked before the model is loaded.
     try:
         ensure_writable(os.path.dirname(os.path.abspath(F.out)) if single else F.out, "--out")
-        if not single:
+        if single:
+            target = _single_edit_target(F)
+        else:
             rows = read_manifest(F.manifest, F.seed)
-            check_settings(F.out, _settings(F), overwrite=F.overwrite)
-    except (NotWritableError, ValueError) as e:
+        # One run writes an --out folder at a time (a single edit writes one file, whole).
+        lock = locks.hold(F.out, "--out", enabled=not single and jax.process_index() == 0,
+                          reclaim=F.reclaim_lock)
+        with lock:
+            if not single:
+                check_settings(F.out, _settings(F), overwrite=F.overwrite)
+            return _run(F, rows=None if single else rows, target=target if single else None)
+    except (NotWritableError, ValueError, locks.LockedError) as e:
         raise SystemExit(f"error: {e}") from None
-    pipe = PaintByExample.from_pretrained(F.model, dtype=cast_dtype(F.dtype), use_ema=F.use_ema,
-                                          variant=F.variant, revision=F.revision)
+
+
+def _run(F, *, rows: list[Row] | None, target: str | None) -> int:
+    pipe, weights = _load(F, None if target else F.out)
     mesh = make_mesh("data:-1") if jax.device_count() > 1 else None
     kw = dict(log=log, batch_size=F.batch_size, steps=F.steps, guidance=F.guidance, scheduler=F.scheduler,
               num_samples=F.num_samples, paste_back=F.paste_back,
               reference_preprocess=F.reference_preprocess, mesh=mesh, max_pixels=F.max_pixels or None,
+              max_source_pixels=F.max_source_pixels or None,
               mask_crop_padding=F.mask_crop_padding if F.mask_crop_padding >= 0 else None)
-    if single:
-        out_dir = os.path.dirname(os.path.abspath(F.out))
-        stem = os.path.splitext(os.path.basename(F.out))[0]
-        row = Row(id=stem, source=F.source, mask=F.mask, reference=F.reference, seed=F.seed)
-        _, failed = write_results(pipe, [row], out_dir, **{**kw, "num_samples": 1})
-        if not failed and jax.process_index() == 0:
-            os.replace(os.path.join(out_dir, f"{stem}_0.png"), F.out)
+    if target:
+        stem = os.path.splitext(os.path.basename(target))[0]
+        row = Row(id=stem, source=F.source, mask=F.mask, reference=F.reference, seed=F.seed,
+                  outputs=[target])
+        # checked above: --out is ours (a single edit is always redone) or --overwrite was given
+        _, failed = write_results(pipe, [row], os.path.dirname(target), overwrite=True,
+                                  **{**kw, "num_samples": 1})
         rows = [row]
     else:
-        write_settings(F.out, _settings(F))  # first: a partial run's outputs are described too
-        _, failed = write_results(pipe, rows, F.out, overwrite=F.overwrite, **kw)
+        # settings.json is written before the first output, so a run where every row failed
+        # leaves none and a corrected rerun is not refused
+        _, failed = write_results(pipe, rows, F.out, overwrite=F.overwrite,
+                                  settings={**_settings(F), "weights": weights}, **kw)
     done = len(rows) - len(failed)
     print(f"summary: {done}/{len(rows)} rows done, {len(failed)} failed")
     for rid, reason in failed.items():
@@ -118,8 +167,14 @@ def define_flags() -> None:
     flags.DEFINE_string("revision", None, "Hub revision (branch, tag or commit) of --model")
     flags.DEFINE_integer("max_pixels", MAX_PIXELS, "largest working size (px after padding); larger "
                          "sources fail with a message (0 = no limit)")
+    flags.DEFINE_integer("max_source_pixels", MAX_SOURCE_PIXELS, "largest input image (source, mask, "
+                         "reference) decoded, in px, read from the file header; larger ones fail "
+                         "with a message (0 = no limit)")
     flags.DEFINE_bool("overwrite", False, "redo every row, also when --out holds results made with "
-                      "other settings")
+                      "other settings or other weights, replacing files pbe_jax did not write (never "
+                      "an input)")
+    flags.DEFINE_bool("reclaim_lock", False, "take over --out's lock from a run that is gone (e.g. on "
+                      "a host that died); a live holder on this host is never displaced")
     flags.DEFINE_integer("mask_crop_padding", 32, "sources larger than the model's resolution: edit a "
                          "window around the mask grown by this many px, at the model's resolution "
                          "(-1: edit the whole image)", lower_bound=-1)
