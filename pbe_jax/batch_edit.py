@@ -390,17 +390,19 @@ def edit_rows(pipe, rows: list[Row], *, batch_size: int, steps: int, guidance: f
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pbe_jax-decode") as pool:
         pending: collections.deque = collections.deque()
 
-        def submit() -> None:
+        def submit() -> bool:
             nxt = next(batches, None)
             if nxt is not None:
                 pending.append((nxt[0], pool.submit(_decode_chunk, nxt[1])))
+            return nxt is not None
 
-        for _ in range(1 + max(0, prefetch)):
-            submit()
+        submit()
         while pending:
             key, future = pending.popleft()
             chunk, loaded, bad = future.result()
-            submit()  # decoded while this batch is on the device
+            # the next `prefetch` batches are decoded while this one is on the device
+            while len(pending) < prefetch and submit():
+                pass
             for rid, reason in bad.items():
                 if failed is None:
                     raise ValueError(f"row {rid}: {reason}")
@@ -415,6 +417,8 @@ def edit_rows(pipe, rows: list[Row], *, batch_size: int, steps: int, guidance: f
                     crop_padding=mask_crop_padding if key == ("crop",) else None))
             for r in loaded:
                 drop_pixels(r)
+            if not pending:  # prefetch=0: the next batch is decoded only now
+                submit()
 
 
 def _edit_chunk(pipe, chunk: list[Row], failed, log, kw) -> Iterator[tuple[Row, list[np.ndarray]]]:
