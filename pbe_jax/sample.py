@@ -9,12 +9,17 @@ r"""Batch inference: `python -m pbe_jax.sample`.
   python -m pbe_jax.sample --model=DIR --source=s.png --mask=m.png --reference=r.png --out=out.png
 
 `--model` is a diffusers PbE repo (dir or hub id) or a pbe_jax training workdir / checkpoint.
-Results are `<out>/<id>_<k>.png` plus `<out>/settings.json` (the generation settings); a rerun
-skips rows whose outputs exist and decode, and refuses settings other than those recorded
-(naming the differences) unless `--overwrite`, which redoes every row. A bad row (missing file,
-unreadable or too large image, empty mask, mask size differs from the source, an id that is not
-a plain file name, a source over `--max_pixels`, a failure on the device) is reported with its
-reason and the rest go on; the exit code is 1 if any row failed. Rows are grouped by source size
+Results are `<out>/<id>_<k>.png` plus `<out>/settings.json` (the generation settings and which
+weights, e.g. training step 3, made them; written with the first output). One run writes an
+`--out` at a time (a lock; `--reclaim_lock` takes over one whose holder is gone). A rerun skips
+rows whose outputs decode and carry this run's tag, and refuses settings or weights other than
+those recorded (naming the differences) unless `--overwrite`, which redoes every row. An output
+never replaces an input of the manifest, nor (without `--overwrite`) a file pbe_jax did not
+write. A bad row (missing file, unreadable image, an input over `--max_source_pixels`, empty
+mask, mask size differs from the source, an id that is not a plain file name, a source over
+`--max_pixels`, an output name taken by an input or an unrelated file, a failure on the device)
+is reported with its reason and the rest go on; the exit code is 1 if any row failed. Pixels
+are decoded batch by batch, so memory does not grow with the manifest. Rows are grouped by source size
 into batches; each output's noise comes from its own seed (row seed + k), so results do not
 depend on the batching or the number of devices.
 Sources larger than the model's resolution are edited in a window around the mask grown by
@@ -23,6 +28,7 @@ pasted back.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -74,7 +80,10 @@ def _load(F, out: str | None):
                                                   return_report=True)
     weights = loaded_weights(report, use_ema=F.use_ema)
     if out is not None:
-        check_weights(out, weights, overwrite=F.overwrite)
+        try:
+            check_weights(out, weights, overwrite=F.overwrite)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     return pipe, weights
 
 
@@ -100,21 +109,20 @@ def main(argv) -> int:
     _check_flags(F)
     single = bool(F.source)
     # Everything that can be checked is checked before the model is loaded.
-    try:
-        ensure_writable(os.path.dirname(os.path.abspath(F.out)) if single else F.out, "--out")
-        if single:
-            target = _single_edit_target(F)
-        else:
-            rows = read_manifest(F.manifest, F.seed)
-        # One run writes an --out folder at a time (a single edit writes one file, whole).
-        lock = locks.hold(F.out, "--out", enabled=not single and jax.process_index() == 0,
-                          reclaim=F.reclaim_lock)
-        with lock:
-            if not single:
+    with contextlib.ExitStack() as stack:
+        try:
+            ensure_writable(os.path.dirname(os.path.abspath(F.out)) if single else F.out, "--out")
+            if single:
+                target = _single_edit_target(F)
+            else:
+                rows = read_manifest(F.manifest, F.seed)
+                # One run writes an --out folder at a time (a single edit writes one file, whole).
+                stack.enter_context(locks.hold(F.out, "--out", enabled=jax.process_index() == 0,
+                                               reclaim=F.reclaim_lock))
                 check_settings(F.out, _settings(F), overwrite=F.overwrite)
-            return _run(F, rows=None if single else rows, target=target if single else None)
-    except (NotWritableError, ValueError, locks.LockedError) as e:
-        raise SystemExit(f"error: {e}") from None
+        except (NotWritableError, ValueError, locks.LockedError) as e:
+            raise SystemExit(f"error: {e}") from None
+        return _run(F, rows=None if single else rows, target=target if single else None)
 
 
 def _run(F, *, rows: list[Row] | None, target: str | None) -> int:
