@@ -44,7 +44,8 @@ from typing import Any
 import jax
 from absl import flags
 
-from pbe_jax import distributed
+from pbe_jax import distributed, locks
+from pbe_jax.batch_edit import loaded_weights
 from pbe_jax.evals import cocoee
 from pbe_jax.evals.benchmark import markdown, sample_bench, score_results
 from pbe_jax.evals.scoring import FID_FEATURES, MetricSpec
@@ -79,19 +80,37 @@ def main(argv) -> int:
             ensure_writable(F.out or F.results, "--out" if F.out else "--results")
     except (FileNotFoundError, ValueError, NotWritableError) as e:
         raise SystemExit(str(e)) from None
+    out_dir = F.out or (F.results if os.path.isdir(F.results or "") else None)
+    # One run writes an output folder at a time (process 0 holds its lock).
+    lock = locks.hold(out_dir, "--out" if F.out else "--results", reclaim=F.reclaim_lock,
+                      enabled=out_dir is not None and jax.process_index() == 0)
+    try:
+        with lock:
+            return _sample_and_score(F, rows, spec)
+    except locks.LockedError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _load(F):
+    pipe, report = PaintByExample.from_pretrained(F.model, dtype=cast_dtype(F.dtype), use_ema=F.use_ema,
+                                                  variant=F.variant, revision=F.revision,
+                                                  return_report=True)
+    pipe = pipe.with_lora(F.lora, F.lora_scale)  # --lora / --lora_scale (no LoRA: the same pipe)
+    return pipe, loaded_weights(report, use_ema=F.use_ema)
+
+
+def _sample_and_score(F, rows, spec) -> int:
     failed: dict[str, str] = {}
     extra: dict[str, Any] = {"bench": F.bench}
     if F.model:
         results_dir = os.path.join(F.out, "results")
-        load = lambda: PaintByExample.from_pretrained(  # noqa: E731
-            F.model, dtype=cast_dtype(F.dtype), use_ema=F.use_ema, variant=F.variant,
-            revision=F.revision).with_lora(F.lora, F.lora_scale)
         # which weights of --model: part of the settings a resumed run must share
         chosen = {k: v for k, v in (("use_ema", F.use_ema), ("variant", F.variant), ("revision", F.revision),
                                     ("lora", F.lora), ("lora_scale", F.lora and F.lora_scale)) if v}
         model_id = F.model + (f" {json.dumps(chosen, sort_keys=True)}" if chosen else "")
-        failed = sample_bench(load, rows, results_dir, model=model_id, steps=F.steps, guidance=F.guidance,
-                              scheduler=F.scheduler, seed=F.seed, dtype=F.dtype, batch_size=F.batch_size)
+        failed = sample_bench(lambda: _load(F), rows, results_dir, model=model_id, steps=F.steps,
+                              guidance=F.guidance, scheduler=F.scheduler, seed=F.seed, dtype=F.dtype,
+                              batch_size=F.batch_size)
         extra.update(model=model_id, failed=failed, sampling={"steps": F.steps, "guidance": F.guidance,
                                                             "scheduler": F.scheduler, "seed": F.seed})
         sample_index = 0
@@ -133,6 +152,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("fid_features", "inception", list(FID_FEATURES),
                       "inception = standard FID; clip = the authors' released FID script")
     flags.DEFINE_string("gmm", None, "QS Gaussian mixture .npz (pbe_jax.evals.qs)")
+    flags.DEFINE_bool("reclaim_lock", False, "take over the output folder's lock from a run that is gone "
+                      "(e.g. on a host that died); a live holder on this host is never displaced")
     distributed.define_flags()
 
 

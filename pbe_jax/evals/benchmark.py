@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from pbe_jax.batch_edit import check_settings, edit_rows, validate, write_results, write_settings
+from pbe_jax.batch_edit import check_settings, check_weights, edit_rows, validate, write_results
 from pbe_jax.evals import cocoee
 from pbe_jax.evals.scoring import Item, MetricSpec, score
 from pbe_jax.outputs import atomic_write
@@ -63,25 +63,29 @@ def score_results(results_dir: str, rows, spec: MetricSpec, *, out_dir: str, sam
     return report
 
 
-def sample_bench(load_pipe: Callable[[], Any], rows, results_dir: str, *, model: str, steps: int,
-                 guidance: float, scheduler: str, seed: int, dtype: str, batch_size: int) -> dict[str, str]:
-    """Sample the bench `rows` with the pipeline `load_pipe()` returns into `results_dir`
-    (`batch_edit.write_results`: one sample, no paste-back, squashed reference; finished images
-    are kept); refuses to mix settings with earlier results before loading anything. Returns
-    {row id: failure reason}."""
+def sample_bench(load_pipe: Callable[[], tuple[Any, dict | None]], rows, results_dir: str, *, model: str,
+                 steps: int, guidance: float, scheduler: str, seed: int, dtype: str,
+                 batch_size: int) -> dict[str, str]:
+    """Sample the bench `rows` with the pipeline `load_pipe()` returns (with which weights it
+    is: `batch_edit.loaded_weights`, or None) into `results_dir` (`batch_edit.write_results`:
+    one sample, no paste-back, squashed reference; finished images are kept); refuses to mix
+    settings with earlier results before loading anything, and weights (another training step)
+    once loaded. Returns {row id: failure reason}."""
     settings = {"model": model, "steps": steps, "guidance": guidance, "scheduler": scheduler,
                 "seed": seed, "dtype": dtype, "num_samples": 1, "paste_back": False,
                 "reference_preprocess": "squash"}
     try:
         check_settings(results_dir, settings, remedy="use another --out or delete it")
+        pipe, weights = load_pipe()
+        if weights is not None:
+            check_weights(results_dir, weights)
+            settings["weights"] = weights
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    pipe = load_pipe()
     mesh = make_mesh("data:-1") if jax.device_count() > 1 else None
-    write_settings(results_dir, settings)
     written, failed = write_results(pipe, rows, results_dir, batch_size=batch_size, steps=steps,
                                     guidance=guidance, scheduler=scheduler, num_samples=1, paste_back=False,
-                                    reference_preprocess="squash", mesh=mesh, log=log)
+                                    reference_preprocess="squash", mesh=mesh, log=log, settings=settings)
     print(f"sampling: {written} images written, {len(rows) - written - len(failed)} already there, "
           f"{len(failed)} failed")
     if jax.process_count() > 1:  # process 0 wrote the files; all processes read them next
