@@ -44,7 +44,9 @@ need a real data source: with the synthetic default the loader fails at start, n
 Arguments (comma separated after the variant): `mesh=AXIS:SIZE,...` (axes data/fsdp/tensor, one
 size may be -1), `dtype=bf16|fp32` (compute dtype; params stay fp32), `res=INT` (image size),
 `batch=INT` (global batch), `steps=INT`, `tower=vit_l14|vit_h14` (the image tower of the SD
-variants: the paper's openai/clip-vit-large-patch14, or laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
+variants: the paper's openai/clip-vit-large-patch14, or laion/CLIP-ViT-H-14-laion2B-s32B-b79K),
+`conditioner=NAME` (the exemplar encoder, models/exemplar.py CONDITIONERS: `clip`, the paper's
+CLIP class token, default; `clip_tokens`, every CLIP token through the mapper).
 
 Departures from the official recipe, on purpose: the SD variants compute in bf16 by default (the
 paper trained in fp32; pass dtype=fp32 for the exact recipe). The `demo` has no pretrained weights and
@@ -61,11 +63,13 @@ import ml_collections
 
 from pbe_jax.data.config import data_config
 from pbe_jax.evals.config import evals_config
+from pbe_jax.models import conditioner_class
 from pbe_jax.schedulers import pbe_scheduler_config
 from pbe_jax.sharding import DEFAULT_RULES
 
 VARIANTS = ("demo", "sd15", "sd21", "sd21_768")
-_TYPES = {"mesh": str, "dtype": str, "res": int, "batch": int, "steps": int, "tower": str}
+_TYPES = {"mesh": str, "dtype": str, "res": int, "batch": int, "steps": int, "tower": str,
+          "conditioner": str}
 
 
 def parse_arg(arg: str | None) -> tuple[str, dict]:
@@ -138,12 +142,13 @@ TOWERS = {
 }
 
 
-def image_tower(tower: str, proj_size: int) -> dict:
-    """`config.model.image_encoder` for a tower of TOWERS; the context width `proj_size` is
-    written as `projection_dim` too (diffusers reads the encoder's proj_size from there)."""
+def image_tower(tower: str, proj_size: int, conditioner: str = "clip") -> dict:
+    """`config.model.image_encoder` for a tower of TOWERS, as the conditioner builds it (the
+    `clip` one writes the context width `proj_size` as `projection_dim` too: diffusers reads
+    the encoder's proj_size from there)."""
     if tower not in TOWERS:
         raise ValueError(f"unknown tower={tower!r}; known: {sorted(TOWERS)}")
-    return {**TOWERS[tower][0], "projection_dim": proj_size, "proj_size": proj_size}
+    return conditioner_class(conditioner).config_entry(TOWERS[tower][0], proj_size)
 
 
 def sd15_models() -> ml_collections.ConfigDict:
@@ -197,6 +202,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if demo and "tower" in kw:
         raise ValueError("tower= picks the image tower of the SD variants, not of the demo")
     tower = kw.get("tower", "vit_l14")
+    conditioner = kw.get("conditioner", "clip")
+    encoder_cls = conditioner_class(conditioner)
     c = ml_collections.ConfigDict()
     c.variant = variant
     c.seed = 0
@@ -208,12 +215,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.remat_policy = ""  # '' recomputes everything; or a jax.checkpoint_policies name
     if demo:
         c.model = demo_models()
+        if conditioner != "clip":
+            c.model.image_encoder = encoder_cls.config_entry(c.model.image_encoder.to_dict(), 32)
     elif variant == "sd15":
         c.model = sd15_models()
-        if tower != "vit_l14":
-            c.model.image_encoder = image_tower(tower, proj_size=768)
+        if tower != "vit_l14" or conditioner != "clip":
+            c.model.image_encoder = image_tower(tower, proj_size=768, conditioner=conditioner)
     else:
         c.model = sd21_models(variant, tower)
+        if conditioner != "clip":
+            c.model.image_encoder = image_tower(tower, proj_size=1024, conditioner=conditioner)
 
     # Where weights come from when the workdir has no checkpoint (precedence at the restore site:
     # workdir checkpoint > init_from > random init). format: '' (random init), 'diffusers' (a
@@ -262,6 +273,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.resolution = 32
         c.data.synthetic_style = "palette"
     c.data.resolution = kw.get("res", 768 if variant == "sd21_768" else c.data.resolution)
+    # The reference side the conditioner's tower takes (its preprocessing config).
+    c.data.reference_size = encoder_cls.config_reference_size(c.model.image_encoder.to_dict())
     # A paper variant left on the synthetic default would train a real model on demo scenes:
     # the loader refuses it until --config.data.source (and its files) are set.
     c.data.allow_synthetic = demo

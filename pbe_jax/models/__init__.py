@@ -11,14 +11,20 @@ from pbe_jax.models.clip import (
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
 )
-from pbe_jax.models.conditioner import PaintByExampleEncoderConfig, PaintByExampleImageEncoder
+from pbe_jax.models.conditioner import (
+    PaintByExampleEncoderConfig,
+    PaintByExampleImageEncoder,
+    PaintByExampleTokenEncoder,
+)
+from pbe_jax.models.exemplar import CONDITIONERS, ExemplarEncoder, conditioner_class
 from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE, PaintByExampleModel
 from pbe_jax.models.registry import COMPONENTS, model_class, register, slot_class
 from pbe_jax.models.unet import UNet2DConditionModel, UNetConfig
 from pbe_jax.models.vae import AutoencoderKL, VAEConfig
 
 __all__ = [
-    "AutoencoderKL", "CLIP_MEAN", "CLIP_STD", "CLIPVisionConfig", "CLIPVisionModel",
+    "AutoencoderKL", "CLIP_MEAN", "CLIP_STD", "CLIPVisionConfig", "CLIPVisionModel", "CONDITIONERS",
+    "ExemplarEncoder", "PaintByExampleTokenEncoder", "conditioner_class",
     "CLIPVisionModelWithProjection", "COMPONENTS", "FROZEN", "PaintByExampleEncoderConfig",
     "PaintByExampleImageEncoder", "PaintByExampleModel", "TRAINABLE", "UNet2DConditionModel",
     "UNetConfig", "VAEConfig", "model_class", "register", "slot_class",

@@ -134,6 +134,7 @@ class PaintByExampleImageEncoder(ExemplarEncoder, PretrainedMixin, nnx.Module):
     config_class = PaintByExampleEncoderConfig
     FROZEN_PARTS = ("model",)  # the CLIP tower; mapper, final LN, proj_out, uncond_vector train
     DIFFUSERS_COMPATIBLE = True
+    TOWER_CLASS = CLIPVisionModel
     # diffusers' encoder is a transformers PreTrainedModel: save_pretrained writes
     # `model.safetensors`; older exports have `pytorch_model.bin`.
     WEIGHTS_NAMES = ("model", "diffusion_pytorch_model", "pytorch_model")
@@ -161,6 +162,10 @@ class PaintByExampleImageEncoder(ExemplarEncoder, PretrainedMixin, nnx.Module):
         """The released model's CLIPImageProcessor, at the tower's size."""
         size = config.vision.image_size
         return ReferencePreprocess(size=size, mean=CLIP_MEAN, std=CLIP_STD, shortest_edge=size)
+
+    @classmethod
+    def with_tower(cls, tower_config: CLIPVisionConfig, proj_size: int):
+        return cls.config_class(vision=tower_config, proj_size=proj_size)
 
     @classmethod
     def config_entry(cls, base: dict, proj_size: int) -> dict:

@@ -131,6 +131,9 @@ class ExemplarEncoder:
     FROZEN_PARTS: tuple[str, ...] = ("model",)
     # True when diffusers' PaintByExamplePipeline can hold the encoder (export --to diffusers/ldm).
     DIFFUSERS_COMPATIBLE: bool = False
+    # The pretrained tower's class (a PretrainedMixin: load_config / WEIGHTS_NAMES / IGNORE_KEYS),
+    # held under `model.`: sd-init loads it from config.init_from.clip (a dir / Hub id).
+    TOWER_CLASS: type | None = None
 
     preprocess: ReferencePreprocess
 
@@ -142,6 +145,22 @@ class ExemplarEncoder:
         """Take the model's own feature_extractor_config (None: the class default)."""
         self.preprocess = (type(self).default_preprocess(self.config) if not feature_extractor_config
                            else ReferencePreprocess.from_feature_extractor_config(feature_extractor_config))
+
+    @classmethod
+    def config_entry(cls, base: dict, proj_size: int) -> dict:
+        """`config.model.image_encoder` (config.json fields) for a config variant: `base` is
+        the variant's tower description, `proj_size` the UNet's cross-attention width."""
+        raise NotImplementedError
+
+    @classmethod
+    def with_tower(cls, tower_config, proj_size: int):
+        """This conditioner's config around a pretrained tower's config (sd-init)."""
+        raise NotImplementedError
+
+    @classmethod
+    def config_reference_size(cls, raw: Mapping[str, Any]) -> int:
+        """The reference side (`config.data.reference_size`) of config.json fields `raw`."""
+        return cls.default_preprocess(cls.config_class.from_dict(dict(raw))).size
 
     @classmethod
     def is_frozen_part(cls, name: str) -> bool:
@@ -168,6 +187,19 @@ class ExemplarEncoder:
             return ctx
         uncond = jnp.broadcast_to(self.uncond(ctx.dtype), ctx.shape)
         return jnp.where(drop[:, None, None], uncond, ctx)
+
+
+def export_refusal(encoder, target: str) -> str | None:
+    """Why `target` ('diffusers' / 'ldm': diffusers' PaintByExamplePipeline or the original
+    code) cannot hold this conditioner, or None when it can."""
+    if type(encoder).DIFFUSERS_COMPATIBLE:
+        return None
+    name = type(encoder).CONDITIONER or type(encoder).__name__
+    return (f"cannot export a model with the {name!r} conditioner ({type(encoder).__name__}) to "
+            f"{target}: diffusers' PaintByExamplePipeline and the original LDM code hold only the "
+            "CLIP class-token encoder (one context token from a CLIP tower). Save it with "
+            "PaintByExample.save_pretrained(path) (a diffusers-style folder naming pbe_jax's "
+            "classes, loaded back by PaintByExample.from_pretrained) or --to orbax.")
 
 
 # --------------------------------------------------------------------------- registry
