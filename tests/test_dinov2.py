@@ -25,6 +25,7 @@ from pbe_jax.models.dinov2 import (
     bicubic_resize_matrix,
     dinov2_class,
     dinov2_from_pretrained,
+    drop_registers,
 )
 from pbe_jax.models.hub import num_params
 from tests.test_hub import put_in_cache
@@ -109,6 +110,10 @@ def test_parity_fp32(saved):
         assert out.last_hidden_state.shape[1] == model.config.num_tokens(h, w)
         _assert_close(out.last_hidden_state, ref.last_hidden_state.numpy(), f"{name} {h}x{w} last_hidden_state")
         _assert_close(out.pooler_output, ref.pooler_output.numpy(), f"{name} {h}x{w} pooler_output")
+        # AnyDoor's ID tokens: CLS + patches, registers dropped
+        r = cfg.get("num_register_tokens", 0) if registers else 0
+        want = torch.cat([ref.last_hidden_state[:, :1], ref.last_hidden_state[:, 1 + r:]], 1)
+        _assert_close(drop_registers(out.last_hidden_state, r), want.numpy(), f"{name} tokens")
 
 
 def test_load_counts_every_checkpoint_tensor(saved):

@@ -58,6 +58,14 @@ DINOV2_MEAN = (0.485, 0.456, 0.406)
 DINOV2_STD = (0.229, 0.224, 0.225)
 DINOV2_RESIZE = 256
 DINOV2_CROP = 224
+# That processor's preprocessor_config.json (resample 3 = PIL bicubic).
+DINOV2_PREPROCESSOR_CONFIG = {
+    "image_processor_type": "BitImageProcessor", "do_resize": True,
+    "size": {"shortest_edge": DINOV2_RESIZE}, "resample": 3, "do_center_crop": True,
+    "crop_size": {"height": DINOV2_CROP, "width": DINOV2_CROP}, "do_rescale": True,
+    "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(DINOV2_MEAN),
+    "image_std": list(DINOV2_STD), "do_convert_rgb": True,
+}
 
 MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 _ARCHITECTURES = {"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"}
