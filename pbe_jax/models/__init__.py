@@ -12,6 +12,7 @@ from pbe_jax.models.clip import (
     CLIPVisionModelWithProjection,
 )
 from pbe_jax.models.conditioner import PaintByExampleEncoderConfig, PaintByExampleImageEncoder
+from pbe_jax.models.dinov2 import Dinov2Config, Dinov2Model, Dinov2WithRegistersModel
 from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE, PaintByExampleModel
 from pbe_jax.models.registry import COMPONENTS, model_class, register, slot_class
 from pbe_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -19,7 +20,8 @@ from pbe_jax.models.vae import AutoencoderKL, VAEConfig
 
 __all__ = [
     "AutoencoderKL", "CLIP_MEAN", "CLIP_STD", "CLIPVisionConfig", "CLIPVisionModel",
-    "CLIPVisionModelWithProjection", "COMPONENTS", "FROZEN", "PaintByExampleEncoderConfig",
+    "CLIPVisionModelWithProjection", "COMPONENTS", "Dinov2Config", "Dinov2Model",
+    "Dinov2WithRegistersModel", "FROZEN", "PaintByExampleEncoderConfig",
     "PaintByExampleImageEncoder", "PaintByExampleModel", "TRAINABLE", "UNet2DConditionModel",
     "UNetConfig", "VAEConfig", "model_class", "register", "slot_class",
 ]
