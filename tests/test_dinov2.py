@@ -28,6 +28,7 @@ from pbe_jax.models.dinov2 import (
     drop_registers,
 )
 from pbe_jax.models.hub import num_params
+from pbe_jax.models.init import host_init
 from tests.test_hub import put_in_cache
 
 # name -> (transformers config kwargs, with registers?, input sizes (H, W) to compare at)
@@ -318,3 +319,29 @@ def test_wrong_input_raises():
         model(jnp.zeros((1, 3, 8, 8)))  # NCHW
     with pytest.raises(ValueError, match="expected"):
         model(jnp.zeros((1, 2, 8, 3)))  # smaller than a patch
+
+
+def test_host_init_of_a_fresh_tower():
+    """The host init that training from scratch uses (the demo trains a small tower): layer
+    scales at 1 (not N(0, 1), which would flip residual branches), tokens and positions small,
+    registers distinct; the forward pass is finite."""
+    cfg = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                       patch_size=7, num_register_tokens=2, model_type="dinov2_with_registers")
+    model = Dinov2WithRegistersModel.from_config(cfg, abstract=True)
+    state = nnx.state(model, nnx.Param)
+    values = {}
+    for path, var in nnx.to_flat_state(state):
+        key = tuple(str(p) for p in path)
+        values[key] = host_init(key, tuple(var.get_value().shape), seed=0)
+        var.set_value(jnp.asarray(values[key]))
+    nnx.update(model, state)
+    for key, v in values.items():
+        if key[-1] == "lambda1":
+            np.testing.assert_array_equal(v, 1.0)
+        if key[-1] in ("position_embeddings", "cls_token", "register_tokens"):
+            assert 0 < np.abs(v).max() < 0.2, key
+    reg = values[("embeddings", "register_tokens")]
+    assert not np.array_equal(reg[0, 0], reg[0, 1])
+    np.testing.assert_array_equal(values[("embeddings", "mask_token")], 0.0)
+    out = _forward(model, jnp.asarray(_images(28, 21)))
+    assert np.isfinite(np.asarray(out.last_hidden_state)).all()
