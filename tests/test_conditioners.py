@@ -71,9 +71,9 @@ def test_conditioner_trains_resumes_samples_and_round_trips(name, tmp_path, monk
     src, mask, ref = _images()
     kw = dict(num_inference_steps=2, seed=3, output_type="np")
     guided = pipe(src, mask, ref, guidance_scale=4.0, **kw)
-    plain = pipe(src, mask, ref, guidance_scale=1.0, **kw)
+    plain = pipe(src, mask, ref, guidance_scale=2.0, **kw)
     assert guided.shape == (1, 16, 16, 3) and np.all(np.isfinite(guided))
-    assert np.abs(guided - plain).max() > 0  # the unconditional branch ran and mattered
+    assert np.abs(guided - plain).max() > 0  # the unconditional context ran and mattered
 
     out = pipe.save_pretrained(str(tmp_path / "saved"))
     index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
