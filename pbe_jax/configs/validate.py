@@ -37,6 +37,7 @@ from pbe_jax.diffusion import COND_DROP_MODES, NoiseSchedule
 from pbe_jax.evals.scoring import FID_FEATURES
 from pbe_jax.models.attention import attention_impls
 from pbe_jax.models.hub import cast_dtype
+from pbe_jax.models.registry import slot_class
 from pbe_jax.schedulers import scheduler_names
 from pbe_jax.training.vae_fit import RECON_LOSSES, heldout_data_config
 
@@ -277,14 +278,28 @@ def _stages(c: _Checks) -> None:
     c.enum("exemplar_eval.scheduler", scheduler_names(), empty="'' = the model's own")
 
 
+def _encoder_input_size(c: _Checks):
+    """The reference side the configured conditioner takes (asked of its class: CLIP's
+    image_size, DINOv2's crop size), or _MISSING when the config does not say."""
+    raw = c.get("model.image_encoder")
+    if raw is _MISSING:
+        return _MISSING
+    raw = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw)
+    try:
+        return slot_class("image_encoder", raw).config_reference_size(raw)
+    except Exception:  # noqa: BLE001 (an encoder config that does not parse is reported elsewhere)
+        return raw.get("image_size", _MISSING)
+
+
 def _sizes(c: _Checks) -> None:
     """Size facts that must agree: the data's image sizes and the model's input sizes, and
     the micro-batches of gradient accumulation."""
-    ref, image = c.get("data.reference_size"), c.get("model.image_encoder.image_size")
+    ref, image = c.get("data.reference_size"), _encoder_input_size(c)
     if _MISSING not in (ref, image) and ref != image:
         c.problems.append(
-            f"config.data.reference_size={ref} != config.model.image_encoder.image_size={image}: "
-            f"the reference is the image encoder's input; set both to the same size")
+            f"config.data.reference_size={ref} != {image} (the input size of "
+            f"config.model.image_encoder, from its preprocessing config): the reference is the "
+            f"image encoder's input; set both to the same size")
     res, sample = c.get("data.resolution"), c.get("model.unet.sample_size")
     vae_levels = c.get("model.vae.block_out_channels")
     if _MISSING not in (res, sample, vae_levels) and isinstance(res, int):

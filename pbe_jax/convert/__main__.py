@@ -59,6 +59,7 @@ from pbe_jax.convert import lora_io
 from pbe_jax.convert.export import LDM_SUFFIXES, Destination, DestinationError
 from pbe_jax.convert.load import FORMATS, load_pipeline, param_counts
 from pbe_jax.convert.model_card import card_info
+from pbe_jax.models.exemplar import export_refusal
 from pbe_jax.models.hub import cast_dtype, push_to_hub
 from pbe_jax import locks
 from pbe_jax.locks import LockedError
@@ -212,6 +213,10 @@ def _convert(f, dest: Destination, src_format: str, dst_format: str, shard) -> i
         print(f"error: cannot load {src_format} checkpoint {f.src}:\n{e}", file=sys.stderr)
         return 1
     t1 = time.perf_counter()
+    refusal = export_refusal(model.image_encoder, dst_format) if dst_format != "orbax" else None
+    if refusal:  # diffusers' pipeline / the LDM code cannot hold this conditioner
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     try:
         out = dest.write(
             model, dtype=f.dtype if f.dtype != "fp32" else None, variant=f.variant,
