@@ -297,9 +297,11 @@ def _sizes(c: _Checks) -> None:
     ref, image = c.get("data.reference_size"), _encoder_input_size(c)
     if _MISSING not in (ref, image) and ref != image:
         c.problems.append(
-            f"config.data.reference_size={ref} != {image} (the input size of "
-            f"config.model.image_encoder, from its preprocessing config): the reference is the "
-            f"image encoder's input; set both to the same size")
+            f"config.data.reference_size={ref} != " + (
+                f"config.model.image_encoder.image_size={image}"
+                if c.get("model.image_encoder.image_size") == image else
+                f"{image} (config.model.image_encoder's input size, from its preprocessing)")
+            + ": the reference is the image encoder's input; set both to the same size")
     res, sample = c.get("data.resolution"), c.get("model.unet.sample_size")
     vae_levels = c.get("model.vae.block_out_channels")
     if _MISSING not in (res, sample, vae_levels) and isinstance(res, int):
