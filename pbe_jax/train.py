@@ -24,7 +24,7 @@ def define_flags() -> None:
 def main(argv) -> None:
     del argv
     clock = runtime.StartupClock()  # 'imports': interpreter start to here
-    distributed.initialize_from_flags()
+    distributed.initialize_from_flags(heartbeat_seconds=flags.FLAGS.config.watchdog.heartbeat_seconds)
     setup_logging()
     clock.mark("runtime+distributed")
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, clock)

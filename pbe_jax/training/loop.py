@@ -30,6 +30,7 @@ from pbe_jax.training.preemption import Preemption
 from pbe_jax.training.samples import training_samples
 from pbe_jax.training.state import Setup, config_runtime, step_flops
 from pbe_jax.training.vae_fit import frozen_with_vae, run_vae_stage
+from pbe_jax.training.watchdog import Watchdog
 
 log = logging.getLogger("pbe_jax")
 
@@ -118,6 +119,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     `clock`: the command line's start-up clock; the sections up to the end of the first step
     are marked on it and logged as one 'start-up' line (and `startup/*` metrics)."""
     clock = clock or runtime.StartupClock(first=None)
+    watchdog = Watchdog.for_config(config)  # a dead peer or a stalled step ends the run, not a hang
     check_workdir_backend(workdir)  # a gs:// workdir without its packages fails here, naming them
     ensure_writable(workdir, "--workdir")  # local or gs://; before any compute
     had_checkpoints = epath.Path(checkpoint.ckpt_dir(workdir)).is_dir()
@@ -196,6 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     writer.image(0, "train_inputs", _input_grid(batch))
                 t_last += time.perf_counter() - t_extra
             step += 1
+            watchdog.progress(step)
             stop_nan = config.train.nan_policy == "stop" and not bool(m["update_ok"])
             if stop_nan:
                 raise FloatingPointError(f"non-finite loss/grad at step {step}: stopping "
@@ -235,11 +238,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 _run_evals(setup, state, frozen, writer, step)
             if not is_last:
                 batch = next(it)
+    except Exception:
+        watchdog.on_error()  # a collective failed because a peer is gone: say so
+        raise
     finally:
         pre.restore()
         ckpt.close()
         writer.close()
         it.close()  # stops the prefetch thread, then grain worker processes / threads
+    watchdog.stop()
     shown = [k for k in ("loss", *sorted(k for k in last if k.startswith("eval/"))) if k in last]
     if shown:  # the final console line: the loss and the held-out scores
         log.info("done: step %d %s", step, ", ".join(f"{k} {last[k]:.4g}" for k in shown))
