@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import time
 
 import jax
 from absl import flags
@@ -98,8 +99,15 @@ def _barrier_at_exit(timeout_s: int) -> None:
     client = _client()
     if client is None or jax.process_count() == 1:
         return
+    n = jax.process_count()
     try:
         client.wait_at_barrier("pbe_jax_exit", timeout_in_ms=int(timeout_s) * 1000)
+        if jax.process_index() != 0:
+            jax.distributed.shutdown()  # disconnect while the service (process 0) still runs
+            return
+        deadline = time.monotonic() + timeout_s  # process 0 stops the service last
+        while len(client.get_live_nodes(list(range(n)))) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
     except Exception as e:  # noqa: BLE001
         log.warning("exit barrier: %s", str(e).splitlines()[0][:200])
 

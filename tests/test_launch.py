@@ -2,6 +2,7 @@
 fake gcloud / srun, and a real 2-process x 2-device training run through launch/local.sh."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -294,3 +295,46 @@ def test_local_launcher_trains_two_processes(tmp_path):
     rows = [line for line in (workdir / "metrics.jsonl").read_text().splitlines() if line]
     assert len(rows) == 3  # written once, by process 0
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
+
+
+def _fake_run(tmp_path, body: str) -> list[str]:
+    """A stand-in for `python -m pbe_jax.train` that logs a metrics row and then runs BODY."""
+    prog = tmp_path / "fake_train.py"
+    prog.write_text(
+        "import json, os, sys\n"
+        "wd = [a.split('=', 1)[1] for a in sys.argv if a.startswith('--workdir=')][0]\n"
+        "pid = int([a for a in sys.argv if a.startswith('--process_id=')][0].split('=')[1])\n"
+        "os.makedirs(wd, exist_ok=True)\n"
+        "tries = os.path.join(wd, f'tries_{pid}')\n"
+        "n = int(open(tries).read()) + 1 if os.path.exists(tries) else 1\n"
+        "open(tries, 'w').write(str(n))\n" + body)
+    return [sys.executable, str(prog), f"--workdir={tmp_path / 'run'}"]
+
+
+def test_local_restarts_a_failed_run_and_logs_it(tmp_path):
+    """--max_restarts: a run whose process 1 fails on its first try is restarted once and then
+    succeeds; restarts.jsonl records the failure (exit status, reason, last logged step)."""
+    cmd = _fake_run(tmp_path, "if pid == 0 and n == 1:\n"
+                              "    open(os.path.join(wd, 'metrics.jsonl'), 'a').write(json.dumps({'step': 3}) + '\\n')\n"
+                              "sys.exit(9 if pid == 1 and n == 1 else 0)\n")
+    r = subprocess.run([os.path.join(LAUNCH, "local.sh"), "-n", "2", "--max_restarts=2", "--restart_backoff=0",
+                        "-l", str(tmp_path / "logs"), "--", *cmd], capture_output=True, text=True, env=_env(), timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "run" / "restarts.jsonl").read_text().splitlines()]
+    assert [(x["attempt"], x["exit_code"], x["step"]) for x in rows] == [(1, 9, 3)], rows
+    assert "restart 1 of 2" in r.stderr
+    assert (tmp_path / "run" / "tries_0").read_text() == "2"
+
+
+def test_local_stops_restarting_a_deterministic_crash(tmp_path):
+    """The same failure at the same step twice in a row: two tries, then the launcher stops
+    (with restarts left) and says why."""
+    cmd = _fake_run(tmp_path, "if pid == 0:\n"
+                              "    open(os.path.join(wd, 'metrics.jsonl'), 'a').write(json.dumps({'step': 5}) + '\\n')\n"
+                              "sys.exit(3 if pid == 0 else 0)\n")
+    r = subprocess.run([os.path.join(LAUNCH, "local.sh"), "-n", "2", "--max_restarts=5", "--restart_backoff=0",
+                        "-l", str(tmp_path / "logs"), "--", *cmd], capture_output=True, text=True, env=_env(), timeout=60)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert (tmp_path / "run" / "tries_0").read_text() == "2"
+    assert "failed the same way twice in a row" in r.stderr and "step 5" in r.stderr, r.stderr
+    assert len((tmp_path / "run" / "restarts.jsonl").read_text().splitlines()) == 1
