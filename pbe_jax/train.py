@@ -11,6 +11,7 @@ from ml_collections import config_flags
 from pbe_jax import distributed, runtime
 from pbe_jax.metrics import setup_logging
 from pbe_jax.training.loop import train_and_evaluate
+from pbe_jax.training.watchdog import heartbeat_seconds
 
 
 def define_flags() -> None:
@@ -24,7 +25,7 @@ def define_flags() -> None:
 def main(argv) -> None:
     del argv
     clock = runtime.StartupClock()  # 'imports': interpreter start to here
-    distributed.initialize_from_flags(heartbeat_seconds=flags.FLAGS.config.watchdog.heartbeat_seconds)
+    distributed.initialize_from_flags(heartbeat_seconds=heartbeat_seconds(flags.FLAGS.config))
     setup_logging()
     clock.mark("runtime+distributed")
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, clock)

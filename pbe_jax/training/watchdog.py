@@ -45,6 +45,20 @@ def _flush_logs() -> None:
     sys.stderr.flush()
 
 
+DEFAULT_STALL_MINUTES = 15.0
+
+
+
+def stall_minutes(config) -> float:
+    """`config.watchdog.stall_minutes` (a config file without the block gets the default)."""
+    return float((config.get("watchdog") or {}).get("stall_minutes", DEFAULT_STALL_MINUTES))
+
+
+def heartbeat_seconds(config) -> int:
+    """`config.watchdog.heartbeat_seconds` (a config file without the block: the default)."""
+    return int((config.get("watchdog") or {}).get("heartbeat_seconds", distributed.DEFAULT_HEARTBEAT_SECONDS))
+
+
 class Watchdog:
     """`progress(step)` after every step; `stop()` when the run ends normally.
 
@@ -67,7 +81,7 @@ class Watchdog:
         """The run's watchdog from `config.watchdog`, started; SIGABRT / SIGSEGV also dump the
         Python stacks (faulthandler)."""
         faulthandler.enable(file=sys.stderr, all_threads=True)
-        wd = cls(60.0 * float(config.watchdog.stall_minutes), peers=jax.process_count() > 1)
+        wd = cls(60.0 * stall_minutes(config), peers=jax.process_count() > 1)
         wd.start()
         return wd
 
