@@ -338,3 +338,54 @@ def test_local_stops_restarting_a_deterministic_crash(tmp_path):
     assert (tmp_path / "run" / "tries_0").read_text() == "2"
     assert "failed the same way twice in a row" in r.stderr and "step 5" in r.stderr, r.stderr
     assert len((tmp_path / "run" / "restarts.jsonl").read_text().splitlines()) == 1
+
+
+FAKE_GCLOUD_QR = r"""#!/usr/bin/env bash
+# Fake gcloud with a queued resource whose state is the file $FAKE_QR_STATE (create: ACTIVE);
+# the set-up's installer is skipped, other remote commands run here.
+echo "gcloud $*" >> "$FAKE_GCLOUD_LOG"
+cmd=""
+for a in "$@"; do
+  case "$a" in --command=*) cmd=${a#--command=} ;; esac
+done
+if [[ "$*" == *"tpu-vm ssh"* ]]; then
+  [[ "$cmd" == *astral.sh* ]] && exit 0
+  exec bash -c "$cmd"
+elif [[ "$*" == *"queued-resources describe"* ]]; then
+  cat "$FAKE_QR_STATE"
+elif [[ "$*" == *"queued-resources create"* ]]; then
+  echo ACTIVE > "$FAKE_QR_STATE"
+fi
+"""
+
+
+def test_tpu_pod_supervise_recreates_a_preempted_slice_and_relaunches(tmp_path):
+    """`pod.sh supervise --max_restarts=1`: the run fails when its slice is preempted; the
+    queued resource is deleted, created and set up again, the run relaunched, and it ends 0."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    _executable(bindir / "gcloud", FAKE_GCLOUD_QR)
+    home = tmp_path / "home"
+    (home / "pbe_jax").mkdir(parents=True)
+    (home / "pbe_venv" / "bin").mkdir(parents=True)
+    (home / "pbe_venv" / "bin" / "activate").write_text("\n")
+    state = tmp_path / "qr_state"
+    state.write_text("ACTIVE\n")
+    log = tmp_path / "gcloud.log"
+    env = _env(PATH=f"{bindir}:{os.environ['PATH']}", HOME=str(home), FAKE_GCLOUD_LOG=str(log),
+               FAKE_QR_STATE=str(state), TPU_NAME="t", ZONE="z", TMPDIR=str(tmp_path))
+    wd = tmp_path / "run"
+    prog = ("import os, sys; wd = sys.argv[1].split('=', 1)[1]; os.makedirs(wd, exist_ok=True); "
+            "f = os.path.join(wd, 'tries'); n = len(open(f).read()) if os.path.exists(f) else 0; "
+            "open(f, 'a').write('x'); open(os.environ['FAKE_QR_STATE'], 'w').write('SUSPENDED' if n == 0 else 'ACTIVE'); "
+            "sys.exit(75 if n == 0 else 0)")
+    r = subprocess.run([os.path.join(LAUNCH, "tpu", "pod.sh"), "supervise", "--max_restarts=1", "--restart_backoff=0",
+                        "--", sys.executable, "-c", prog, f"--workdir={wd}"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (wd / "tries").read_text() == "xx"
+    calls = log.read_text()
+    assert "queued-resources delete" in calls and "queued-resources create" in calls and "tpu-vm scp" in calls, calls
+    assert "is SUSPENDED: recreating it" in r.stderr
+    rows = [json.loads(x) for x in (wd / "restarts.jsonl").read_text().splitlines()]
+    assert [(x["attempt"], x["exit_code"]) for x in rows] == [(1, 75)], rows
