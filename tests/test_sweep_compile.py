@@ -56,3 +56,29 @@ def _batch(cfg):
     from pbe_jax.data.pipeline import make_loader
     it = iter(make_loader(cfg.data, global_batch_size=cfg.train.batch_size, seed=cfg.seed, mesh=None))
     return {k: np.asarray(v) for k, v in next(it).items()}
+
+
+def test_goodput_line_and_values(tmp_path):
+    """Goodput: start-up sections sorted into start-up / compile / restore / steps, the loop's
+    checkpoint and eval time taken out of the steps, restarts.jsonl's downtime counted."""
+    import json
+    import time
+
+    from pbe_jax.training.goodput import Goodput
+
+    (tmp_path / "restarts.jsonl").write_text(
+        json.dumps({"failed_at": 100, "restart_at": 103.5, "exit_code": 75, "step": 4}) + "\n" + '{"fail')
+    g = Goodput()
+    g.add_startup({"startup/imports": 2.0, "startup/trace_lower": 1.0, "startup/compile": 3.0,
+                   "startup/params_restore": 0.5, "startup/first_step": 0.25, "startup/total": 6.75})
+    g.loop_started(data_wait_s=0.75)
+    with g.timed("checkpoint"):
+        time.sleep(0.05)
+    values, line = g.report(str(tmp_path), data_wait_s=0.75)
+    s = {k.split("/")[1][:-2]: v for k, v in values.items() if k.endswith("_s")}
+    assert s["startup"] == 2.0 and s["compile"] == 4.0 and s["restore"] == 0.5 and s["data"] == 0.0
+    assert s["checkpoint"] >= 0.05 and s["restart_downtime"] == 3.5 and values["goodput/restarts"] == 1
+    assert 0.25 <= s["steps"] < 0.3
+    np.testing.assert_allclose(values["goodput/total_s"], sum(v for k, v in s.items() if k != "total"))
+    np.testing.assert_allclose(values["goodput/share"], s["steps"] / values["goodput/total_s"])
+    assert line.startswith("goodput ") and "compile 4.0s" in line and "restarts 1 (lost 3.5s" in line, line

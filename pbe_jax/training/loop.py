@@ -26,6 +26,7 @@ from pbe_jax.evals.exemplar import ExemplarEval
 from pbe_jax.metrics import (MetricWriter, check_workdir_backend, image_grid, last_logged_step,
                              peak_flops_per_device)
 from pbe_jax.outputs import atomic_write, ensure_writable
+from pbe_jax.training.goodput import Goodput
 from pbe_jax.training.preemption import Preemption
 from pbe_jax.training.samples import training_samples
 from pbe_jax.training.state import Setup, config_runtime, step_flops
@@ -180,6 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     step = step0
     t_last, n_last, wait_last = time.perf_counter(), step0, it.wait_seconds()
     startup = {}
+    goodput = Goodput()
     try:
         while step < config.train.num_steps:
             state, m = compiled(state, frozen, batch)
@@ -188,6 +190,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 clock.mark("first step")
                 log.info("%s", clock.line())
                 startup = clock.as_dict()  # goes into the first metrics row
+                goodput.add_startup(startup)
+                goodput.loop_started(it.wait_seconds())
                 # What only the logs need waits until the first step has run (and is not
                 # counted in the first logged step time).
                 t_extra = time.perf_counter()
@@ -221,23 +225,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g %.2f img/s %.3fs/step MFU %.2f%% skips %d",
                          step, config.train.num_steps, last["loss"], last["lr"], last["grad_norm"], ips,
                          dt, 100 * mfu, int(last["nan_skips"]))
-            ckpt.check()  # a failed background save stops the run now, not at the next save
+            with goodput.timed("checkpoint"):
+                ckpt.check()  # a failed background save stops the run now, not at the next save
             preempted = pre.should_stop(step)
             if step % config.ckpt_every_steps == 0 or is_last or preempted:
-                ckpt.save(step, state, frozen, it.get_state(), json.loads(config.to_json()),
-                          wait=preempted or is_last)
+                with goodput.timed("checkpoint"):
+                    ckpt.save(step, state, frozen, it.get_state(), json.loads(config.to_json()),
+                              wait=preempted or is_last)
             if preempted:
                 log.warning("checkpoint at step %d written; exiting on SIGTERM", step)
                 break
-            if config.sample_every_steps and step % config.sample_every_steps == 0:
-                _log_samples(setup, state, frozen, batch, writer, step)
-            if exemplar is not None and (is_last or (config.sample_every_steps
-                                                     and step % config.sample_every_steps == 0)):
-                last.update(_exemplar_eval(exemplar, setup, state, frozen, writer, step))
-            if config.evals.every_steps and step % config.evals.every_steps == 0:
-                _run_evals(setup, state, frozen, writer, step)
+            with goodput.timed("evals"):
+                if config.sample_every_steps and step % config.sample_every_steps == 0:
+                    _log_samples(setup, state, frozen, batch, writer, step)
+                if exemplar is not None and (is_last or (config.sample_every_steps
+                                                         and step % config.sample_every_steps == 0)):
+                    last.update(_exemplar_eval(exemplar, setup, state, frozen, writer, step))
+                if config.evals.every_steps and step % config.evals.every_steps == 0:
+                    _run_evals(setup, state, frozen, writer, step)
             if not is_last:
                 batch = next(it)
+        _report_goodput(goodput, workdir, writer, step, it.wait_seconds())
     except Exception:
         watchdog.on_error()  # a collective failed because a peer is gone: say so
         raise
@@ -251,6 +259,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if shown:  # the final console line: the loss and the held-out scores
         log.info("done: step %d %s", step, ", ".join(f"{k} {last[k]:.4g}" for k in shown))
     return last
+
+
+def _report_goodput(goodput: Goodput, workdir: str, writer: MetricWriter, step: int,
+                    data_wait_s: float) -> None:
+    """The run's goodput: TensorBoard, WORKDIR/goodput.json (process 0) and one log line."""
+    values, line = goodput.report(workdir, data_wait_s)
+    writer.tensorboard_scalars(step, values)
+    if writer.enabled:
+        atomic_write(epath.Path(workdir) / "goodput.json", json.dumps({"step": step, **values}, indent=1))
+    log.info("%s", line)
 
 
 def _log_samples(setup: Setup, state, frozen, batch, writer: MetricWriter, step: int) -> None:
