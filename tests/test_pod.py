@@ -25,7 +25,7 @@ def _launch(workdir, logs, *extra):
     cmd = [LAUNCH, "-n", "2", "-d", "1", "-l", str(logs), *extra, "--", sys.executable, "-m", "pbe_jax.train",
            f"--config={CONFIG_FILE}:demo", f"--workdir={workdir}",
            *cli_overrides(**{"train.num_steps": STEPS, "mesh": "data:2", "ckpt_every_steps": 4,
-                             "watchdog.stall_minutes": 0.5, "watchdog.heartbeat_seconds": 10})]
+                             "watchdog.stall_minutes": 3, "watchdog.heartbeat_seconds": 10})]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "DRY_RUN")}
     env.update(PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)

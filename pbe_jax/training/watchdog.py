@@ -6,7 +6,8 @@ TPU ICI wait forever, gloo errors out), checks every few seconds that
   a SIGKILLed or crashed process drops out at once, a hung one after
   `config.watchdog.heartbeat_seconds`), and
 - this process finished a step within `config.watchdog.stall_minutes` (from the first step on;
-  compilation is not counted).
+  compilation is not counted; each eval / sample / checkpoint section between two steps must
+  fit in it too).
 When either fails it writes one message naming the step, the last progress time and the missing
 process(es), dumps every Python thread's stack (faulthandler) to stderr, flushes the logs and
 exits with EXIT_PEER_LOST (75) or EXIT_STALLED (76): a clean non-zero exit the launchers
@@ -81,7 +82,8 @@ class Watchdog:
         """The run's watchdog from `config.watchdog`, started; SIGABRT / SIGSEGV also dump the
         Python stacks (faulthandler)."""
         faulthandler.enable(file=sys.stderr, all_threads=True)
-        wd = cls(60.0 * stall_minutes(config), peers=jax.process_count() > 1)
+        multi = jax.process_count() > 1  # one process has no peer to wait for: no thread
+        wd = cls(60.0 * stall_minutes(config) if multi else 0.0, peers=multi)
         wd.start()
         return wd
 
