@@ -62,6 +62,7 @@ def test_sigkill_one_process_watchdog_message_then_supervised_restart_is_exact(t
             assert time.time() < deadline
             time.sleep(0.1)
         os.kill(int((tmp_path / "logs" / "proc_1.pid").read_text()), signal.SIGKILL)
+        killed = time.time()
         _, err = supervised.communicate(timeout=900)
         _, ref_err = reference.communicate(timeout=900)
     finally:
@@ -77,6 +78,7 @@ def test_sigkill_one_process_watchdog_message_then_supervised_restart_is_exact(t
     assert "Check failure stack trace" not in first, first[-3000:]
     rows = [json.loads(x) for x in (run / "restarts.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["exit_code"] in (EXIT_PEER_LOST, 128 + signal.SIGKILL), rows
+    assert rows[0]["failed_at"] - killed < 60, rows  # the survivor's exit, well within the bound
     assert "resumed from" in log0.split("==== launcher: restart 1")[1]
     a, b = read_metrics(str(ref)), read_metrics(str(run))
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))

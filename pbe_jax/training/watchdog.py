@@ -70,7 +70,7 @@ class Watchdog:
     def __init__(self, stall_seconds: float, peers: bool, poll_seconds: float | None = None):
         self.stall_seconds = float(stall_seconds)
         self.peers = peers
-        self.poll_seconds = poll_seconds or min(max(self.stall_seconds / 10, 0.5), 10.0)
+        self.poll_seconds = poll_seconds or min(max(self.stall_seconds / 10, 0.5), 5.0)
         self.step: int | None = None  # the last finished step (None: before the first)
         self.last_wall = time.time()
         self._last = time.monotonic()
