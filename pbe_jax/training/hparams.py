@@ -42,35 +42,47 @@ def lr_at(count: jax.Array, hp: dict) -> jax.Array:
 
 class BoundStep:
     """A step jitted over `(state, frozen, batch, hparams)` with this run's hparams bound, used
-    as the 3-argument step was: `step(state, frozen, batch)`, `step.lower(...).compile()(...)`."""
+    as the 3-argument step was: `step(state, frozen, batch)`, `step.lower(...).compile()(...)`.
+    Lowering needs no device (abstract hparams: AOT compilation for a topology not present);
+    the values are placed on the mesh at the first call."""
 
-    def __init__(self, jitted, hparams: dict):
-        self.jitted, self.hparams = jitted, hparams
+    def __init__(self, jitted, hparams: dict, mesh):
+        self.jitted, self.hparams, self.mesh = jitted, hparams, mesh
+        self._placed = None
+
+    def placed(self) -> dict:
+        if self._placed is None:
+            self._placed = place_hparams(self.hparams, self.mesh)
+        return self._placed
+
+    def abstract(self) -> dict:
+        rep = shd.replicated(self.mesh)
+        return {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=rep) for k in self.hparams}
 
     def __call__(self, state, frozen, batch):
-        return self.jitted(state, frozen, batch, self.hparams)
+        return self.jitted(state, frozen, batch, self.placed())
 
     def lower(self, state, frozen, batch) -> "_BoundLowered":
-        return _BoundLowered(self.jitted.lower(state, frozen, batch, self.hparams), self.hparams)
+        return _BoundLowered(self.jitted.lower(state, frozen, batch, self.abstract()), self)
 
 
 class _BoundLowered:
-    def __init__(self, lowered, hparams):
-        self._lowered, self._hparams = lowered, hparams
+    def __init__(self, lowered, bound: BoundStep):
+        self._lowered, self._bound = lowered, bound
 
     def compile(self, *a, **kw) -> "_BoundCompiled":
-        return _BoundCompiled(self._lowered.compile(*a, **kw), self._hparams)
+        return _BoundCompiled(self._lowered.compile(*a, **kw), self._bound)
 
     def __getattr__(self, name):  # as_text, cost_analysis, ...
         return getattr(self._lowered, name)
 
 
 class _BoundCompiled:
-    def __init__(self, compiled, hparams):
-        self._compiled, self._hparams = compiled, hparams
+    def __init__(self, compiled, bound: BoundStep):
+        self._compiled, self._bound = compiled, bound
 
     def __call__(self, state, frozen, batch):
-        return self._compiled(state, frozen, batch, self._hparams)
+        return self._compiled(state, frozen, batch, self._bound.placed())
 
     def __getattr__(self, name):  # cost_analysis, memory_analysis, as_text, ...
         return getattr(self._compiled, name)

@@ -17,7 +17,7 @@ from pbe_jax.models.abstract import eval_shape
 from pbe_jax.models.hub import cast_dtype
 from pbe_jax.models.init import host_init
 from pbe_jax.models.paint_by_example import PaintByExampleModel, param_filters
-from pbe_jax.training.hparams import BoundStep, hparams_of, place_hparams
+from pbe_jax.training.hparams import BoundStep, hparams_of
 from pbe_jax.training.optim import make_optimizer
 from pbe_jax.training.step import make_train_step
 
@@ -129,7 +129,7 @@ class Setup:
         in_sh = (self.state_sharding, self.frozen_sharding, batch_sh, {k: rep for k in hp})
         jitted = jax.jit(train_step, in_shardings=in_sh, out_shardings=(self.state_sharding, rep),
                          donate_argnums=(0,))
-        return BoundStep(jitted, place_hparams(hp, self.mesh))
+        return BoundStep(jitted, hp, self.mesh)
 
     def abstract_batch(self) -> dict:
         c = self.config
