@@ -1,7 +1,7 @@
 """Goodput: the share of a run's wall time spent in productive training steps, and where the
 rest went (start-up, compile, restore, checkpoint blocking, data waits, evals, restarts).
 
-The loop times its sections into one `Goodput` (`timed('checkpoint')`, ...); at the end
+The loop times its sections into one `Goodput` (`since('checkpoint', t0)`, ...); at the end
 `report` gives the `goodput/*` values (TensorBoard, WORKDIR/goodput.json: not metrics.jsonl,
 whose readers take a step's last row as the step's metrics) and the final line:
 
@@ -61,13 +61,17 @@ class Goodput:
         wait so far, counted in start-up."""
         self._loop_start, self._wait0 = time.perf_counter(), data_wait_s
 
+    def since(self, kind: str, t0: float) -> None:
+        """Count the time since `t0` (time.perf_counter()) as `kind`."""
+        self.seconds[kind] += time.perf_counter() - t0
+
     @contextlib.contextmanager
     def timed(self, kind: str):
         t = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[kind] += time.perf_counter() - t
+            self.since(kind, t)
 
     def report(self, workdir: str, data_wait_s: float) -> tuple[dict[str, float], str]:
         """({'goodput/...': value}, the final line), after the loop; `data_wait_s`: the input

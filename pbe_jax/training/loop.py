@@ -225,24 +225,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g %.2f img/s %.3fs/step MFU %.2f%% skips %d",
                          step, config.train.num_steps, last["loss"], last["lr"], last["grad_norm"], ips,
                          dt, 100 * mfu, int(last["nan_skips"]))
-            with goodput.timed("checkpoint"):
-                ckpt.check()  # a failed background save stops the run now, not at the next save
+            t_ckpt = time.perf_counter()
+            ckpt.check()  # a failed background save stops the run now, not at the next save
             preempted = pre.should_stop(step)
             if step % config.ckpt_every_steps == 0 or is_last or preempted:
-                with goodput.timed("checkpoint"):
-                    ckpt.save(step, state, frozen, it.get_state(), json.loads(config.to_json()),
-                              wait=preempted or is_last)
+                ckpt.save(step, state, frozen, it.get_state(), json.loads(config.to_json()),
+                          wait=preempted or is_last)
+            goodput.since("checkpoint", t_ckpt)
             if preempted:
                 log.warning("checkpoint at step %d written; exiting on SIGTERM", step)
                 break
-            with goodput.timed("evals"):
-                if config.sample_every_steps and step % config.sample_every_steps == 0:
-                    _log_samples(setup, state, frozen, batch, writer, step)
-                if exemplar is not None and (is_last or (config.sample_every_steps
-                                                         and step % config.sample_every_steps == 0)):
-                    last.update(_exemplar_eval(exemplar, setup, state, frozen, writer, step))
-                if config.evals.every_steps and step % config.evals.every_steps == 0:
-                    _run_evals(setup, state, frozen, writer, step)
+            t_evals = time.perf_counter()
+            if config.sample_every_steps and step % config.sample_every_steps == 0:
+                _log_samples(setup, state, frozen, batch, writer, step)
+            if exemplar is not None and (is_last or (config.sample_every_steps
+                                                     and step % config.sample_every_steps == 0)):
+                last.update(_exemplar_eval(exemplar, setup, state, frozen, writer, step))
+            if config.evals.every_steps and step % config.evals.every_steps == 0:
+                _run_evals(setup, state, frozen, writer, step)
+            goodput.since("evals", t_evals)
             if not is_last:
                 batch = next(it)
         _report_goodput(goodput, workdir, writer, step, it.wait_seconds())
