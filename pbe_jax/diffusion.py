@@ -125,7 +125,9 @@ def pbe_loss(model, batch: dict, rng: jax.Array, schedule: NoiseSchedule, *,
     if draws is not None:
         drop = draws.drop
     else:
-        drop = draw_drop(r_drop, n, cond_drop_prob, cond_drop_mode) if cond_drop_prob > 0 else None
+        # a traced probability (the step's hparams input) is drawn with, whatever its value
+        on = isinstance(cond_drop_prob, jax.Array) or cond_drop_prob > 0
+        drop = draw_drop(r_drop, n, cond_drop_prob, cond_drop_mode) if on else None
     ctx = condition(model.image_encoder, b["reference"], drop)
     if draws is not None:
         t, noise = draws.t, draws.noise.astype(jnp.float32)

@@ -124,6 +124,12 @@ class MetricWriter:
             for k, v in values.items():
                 self._tb.add_scalar(k, float(v), step)
 
+    def tensorboard_scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        """Values for TensorBoard only (not a metrics.jsonl row, e.g. a run's goodput)."""
+        if self.enabled and self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, float(v), step)
+
     def keep_until(self, step: int) -> int:
         """Drop the rows logged after `step` (a run resumed at `step` logs them again; 0 for a
         fresh start). Returns how many were dropped."""

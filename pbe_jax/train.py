@@ -16,6 +16,7 @@ from pbe_jax.configs.validate import check_or_exit
 from pbe_jax.metrics import setup_logging
 from pbe_jax.training.loop import train_and_evaluate
 from pbe_jax.training.preemption import Preempted
+from pbe_jax.training.watchdog import heartbeat_seconds
 
 
 def define_flags() -> None:
@@ -32,7 +33,7 @@ def main(argv) -> None:
     del argv
     clock = runtime.StartupClock()  # 'imports': interpreter start to here
     check_or_exit(flags.FLAGS.config)  # every field, with the command line's overrides
-    distributed.initialize_from_flags()
+    distributed.initialize_from_flags(heartbeat_seconds=heartbeat_seconds(flags.FLAGS.config))
     setup_logging()
     clock.mark("runtime+distributed")
     try:

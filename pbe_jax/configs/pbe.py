@@ -316,6 +316,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample_steps = 20 if demo else 50
     c.sample_guidance = 5.0
     c.sample_num = 4
+    # Pod robustness (pbe_jax/training/watchdog.py): a multi-process run whose peer died or hangs
+    # exits (75 / 76, Python stacks in the log) instead of hanging; the launchers restart it.
+    c.watchdog = ml_collections.ConfigDict({
+        # no step finished for this long (the first step's compile not counted) -> exit 76;
+        # above the longest eval / sample / checkpoint section; 0 = off
+        "stall_minutes": 15.0,
+        # jax.distributed heartbeat: a silent (hung, not exited) process is declared dead after
+        # this; an exited or killed one at once
+        "heartbeat_seconds": 100,
+    })
     c.peak_flops = 0.0  # per device, for MFU; 0 = look up the device kind (or CPU estimate)
     # COCOEE metrics during training (off by default): set every_steps, bench and the metric
     # weights (clip_model / inception / fid_ref / gmm), see pbe_jax/evaluate.py.

@@ -274,6 +274,8 @@ def _stages(c: _Checks) -> None:
     if c.get("data") is not _MISSING:
         c.parse("vae_fit.heldout_data", lambda s: heldout_data_config(c.config.data, s))
     c.off_or_count("exemplar_eval.num_triplets")
+    c.number("watchdog.stall_minutes", lo=0.0, note="0 = off")
+    c.count("watchdog.heartbeat_seconds")
     c.count("exemplar_eval.grid_rows")
     c.enum("exemplar_eval.scheduler", scheduler_names(), empty="'' = the model's own")
 

@@ -25,13 +25,15 @@ from pbe_jax.evals.benchmark import training_eval
 from pbe_jax.evals.exemplar import ExemplarEval
 from pbe_jax.metrics import (MetricWriter, check_workdir_backend, image_grid, last_logged_step,
                              peak_flops_per_device)
-from pbe_jax.outputs import ensure_writable
+from pbe_jax.outputs import atomic_write, ensure_writable
 from pbe_jax.training import guards
+from pbe_jax.training.goodput import Goodput
 from pbe_jax.training.preemption import Preemption
 from pbe_jax.training.lora import cast_base, log_trainable, lora_enabled, with_lora
 from pbe_jax.training.samples import training_samples
 from pbe_jax.training.state import Setup, config_runtime, step_flops
 from pbe_jax.training.vae_fit import frozen_with_vae, run_vae_stage
+from pbe_jax.training.watchdog import Watchdog
 
 log = logging.getLogger("pbe_jax")
 
@@ -136,6 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     holds WORKDIR's lock (`guards.holds_workdir_lock`; `reclaim_lock=True` takes over one left
     on another host)."""
     clock = clock or runtime.StartupClock(first=None)
+    watchdog = Watchdog.for_config(config)  # a dead peer or a stalled step ends the run, not a hang
     check_workdir_backend(workdir)  # a gs:// workdir without its packages fails here, naming them
     ensure_writable(workdir, "--workdir")  # local or gs://; before any compute
     had_checkpoints = epath.Path(checkpoint.ckpt_dir(workdir)).is_dir()
@@ -202,6 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     t_last, n_last, wait_last = time.perf_counter(), step0, it.wait_seconds()
     startup = {}
     skips0 = int(jax.device_get(state["nan_skips"]))  # a run that skips every step fails below
+    goodput = Goodput()
     try:
         while step < config.train.num_steps:
             state, m = compiled(state, frozen, batch)
@@ -210,6 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 clock.mark("first step")
                 log.info("%s", clock.line())
                 startup = clock.as_dict()  # goes into the first metrics row
+                goodput.add_startup(startup)
+                goodput.loop_started(it.wait_seconds())
                 # What only the logs need waits until the first step has run (and is not
                 # counted in the first logged step time).
                 t_extra = time.perf_counter()
@@ -220,6 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     writer.image(0, "train_inputs", _input_grid(batch))
                 t_last += time.perf_counter() - t_extra
             step += 1
+            watchdog.progress(step)
             stop_nan = config.train.nan_policy == "stop" and not bool(m["update_ok"])
             if stop_nan:
                 raise FloatingPointError(f"non-finite loss/grad at step {step}: stopping "
@@ -242,14 +249,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g %.2f img/s %.3fs/step MFU %.2f%% skips %d",
                          step, config.train.num_steps, last["loss"], last["lr"], last["grad_norm"], ips,
                          dt, 100 * mfu, int(last["nan_skips"]))
+            t_ckpt = time.perf_counter()
             ckpt.check()  # a failed background save stops the run now, not at the next save
             preempted = pre.should_stop(step)
             if step % config.ckpt_every_steps == 0 or is_last or preempted:
                 ckpt.save(step, state, None if lora else frozen, it.get_state(), json.loads(config.to_json()),
                           wait=preempted or is_last)
+            goodput.since("checkpoint", t_ckpt)
             if preempted:
                 log.warning("checkpoint at step %d written; exiting on SIGTERM", step)
                 break
+            t_evals = time.perf_counter()
             if config.sample_every_steps and step % config.sample_every_steps == 0:
                 _log_samples(setup, state, frozen, batch, writer, step)
             if exemplar is not None and (is_last or (config.sample_every_steps
@@ -257,19 +267,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 last.update(_exemplar_eval(exemplar, setup, state, frozen, writer, step))
             if config.evals.every_steps and step % config.evals.every_steps == 0:
                 _run_evals(setup, state, frozen, writer, step)
+            goodput.since("evals", t_evals)
             if not is_last:
                 batch = next(it)
+        _report_goodput(goodput, workdir, writer, step, it.wait_seconds())
+    except Exception:
+        watchdog.on_error()  # a collective failed because a peer is gone: say so
+        raise
     finally:
         pre.restore()
         ckpt.close()
         writer.close()
         it.close()  # stops the prefetch thread, then grain worker processes / threads
+    watchdog.stop()
     if step > step0:
         guards.check_some_step_applied(config, step0, step, skips0, int(jax.device_get(m["nan_skips"])))
     shown = [k for k in ("loss", *sorted(k for k in last if k.startswith("eval/"))) if k in last]
     if shown:  # the final console line: the loss and the held-out scores
         log.info("done: step %d %s", step, ", ".join(f"{k} {last[k]:.4g}" for k in shown))
     return last
+
+
+def _report_goodput(goodput: Goodput, workdir: str, writer: MetricWriter, step: int,
+                    data_wait_s: float) -> None:
+    """The run's goodput: TensorBoard, WORKDIR/goodput.json (process 0) and one log line."""
+    values, line = goodput.report(workdir, data_wait_s)
+    writer.tensorboard_scalars(step, values)
+    if writer.enabled:
+        atomic_write(epath.Path(workdir) / "goodput.json", json.dumps({"step": step, **values}, indent=1))
+    log.info("%s", line)
 
 
 def _log_samples(setup: Setup, state, frozen, batch, writer: MetricWriter, step: int) -> None:

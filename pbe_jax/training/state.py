@@ -17,6 +17,7 @@ from pbe_jax.models.abstract import eval_shape
 from pbe_jax.models.hub import cast_dtype
 from pbe_jax.models.init import host_init
 from pbe_jax.models.paint_by_example import PaintByExampleModel
+from pbe_jax.training.hparams import BoundStep, hparams_of
 from pbe_jax.training.lora import cast_base, training_filters, with_lora, with_lora_scales
 from pbe_jax.training.optim import make_optimizer
 from pbe_jax.training.step import make_train_step
@@ -115,13 +116,23 @@ class Setup:
                                    out_shardings=self.state_sharding["ema"])(params)
         return state
 
-    def jit_step(self) -> Callable:
-        step = make_train_step(self.graphdef, self.rest, self.config.train, self.tx, self.schedule,
+    def jit_step(self, hparams: dict | None = None) -> BoundStep:
+        """The jitted step over (state, frozen, batch) with the hyperparameters of
+        `training.hparams` as a bound input (this config's, or `hparams`): runs that differ
+        only in them share one compiled program."""
+        pure = make_train_step(self.graphdef, self.rest, self.config.train, self.tx, self.schedule,
                                self.noise)
+
+        def train_step(state, frozen, batch, hparams):
+            return pure(state, frozen, batch, hparams=hparams)
+
         batch_sh = {k: shd.batch_sharding(self.mesh, 4) for k in HOST_KEYS}
-        return jax.jit(step, in_shardings=(self.state_sharding, self.frozen_sharding, batch_sh),
-                       out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
-                       donate_argnums=(0,))
+        rep = shd.replicated(self.mesh)
+        hp = hparams_of(self.config.train) if hparams is None else hparams
+        in_sh = (self.state_sharding, self.frozen_sharding, batch_sh, {k: rep for k in hp})
+        jitted = jax.jit(train_step, in_shardings=in_sh, out_shardings=(self.state_sharding, rep),
+                         donate_argnums=(0,))
+        return BoundStep(jitted, hp, self.mesh)
 
     def abstract_batch(self) -> dict:
         c = self.config
