@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding
 from PIL import Image, ImageOps
 
 from pbe_jax import sharding as shd
+from pbe_jax.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
 from pbe_jax.models.clip import CLIP_MEAN, CLIP_STD
 from pbe_jax.sampler import guided_sample
 from pbe_jax.schedulers import Scheduler, scheduler_for
@@ -286,7 +287,8 @@ def edit_function(pipe, *, scheduler: Scheduler, cfg: bool, masked_latents: str 
     return fn, state, mesh
 
 
-def run_edit(pipe, inputs: EditInputs, *, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+def run_edit(pipe, inputs: EditInputs, *, num_inference_steps: int = NUM_INFERENCE_STEPS,
+             guidance_scale: float = GUIDANCE_SCALE,
              scheduler: str | None = None, eta: float = 0.0, latents: np.ndarray | None = None,
              masked_latents: str = "sample", mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
     """`EditInputs` in, float32 [N, H', W', 3] in [0, 1] out (host, padded size). Pads the batch
@@ -433,7 +435,8 @@ def _as_list(x) -> list:
     return [x]
 
 
-def edit(pipe, source, mask, reference, *, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+def edit(pipe, source, mask, reference, *, num_inference_steps: int = NUM_INFERENCE_STEPS,
+         guidance_scale: float = GUIDANCE_SCALE,
          scheduler: str | None = None, seed: int | Sequence[int] = 0, num_images_per_prompt: int = 1,
          latents: np.ndarray | None = None, masked_latents: str = "sample", paste_back: bool = False,
          paste_back_radius: float = 8.0, mask_crop_padding: int | None = None,

@@ -30,14 +30,13 @@ import sys
 import jax
 from absl import flags
 
-from pbe_jax import distributed
+from pbe_jax import cli_flags, distributed
 from pbe_jax.batch_edit import Row, check_settings, read_manifest, write_results, write_settings
 from pbe_jax.inference import MAX_PIXELS
 from pbe_jax.metrics import setup_logging
 from pbe_jax.models.hub import cast_dtype
 from pbe_jax.outputs import NotWritableError, ensure_writable
 from pbe_jax.pipeline import PaintByExample
-from pbe_jax.schedulers import scheduler_names
 from pbe_jax.sharding import make_mesh
 
 log = logging.getLogger("pbe_jax")
@@ -97,25 +96,16 @@ def main(argv) -> int:
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("model", None, "diffusers PbE repo (dir or hub id) or a pbe_jax workdir/checkpoint")
+    cli_flags.define_model_flags()
     flags.DEFINE_string("manifest", None, ".jsonl or .csv with source, mask, reference[, id, seed]")
     flags.DEFINE_string("out", None, "output directory (manifest) or file (single edit)")
     flags.DEFINE_string("source", None, "single edit: source image")
     flags.DEFINE_string("mask", None, "single edit: mask (white = edit)")
     flags.DEFINE_string("reference", None, "single edit: reference image")
     flags.DEFINE_integer("batch_size", 4, "images per device batch (all devices together)")
-    flags.DEFINE_integer("steps", 50, "denoising steps")
-    flags.DEFINE_float("guidance", 5.0, "classifier-free guidance scale (1 = off)")
-    flags.DEFINE_enum("scheduler", None, scheduler_names(),
-                      "sampler (default: the model's own, its scheduler_config.json; PLMS for the released PbE)")
-    flags.DEFINE_integer("seed", 0, "base seed (rows without a seed use seed + 1000 * row)")
     flags.DEFINE_integer("num_samples", 1, "outputs per row")
     flags.DEFINE_bool("paste_back", False, "blend the source back outside a feathered mask")
     flags.DEFINE_enum("reference_preprocess", "squash", ["squash", "center_crop"], "reference resize")
-    flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "compute dtype")
-    flags.DEFINE_bool("use_ema", False, "--model is a training run: load its EMA params")
-    flags.DEFINE_string("variant", None, "diffusers weight variant of --model (e.g. fp16)")
-    flags.DEFINE_string("revision", None, "Hub revision (branch, tag or commit) of --model")
     flags.DEFINE_integer("max_pixels", MAX_PIXELS, "largest working size (px after padding); larger "
                          "sources fail with a message (0 = no limit)")
     flags.DEFINE_bool("overwrite", False, "redo every row, also when --out holds results made with "
@@ -130,7 +120,5 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli_flags.run(lambda argv: sys.exit(main(argv)))
