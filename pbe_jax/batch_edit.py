@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from pbe_jax.data.sources import csv_lines
-from pbe_jax.inference import (MAX_PIXELS, crop_inputs, finish, larger_than_model, load_edit_mask, load_rgb,
+from pbe_jax.inference import (AUTO, crop_inputs, finish, larger_than_model, load_edit_mask, load_rgb,
                                paste_windows, prepare, run_edit, to_uint8)
 from pbe_jax.outputs import decodes, write_json, write_png
 
@@ -194,7 +194,7 @@ def _rows_alone(pipe, chunk: list[Row], error: Exception, failed: dict[str, str]
 def edit_rows(pipe, rows: list[Row], *, batch_size: int, steps: int, guidance: float, scheduler: str,
               num_samples: int = 1, paste_back: bool = False, reference_preprocess: str = "squash",
               mask_crop_padding: int | None = None, mesh: jax.sharding.Mesh | None = None,
-              max_pixels: int | None = MAX_PIXELS, failed: dict[str, str] | None = None,
+              max_pixels: int | str | None = AUTO, failed: dict[str, str] | None = None,
               log=None) -> Iterator[tuple[Row, list[np.ndarray]]]:
     """Edit validated `rows` in batches of one source size: yields (row, [uint8 [H, W, 3] per
     sample]) as each batch finishes, on every process. `batch_size` counts output images.
@@ -257,7 +257,7 @@ def write_settings(out_dir: str, settings: dict) -> None:
 def write_results(pipe, rows: list[Row], out_dir: str, *, batch_size: int, steps: int, guidance: float,
                   scheduler: str, num_samples: int, paste_back: bool, reference_preprocess: str,
                   mask_crop_padding: int | None = None, mesh=None, log=None,
-                  max_pixels: int | None = MAX_PIXELS, overwrite: bool = False) -> tuple[int, dict[str, str]]:
+                  max_pixels: int | str | None = AUTO, overwrite: bool = False) -> tuple[int, dict[str, str]]:
     """Edit every row whose outputs `<out_dir>/<id>_<k>.png` (`output_path`) are not there or do
     not decode (every row with `overwrite`); process 0 writes each whole. Returns (images
     written, {row id: failure reason}); a failing row never stops the others."""

@@ -32,7 +32,7 @@ from absl import flags
 
 from pbe_jax import cli_flags, distributed
 from pbe_jax.batch_edit import Row, check_settings, read_manifest, write_results, write_settings
-from pbe_jax.inference import MAX_PIXELS
+from pbe_jax.inference import AUTO
 from pbe_jax.metrics import setup_logging
 from pbe_jax.models.hub import cast_dtype
 from pbe_jax.outputs import NotWritableError, ensure_writable
@@ -75,7 +75,7 @@ def main(argv) -> int:
     mesh = make_mesh("data:-1") if jax.device_count() > 1 else None
     kw = dict(log=log, batch_size=F.batch_size, steps=F.steps, guidance=F.guidance, scheduler=F.scheduler,
               num_samples=F.num_samples, paste_back=F.paste_back,
-              reference_preprocess=F.reference_preprocess, mesh=mesh, max_pixels=F.max_pixels or None,
+              reference_preprocess=F.reference_preprocess, mesh=mesh, max_pixels=AUTO if F.max_pixels is None else F.max_pixels or None,
               mask_crop_padding=F.mask_crop_padding if F.mask_crop_padding >= 0 else None)
     if single:
         out_dir = os.path.dirname(os.path.abspath(F.out))
@@ -106,8 +106,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_samples", 1, "outputs per row")
     flags.DEFINE_bool("paste_back", False, "blend the source back outside a feathered mask")
     flags.DEFINE_enum("reference_preprocess", "squash", ["squash", "center_crop"], "reference resize")
-    flags.DEFINE_integer("max_pixels", MAX_PIXELS, "largest working size (px after padding); larger "
-                         "sources fail with a message (0 = no limit)")
+    flags.DEFINE_integer("max_pixels", None, "largest working size (px after padding); larger sources "
+                         "fail with a message (default: the model's own, from its latent size: 768x768 "
+                         "for SD v1, 192x192 for the demo; 0 = no limit)")
     flags.DEFINE_bool("overwrite", False, "redo every row, also when --out holds results made with "
                       "other settings")
     flags.DEFINE_integer("mask_crop_padding", 32, "sources larger than the model's resolution: edit a "
