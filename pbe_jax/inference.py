@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
+import time
+import weakref
 from typing import Any, Sequence
 
 import cv2
@@ -40,6 +43,8 @@ from pbe_jax.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
 from pbe_jax.models.clip import CLIP_MEAN, CLIP_STD
 from pbe_jax.sampler import guided_sample
 from pbe_jax.schedulers import Scheduler, scheduler_for
+
+log = logging.getLogger(__name__)
 
 ImageLike = Any  # PIL.Image | np.ndarray | str path
 
@@ -264,6 +269,10 @@ def _edit_body(graphdef, state, image, keep, ref, seeds, guidance, latents, *, s
     return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
+# jitted edit -> the input shapes it has compiled for (to say so on the first call of each)
+_COMPILED_SHAPES: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled_edit(graphdef, state_treedef, state_shardings: tuple, mesh, device, scheduler: Scheduler,
                    cfg: bool, masked_latents: str, with_latents: bool):
@@ -330,9 +339,21 @@ def run_edit(pipe, inputs: EditInputs, *, num_inference_steps: int = NUM_INFEREN
         arrays = [np.concatenate([a, np.repeat(a[-1:], pad, 0)]) if pad else a for a in arrays]
         arrays = [jax.device_put(a, shd.batch_sharding(mesh, a.ndim)) for a in arrays]
     args = arrays[:4] + [np.float32(guidance_scale)] + arrays[4:]
+    shapes = tuple(a.shape for a in args[:4])
+    seen = _COMPILED_SHAPES.setdefault(fn, set())
+    first = shapes not in seen
+    if first:  # jit compiles on this call: tens of seconds for SD, with nothing else to show
+        log.info("compiling the edit for %d image(s) of %dx%d, %d steps (once per size, batch and "
+                 "settings; later calls reuse it)...", shapes[0][0], shapes[0][2], shapes[0][1],
+                 num_inference_steps)
+        t0 = time.perf_counter()
     out = fn(state, *args)
     out = out.addressable_data(0) if mesh is not None else out
-    return np.asarray(jax.device_get(out))[:n]
+    out = np.asarray(jax.device_get(out))[:n]
+    if first:
+        seen.add(shapes)
+        log.info("compiled and ran the first edit in %.1f s", time.perf_counter() - t0)
+    return out
 
 
 def finish(out: np.ndarray, images: Sequence[np.ndarray], edits: Sequence[np.ndarray], *,

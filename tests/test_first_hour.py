@@ -1,7 +1,9 @@
 """The first hour without traps (issue 32): a whole-photo edit the model cannot make in
-reasonable memory is refused at once (the guard comes from the model's latent size), and the
-first edit says that it compiles."""
+reasonable memory is refused at once (the guard comes from the model's latent size), the
+first edit says that it compiles, and orbax's lines that need no action stay quiet."""
 import logging
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -12,6 +14,8 @@ from pbe_jax.inference import MAX_PIXELS, max_pixels_for
 from pbe_jax.models.abstract import eval_shape
 from pbe_jax.pipeline import PaintByExample
 from pbe_jax.schedulers import pbe_scheduler_config
+from tests.test_weights_diffusers import tiny_pipeline
+from tests.train_utils import REPO, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +24,13 @@ def demo_pipe():
     guard runs before any compute."""
     return eval_shape(lambda: PaintByExample.from_model_config(
         {**demo_models().to_dict(), "scheduler": pbe_scheduler_config()}))
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tiny"))
+    tiny_pipeline(seed=5).save_pretrained(d)  # a diffusers pipeline
+    return PaintByExample.from_pretrained(d)
 
 
 def test_memory_guard_from_the_latent_size(demo_pipe):
@@ -47,3 +58,38 @@ def test_demo_model_refuses_a_300x200_whole_photo_within_a_second(demo_pipe):
     with pytest.raises(ValueError, match=r"300x200 .* over max_pixels=36,864 \(this model's limit.*mask_crop_padding"):
         demo_pipe(src, mask, ref, num_inference_steps=2)
     assert time.perf_counter() - t0 < 1.0
+
+
+QUIET = """
+import sys, tempfile
+from absl import logging as absl_logging
+absl_logging.set_verbosity(int(sys.argv[1]))
+from absl import logging
+from pbe_jax.checkpoint import Checkpointer
+Checkpointer(tempfile.mkdtemp(), async_save=False).close()  # registers orbax's jax.Array handler
+logging.warning("Metadata file does not exist: /run/checkpoints/7/_CHECKPOINT_METADATA")
+logging.warning("something else")
+"""
+
+
+def test_orbax_noise_is_filtered_unless_verbose():
+    for verbosity, shown in ((0, False), (1, True)):
+        r = subprocess.run([sys.executable, "-c", QUIET, str(verbosity)], cwd=REPO, env=subprocess_env(),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        for noise in ("overriding jax.Array", "Metadata file does not exist"):
+            assert (noise in r.stderr) is shown, (verbosity, noise, r.stderr[-2000:])
+        assert "something else" in r.stderr  # other warnings pass
+
+
+def test_first_edit_says_it_compiles(tiny_pipe, caplog):
+    rng = np.random.default_rng(1)
+    src = rng.integers(0, 256, (24, 40, 3), np.uint8)
+    mask = np.zeros((24, 40), np.uint8)
+    mask[4:12, 8:20] = 255
+    with caplog.at_level(logging.INFO, logger="pbe_jax"):
+        tiny_pipe(src, mask, src, num_inference_steps=2, output_type="np")
+        tiny_pipe(src, mask, src, num_inference_steps=2, output_type="np", seed=3)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("pbe_jax")]
+    assert sum(m.startswith("compiling the edit for 1 image(s) of 40x24, 2 steps") for m in said) == 1, said
+    assert sum(m.startswith("compiled and ran the first edit in ") for m in said) == 1, said
