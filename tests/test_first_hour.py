@@ -2,6 +2,8 @@
 reasonable memory is refused at once (the guard comes from the model's latent size), the
 first edit says that it compiles, and orbax's lines that need no action stay quiet."""
 import logging
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -10,6 +12,8 @@ import numpy as np
 import pytest
 
 from pbe_jax.configs.pbe import demo_models
+from pbe_jax.convert.model_card import CardInfo, make_model_card
+from pbe_jax.convert.safetensors_io import write_safetensors
 from pbe_jax.inference import MAX_PIXELS, max_pixels_for
 from pbe_jax.models.abstract import eval_shape
 from pbe_jax.pipeline import PaintByExample
@@ -93,3 +97,27 @@ def test_first_edit_says_it_compiles(tiny_pipe, caplog):
     said = [r.getMessage() for r in caplog.records if r.name.startswith("pbe_jax")]
     assert sum(m.startswith("compiling the edit for 1 image(s) of 40x24, 2 steps") for m in said) == 1, said
     assert sum(m.startswith("compiled and ran the first edit in ") for m in said) == 1, said
+
+
+def test_weight_files_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = str(tmp_path / "w.safetensors")
+        write_safetensors(path, {"a": np.zeros(3, np.float32)})
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+        os.umask(0o077)
+        write_safetensors(path, {"a": np.zeros(3, np.float32)})
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_model_card_names_the_dataset_of_each_metric(tmp_path):
+    card = make_model_card(eval_shape(lambda: PaintByExample.from_model_config(
+        {**demo_models().to_dict(), "scheduler": pbe_scheduler_config()})),
+        CardInfo(metrics={"exemplar_following": 0.8, "vae_psnr": 30.0, "fid": 12.0}, metrics_source="m.jsonl"))
+    got = {r.metric_type: r.dataset_name for r in card.data.eval_results}
+    assert got["fid"] == "COCOEE"
+    assert "synthetic" in got["exemplar_following"] and "synthetic" in got["vae_psnr"]
+    assert "| exemplar_following (pbe_jax synthetic palette scenes (held out)) | 0.8 |" in card.text
+    assert "| FID | 12 |" in card.text
