@@ -1,6 +1,7 @@
 """The first hour without traps (issue 32): a whole-photo edit the model cannot make in
 reasonable memory is refused at once (the guard comes from the model's latent size), the
 first edit says that it compiles, and orbax's lines that need no action stay quiet."""
+import json
 import logging
 import os
 import stat
@@ -121,3 +122,36 @@ def test_model_card_names_the_dataset_of_each_metric(tmp_path):
     assert "synthetic" in got["exemplar_following"] and "synthetic" in got["vae_psnr"]
     assert "| exemplar_following (pbe_jax synthetic palette scenes (held out)) | 0.8 |" in card.text
     assert "| FID | 12 |" in card.text
+
+
+def _doc_snippet() -> str:
+    """The Python block of docs/checkpoints.md's 'Loading an export in diffusers'."""
+    with open(os.path.join(REPO, "docs", "checkpoints.md")) as f:
+        text = f.read()
+    section = text[text.index("## Loading an export in diffusers"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+
+
+def test_the_docs_pytorch_snippet_loads_a_demo_style_export(tiny_pipe, tmp_path):
+    """The demo's scheduler (DDIM, prediction_type='sample') is what PNDMScheduler rejected."""
+    torch = pytest.importorskip("torch")
+    export = tiny_pipe.save_pretrained(str(tmp_path / "export"))
+    demo_sched = {**pbe_scheduler_config(), "_class_name": "DDIMScheduler", "prediction_type": "sample"}
+    with open(os.path.join(export, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(demo_sched, f)  # the demo's noise schedule (configs/pbe.py demo_models)
+    code = _doc_snippet()
+    assert 'd = "export/"' in code and "PNDMScheduler.from_pretrained" not in code
+    scope: dict = {}
+    exec(code.replace('d = "export/"', f"d = {export!r}"), scope)  # noqa: S102 (the doc's own code)
+    pipe = scope["pipe"]
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert pipe.scheduler.config.prediction_type == "sample"
+    rng = np.random.default_rng(0)
+    from PIL import Image  # noqa: PLC0415
+    side = 8 * 2 ** (len(tiny_pipe.vae.config.block_out_channels) - 1)
+    src = Image.fromarray(rng.integers(0, 256, (side, side, 3), np.uint8))
+    mask = Image.fromarray(np.pad(np.full((side // 2, side // 2), 255, np.uint8), side // 4))
+    with torch.no_grad():
+        out = pipe(image=src, mask_image=mask, example_image=src, num_inference_steps=2, height=side,
+                   width=side, output_type="np").images
+    assert out.shape == (1, side, side, 3) and np.isfinite(out).all()
