@@ -15,6 +15,7 @@ import pytest
 from pbe_jax.configs.pbe import demo_models
 from pbe_jax.convert.model_card import CardInfo, make_model_card
 from pbe_jax.convert.safetensors_io import write_safetensors
+from pbe_jax.data.pipeline import describe_counts
 from pbe_jax.inference import MAX_PIXELS, max_pixels_for
 from pbe_jax.models.abstract import eval_shape
 from pbe_jax.pipeline import PaintByExample
@@ -155,3 +156,10 @@ def test_the_docs_pytorch_snippet_loads_a_demo_style_export(tiny_pipe, tmp_path)
         out = pipe(image=src, mask_image=mask, example_image=src, num_inference_steps=2, height=side,
                    width=side, output_type="np").images
     assert out.shape == (1, side, side, 3) and np.isfinite(out).all()
+
+
+def test_box_filter_drops_are_reported_as_what_they_are():
+    got = describe_counts({"no_valid_box": 7, "undecodable": 1})
+    assert got.startswith("7 samples whose boxes the box filter (data.min_box_area / max_box_area) dropped")
+    assert "undecodable: 1" in got and "bad" not in got
+    assert describe_counts({}) == "none"
