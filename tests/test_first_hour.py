@@ -163,3 +163,14 @@ def test_box_filter_drops_are_reported_as_what_they_are():
     assert got.startswith("7 samples whose boxes the box filter (data.min_box_area / max_box_area) dropped")
     assert "undecodable: 1" in got and "bad" not in got
     assert describe_counts({}) == "none"
+
+
+def test_train_inputs_grid_is_readable():
+    from pbe_jax.training.loop import _input_grid  # noqa: PLC0415
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (4, 32, 32, 3), np.uint8),
+             "mask": rng.integers(0, 2, (4, 32, 32, 1), np.uint8) * 255,
+             "reference": rng.integers(0, 256, (4, 48, 48, 3), np.uint8)}
+    grid = _input_grid(batch)
+    assert grid.shape == (96 * 6, 128 * 6, 3)  # 3 rows x 4 samples of 32 px, upscaled 6x (was 96 x 128)
+    np.testing.assert_array_equal(grid[::6, ::6], grid[5::6, 5::6])  # whole pixels, not blurred
