@@ -43,7 +43,7 @@ from PIL import Image, PngImagePlugin
 
 from pbe_jax.data.decode import SWAPS_SIDES, exif_orientation
 from pbe_jax.data.sources import csv_lines
-from pbe_jax.inference import (MAX_PIXELS, crop_inputs, finish, larger_than_model, load_edit_mask, load_rgb,
+from pbe_jax.inference import (AUTO, crop_inputs, finish, larger_than_model, load_edit_mask, load_rgb,
                                paste_windows, prepare, run_edit, to_uint8)
 from pbe_jax.outputs import atomic_write, decodes, write_json
 
@@ -364,7 +364,7 @@ def _size(r: Row) -> tuple[int, int]:
 def edit_rows(pipe, rows: list[Row], *, batch_size: int, steps: int, guidance: float, scheduler: str,
               num_samples: int = 1, paste_back: bool = False, reference_preprocess: str = "squash",
               mask_crop_padding: int | None = None, mesh: jax.sharding.Mesh | None = None,
-              max_pixels: int | None = MAX_PIXELS, failed: dict[str, str] | None = None,
+              max_pixels: int | str | None = AUTO, failed: dict[str, str] | None = None,
               log=None, prefetch: int = 1) -> Iterator[tuple[Row, list[np.ndarray]]]:
     """Edit `rows` in batches of one source size: yields (row, [uint8 [H, W, 3] per sample]) as
     each batch finishes, on every process. `batch_size` counts output images.
@@ -462,13 +462,15 @@ def write_settings(out_dir: str, settings: dict) -> None:
         write_json(os.path.join(out_dir, SETTINGS_FILE), settings)
 
 
-def loaded_weights(report, *, use_ema: bool) -> dict:
+def loaded_weights(report, *, use_ema: bool | None = None) -> dict:
     """Which weights a `from_pretrained(..., return_report=True)` report says were loaded:
     {'checkpoint': the folder read, 'step': the training step (None: not a training run),
     'ema': bool}. `sample` / `evaluate` record it in settings.json (`check_weights`)."""
     name = os.path.basename(os.path.normpath(report.source))
     train = report.format == "orbax (train)" and name.isdigit()
-    return {"checkpoint": report.source, "step": int(name) if train else None, "ema": bool(use_ema)}
+    # which set was loaded: the report says (use_ema=None loads a run's EMA params when it has them)
+    ema = bool(getattr(report, "ema", False)) if use_ema is None else bool(use_ema)
+    return {"checkpoint": report.source, "step": int(name) if train else None, "ema": ema}
 
 
 def _which(w: dict) -> str:
@@ -500,7 +502,7 @@ def check_weights(out_dir: str, weights: dict, *, overwrite: bool = False) -> No
 def write_results(pipe, rows: list[Row], out_dir: str, *, batch_size: int, steps: int, guidance: float,
                   scheduler: str, num_samples: int, paste_back: bool, reference_preprocess: str,
                   mask_crop_padding: int | None = None, mesh=None, log=None,
-                  max_pixels: int | None = MAX_PIXELS, max_source_pixels: int | None = MAX_SOURCE_PIXELS,
+                  max_pixels: int | str | None = AUTO, max_source_pixels: int | None = MAX_SOURCE_PIXELS,
                   overwrite: bool = False, settings: dict | None = None) -> tuple[int, dict[str, str]]:
     """Edit every row whose outputs (`row.outputs`, else `<out_dir>/<id>_<k>.png` from
     `output_path`) are not this run's finished outputs (every row with `overwrite`); process 0

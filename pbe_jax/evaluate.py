@@ -44,7 +44,7 @@ from typing import Any
 import jax
 from absl import flags
 
-from pbe_jax import distributed, locks
+from pbe_jax import cli_flags, distributed, locks
 from pbe_jax.batch_edit import loaded_weights
 from pbe_jax.evals import cocoee
 from pbe_jax.evals.benchmark import markdown, sample_bench, score_results
@@ -53,7 +53,6 @@ from pbe_jax.metrics import setup_logging
 from pbe_jax.models.hub import cast_dtype
 from pbe_jax.outputs import NotWritableError, ensure_writable
 from pbe_jax.pipeline import PaintByExample
-from pbe_jax.schedulers import scheduler_names
 
 
 def _spec_from_flags(F) -> MetricSpec:
@@ -127,23 +126,14 @@ def _sample_and_score(F, rows, spec) -> int:
 
 
 def define_flags() -> None:
+    cli_flags.define_model_flags()
     flags.DEFINE_string("bench", None, "COCOEE test_bench folder or a .jsonl/.csv manifest")
-    flags.DEFINE_string("model", None, "sample with this model (diffusers dir / hub id / pbe_jax workdir)")
     flags.DEFINE_string("results", None, "score existing results in this folder instead of sampling")
     flags.DEFINE_string("out", None, "output folder (results/, metrics.json, metrics.md)")
     flags.DEFINE_integer("limit", 0, "only the first N bench triplets (0 = all)")
-    flags.DEFINE_integer("steps", 50, "denoising steps")
-    flags.DEFINE_float("guidance", 5.0, "classifier-free guidance scale (the paper's benchmark: 5)")
-    flags.DEFINE_enum("scheduler", None, scheduler_names(),
-                      "sampler (default: the model's own, its scheduler_config.json; PLMS for the released PbE)")
-    flags.DEFINE_integer("seed", 0, "base seed (row i uses seed + 1000 i)")
     flags.DEFINE_integer("batch_size", 8, "images per batch, for sampling and feature extraction")
-    flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "sampling compute dtype")
-    flags.DEFINE_bool("use_ema", False, "--model is a training run: load its EMA params")
     flags.DEFINE_string("lora", None, "a LoRA on --model: a pbe_jax LoRA run or a diffusers/PEFT .safetensors")
     flags.DEFINE_float("lora_scale", 1.0, "--lora: its adapters' output times this")
-    flags.DEFINE_string("variant", None, "diffusers weight variant of --model (e.g. fp16)")
-    flags.DEFINE_string("revision", None, "Hub revision (branch, tag or commit) of --model")
     flags.DEFINE_integer("sample_index", 0, "--results: which <id>_<k> sample to score")
     flags.DEFINE_string("clip_model", None, "CLIP ViT-B/32 (transformers dir or hub id): CLIP score, CLIP FID/QS")
     flags.DEFINE_string("inception", None, "FID Inception weights (pt_inception .pth / .safetensors)")
@@ -158,7 +148,5 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli_flags.run(lambda argv: sys.exit(main(argv)))

@@ -209,6 +209,14 @@ def image_grid(rows: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
 
 
+def readable(img: np.ndarray, min_side: int = 512) -> np.ndarray:
+    """[H, W, C] -> the same image repeated k x k (nearest neighbour, whole pixels kept) with the
+    smallest k making its shorter side at least `min_side`: a 128 x 96 grid of 32 px crops
+    becomes 768 x 576, large enough to see in an image viewer."""
+    k = max(1, -(-int(min_side) // min(img.shape[:2])))
+    return np.repeat(np.repeat(img, k, axis=0), k, axis=1) if k > 1 else img
+
+
 def setup_logging() -> None:
     """pbe_jax INFO lines on the console; orbax/absl chatter only from WARNING up."""
     absl_logging.set_verbosity(absl_logging.WARNING)

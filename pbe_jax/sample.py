@@ -36,15 +36,14 @@ import sys
 import jax
 from absl import flags
 
-from pbe_jax import distributed, locks
+from pbe_jax import cli_flags, distributed, locks
 from pbe_jax.batch_edit import (INPUTS, MAX_SOURCE_PIXELS, Row, check_settings, check_weights, foreign_file,
                                 loaded_weights, read_manifest, read_tag, write_results)
-from pbe_jax.inference import MAX_PIXELS
+from pbe_jax.inference import AUTO
 from pbe_jax.metrics import setup_logging
 from pbe_jax.models.hub import cast_dtype
 from pbe_jax.outputs import NotWritableError, ensure_writable
 from pbe_jax.pipeline import PaintByExample
-from pbe_jax.schedulers import scheduler_names
 from pbe_jax.sharding import make_mesh
 
 log = logging.getLogger("pbe_jax")
@@ -101,7 +100,7 @@ def _check_flags(F) -> None:
         if getattr(F, name) < 1:
             raise SystemExit(f"error: --{name}={getattr(F, name)}: must be at least 1")
     for name in ("max_pixels", "max_source_pixels"):
-        if getattr(F, name) < 0:
+        if getattr(F, name) is not None and getattr(F, name) < 0:
             raise SystemExit(f"error: --{name}={getattr(F, name)}: must be >= 0 (0 = no limit)")
 
 
@@ -134,7 +133,8 @@ def _run(F, *, rows: list[Row] | None, target: str | None) -> int:
     mesh = make_mesh("data:-1") if jax.device_count() > 1 else None
     kw = dict(log=log, batch_size=F.batch_size, steps=F.steps, guidance=F.guidance, scheduler=F.scheduler,
               num_samples=F.num_samples, paste_back=F.paste_back,
-              reference_preprocess=F.reference_preprocess, mesh=mesh, max_pixels=F.max_pixels or None,
+              reference_preprocess=F.reference_preprocess, mesh=mesh,
+              max_pixels=AUTO if F.max_pixels is None else F.max_pixels or None,
               max_source_pixels=F.max_source_pixels or None,
               mask_crop_padding=F.mask_crop_padding if F.mask_crop_padding >= 0 else None)
     if target:
@@ -158,29 +158,21 @@ def _run(F, *, rows: list[Row] | None, target: str | None) -> int:
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("model", None, "diffusers PbE repo (dir or hub id) or a pbe_jax workdir/checkpoint")
+    cli_flags.define_model_flags()
     flags.DEFINE_string("manifest", None, ".jsonl or .csv with source, mask, reference[, id, seed]")
     flags.DEFINE_string("out", None, "output directory (manifest) or file (single edit)")
     flags.DEFINE_string("source", None, "single edit: source image")
     flags.DEFINE_string("mask", None, "single edit: mask (white = edit)")
     flags.DEFINE_string("reference", None, "single edit: reference image")
     flags.DEFINE_integer("batch_size", 4, "images per device batch (all devices together)")
-    flags.DEFINE_integer("steps", 50, "denoising steps")
-    flags.DEFINE_float("guidance", 5.0, "classifier-free guidance scale (1 = off)")
-    flags.DEFINE_enum("scheduler", None, scheduler_names(),
-                      "sampler (default: the model's own, its scheduler_config.json; PLMS for the released PbE)")
-    flags.DEFINE_integer("seed", 0, "base seed (rows without a seed use seed + 1000 * row)")
     flags.DEFINE_integer("num_samples", 1, "outputs per row")
     flags.DEFINE_bool("paste_back", False, "blend the source back outside a feathered mask")
     flags.DEFINE_enum("reference_preprocess", "squash", ["squash", "center_crop"], "reference resize")
-    flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "compute dtype")
-    flags.DEFINE_bool("use_ema", False, "--model is a training run: load its EMA params")
     flags.DEFINE_string("lora", None, "a LoRA on --model: a pbe_jax LoRA run or a diffusers/PEFT .safetensors")
     flags.DEFINE_float("lora_scale", 1.0, "--lora: its adapters' output times this")
-    flags.DEFINE_string("variant", None, "diffusers weight variant of --model (e.g. fp16)")
-    flags.DEFINE_string("revision", None, "Hub revision (branch, tag or commit) of --model")
-    flags.DEFINE_integer("max_pixels", MAX_PIXELS, "largest working size (px after padding); larger "
-                         "sources fail with a message (0 = no limit)")
+    flags.DEFINE_integer("max_pixels", None, "largest working size (px after padding); larger sources "
+                         "fail with a message (default: the model's own, from its latent size: 768x768 "
+                         "for SD v1, 192x192 for the demo; 0 = no limit)")
     flags.DEFINE_integer("max_source_pixels", MAX_SOURCE_PIXELS, "largest input image (source, mask, "
                          "reference) decoded, in px, read from the file header; larger ones fail "
                          "with a message (0 = no limit)")
@@ -199,7 +191,5 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli_flags.run(lambda argv: sys.exit(main(argv)))

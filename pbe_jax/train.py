@@ -14,6 +14,7 @@ from ml_collections import config_flags
 from pbe_jax import distributed, locks, runtime
 from pbe_jax.configs.validate import check_or_exit
 from pbe_jax.metrics import setup_logging
+from pbe_jax.training import preflight
 from pbe_jax.training.loop import train_and_evaluate
 from pbe_jax.training.preemption import Preempted
 from pbe_jax.training.watchdog import heartbeat_seconds
@@ -35,6 +36,10 @@ def main(argv) -> None:
     check_or_exit(flags.FLAGS.config)  # every field, with the command line's overrides
     distributed.initialize_from_flags(heartbeat_seconds=heartbeat_seconds(flags.FLAGS.config))
     setup_logging()
+    try:  # the checks that need the data: now, not after the VAE stage
+        preflight.check_data(flags.FLAGS.config, flags.FLAGS.workdir)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     clock.mark("runtime+distributed")
     try:
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, clock,

@@ -43,6 +43,7 @@ from pbe_jax.checkpoint import read_config, training_steps
 from pbe_jax.data.config import data_config
 from pbe_jax.data.synthetic import synthetic_scene
 from pbe_jax.data.transforms import pad_box
+from pbe_jax.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
 from pbe_jax.inference import crop_window, larger_than_model, load_rgb, model_resolution, to_uint8
 from pbe_jax.schedulers import own_scheduler_name, scheduler_names
 
@@ -82,8 +83,8 @@ def page_seed(value) -> int:
 class Settings:
     """The page's defaults (and the warm-up's, so the first edit with them compiles nothing)."""
 
-    steps: int = 50
-    guidance: float = 5.0
+    steps: int = NUM_INFERENCE_STEPS
+    guidance: float = GUIDANCE_SCALE
     seed: int = 0
     scheduler: str | None = None  # None: the model's own (scheduler_config.json)
     paste_back: bool = True

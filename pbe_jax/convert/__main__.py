@@ -88,7 +88,8 @@ def make_flags() -> flags.FlagValues:
     flags.DEFINE_string("revision", None, "Hub revision of --src / --clip", flag_values=fv)
     flags.DEFINE_multi_string("allow_missing", [], "glob over '<component>.<key>' names that may be "
                               "absent (kept at init); repeatable", flag_values=fv)
-    flags.DEFINE_bool("use_ema", False, "load EMA params (orbax training / LDM checkpoints)", flag_values=fv)
+    flags.DEFINE_bool("use_ema", None, "load EMA params (orbax training / LDM checkpoints; default: a "
+                      "training checkpoint's EMA params when it has them; --nouse_ema: the raw ones)", flag_values=fv)
     flags.DEFINE_string("model_config", None, "architecture: JSON file, diffusers dir, or configs/pbe.py:ARG",
                         flag_values=fv)
     flags.DEFINE_integer("seed", 0, "seed of freshly initialised params (sd-init)", flag_values=fv)
@@ -221,7 +222,7 @@ def _convert(f, dest: Destination, src_format: str, dst_format: str, shard) -> i
         out = dest.write(
             model, dtype=f.dtype if f.dtype != "fp32" else None, variant=f.variant,
             progress=not f.no_progress, max_shard_size=int(shard) if shard and shard.isdigit() else shard,
-            repo_id=f.push_to_hub, card=card_info(src_format, f.src, use_ema=f.use_ema))
+            repo_id=f.push_to_hub, card=card_info(src_format, f.src, use_ema=report.ema))
     except ValueError as e:  # an option the output format does not take
         print(f"error: {e}", file=sys.stderr)
         return 2

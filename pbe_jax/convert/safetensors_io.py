@@ -178,6 +178,14 @@ def _entry_problem(info, avail: int) -> str | None:
     return None
 
 
+def honour_umask(path: str) -> None:
+    """Give a file written by a library the mode a plain `open(path, "w")` would (0644 under
+    umask 022): safetensors creates its files 0600, which other users and services cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: dict | None = None):
     """Write tensors (numpy or LazyTensor, any `_DTYPES` dtype) as a safetensors file, through a
     temp file renamed into place (a crash never leaves a half-written file under `path`)."""
@@ -191,6 +199,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: di
     tmp = path + ".tmp"
     try:
         save_file(arrays, tmp, metadata=meta)
+        honour_umask(tmp)
         os.replace(tmp, path)
     except (SafetensorError, ValueError) as e:
         _unlink(tmp)
@@ -250,6 +259,7 @@ def write_torch_ckpt(path: str, tensors: Mapping[str, np.ndarray]) -> None:
     tmp = path + ".tmp"
     try:
         torch.save({"state_dict": sd}, tmp)
+        honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         _unlink(tmp)

@@ -24,7 +24,7 @@ from pbe_jax.data.prefetch import DevicePrefetch
 from pbe_jax.evals.benchmark import training_eval
 from pbe_jax.evals.exemplar import ExemplarEval
 from pbe_jax.metrics import (MetricWriter, check_workdir_backend, image_grid, last_logged_step,
-                             peak_flops_per_device)
+                             peak_flops_per_device, readable)
 from pbe_jax.outputs import atomic_write, ensure_writable
 from pbe_jax.training import guards
 from pbe_jax.training.goodput import Goodput
@@ -104,7 +104,7 @@ def _input_grid(batch) -> np.ndarray:
     ref = loc["reference"].astype(np.float32) / 255
     h = img.shape[1]
     ref = np.stack([np.asarray(jax.image.resize(r, (h, h, 3), "linear")) for r in ref])
-    return image_grid([img, img * mask + 0.5 * (1 - mask), ref])
+    return readable(image_grid([img, img * mask + 0.5 * (1 - mask), ref]))
 
 
 def _refuse_lost_history(workdir: str, had_checkpoints: bool, config) -> None:
