@@ -158,6 +158,32 @@ def test_training_hook_returns_configured_metrics(env):
     np.testing.assert_allclose(got["eval/clip_score"], cli, atol=0.05)
 
 
+def test_training_eval_samples_with_the_models_own_scheduler(monkeypatch):
+    """`config.evals.scheduler` '' (the default) samples with the model's own scheduler (the
+    demo's x0 model is DDIM-only); a name picks that one."""
+    from pbe_jax.evals import benchmark
+    from pbe_jax.evals.config import evals_config
+
+    class Sampled(Exception):
+        pass
+
+    seen = []
+
+    def generate(model, rows, **kw):
+        seen.append(kw["scheduler"])
+        raise Sampled
+
+    monkeypatch.setattr(benchmark.cocoee, "read_bench", lambda *a, **kw: [])
+    monkeypatch.setattr(benchmark, "generate", generate)
+    config = ml_collections.ConfigDict({"evals": evals_config()})
+    config.evals.update(every_steps=1, bench="bench")
+    for name in ("", "ddim"):
+        config.evals.scheduler = name
+        with pytest.raises(Sampled):
+            benchmark.training_eval(None, config, 1)
+    assert seen == [None, "ddim"]
+
+
 def test_result_names_and_errors(tmp_path):
     ids = ["000000001773", "000000003419", "abc_7"]
     for name in ("1773.png", "000000003419_GT.png", "abc_7_0.png", "abc_7_1.png", "notes.txt", "9_0.png"):
