@@ -12,12 +12,11 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
-import torch
-import transformers
 from PIL import Image
 
 from pbe_jax.evals import cocoee
 from pbe_jax.evals.qs import GaussianMixture
+from tests.helpers import save_tiny_clip
 from tests.test_weights_diffusers import tiny_pipeline
 
 H = W = 32  # the tiny model's VAE x UNet factor is 4
@@ -47,18 +46,7 @@ def _make_bench(root, rng):
 
 
 def _metric_clip(path):
-    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=32, patch_size=8,
-                                        projection_dim=PROJ, hidden_act="quick_gelu")
-    tm = transformers.CLIPVisionModelWithProjection(cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # large random weights: embeddings that differ between images
-        for name, p in tm.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5, generator=g)
-            else:
-                p.normal_(0, 0.2, generator=g)
-    tm.save_pretrained(path)
+    save_tiny_clip(path, image_size=32, patch_size=8, projection_dim=PROJ)
 
 
 @pytest.fixture(scope="module")
