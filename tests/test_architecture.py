@@ -158,7 +158,7 @@ LAYERS = (
                          "pbe_jax.schedulers", "pbe_jax.sampler", "pbe_jax.evals")),
     ("inference, training", ("pbe_jax.inference", "pbe_jax.pipeline", "pbe_jax.batch_edit",
                              "pbe_jax.webdemo", "pbe_jax.training")),
-    ("evaluation", ("pbe_jax.evals.exemplar", "pbe_jax.evals.cocoee", "pbe_jax.evals.benchmark")),
+    ("evaluation", ("pbe_jax.evaluation",)),  # runs inference; evals/ holds the metrics only
     ("configs, runs", ("pbe_jax.configs", "pbe_jax.training.loop", "pbe_jax.training.sweeps",
                        "pbe_jax.benchmarks")),
     ("command lines", ("pbe_jax", "pbe_jax.train", "pbe_jax.sample", "pbe_jax.demo", "pbe_jax.evaluate",

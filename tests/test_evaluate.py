@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pbe_jax.evals import cocoee
 from pbe_jax.evals.qs import GaussianMixture
+from pbe_jax.evaluation import cocoee
 from tests.helpers import save_tiny_clip
 from tests.test_weights_diffusers import tiny_pipeline
 
@@ -126,7 +126,7 @@ def test_cli_rerun_resumes_and_results_mode_matches(env, tmp_path):
 
 
 def test_training_hook_returns_configured_metrics(env):
-    from pbe_jax.evals.benchmark import training_eval
+    from pbe_jax.evaluation.benchmark import training_eval
     from pbe_jax.evals.config import evals_config
     from pbe_jax.pipeline import PaintByExample
 
@@ -149,7 +149,7 @@ def test_training_hook_returns_configured_metrics(env):
 def test_training_eval_samples_with_the_models_own_scheduler(monkeypatch):
     """`config.evals.scheduler` '' (the default) samples with the model's own scheduler (the
     demo's x0 model is DDIM-only); a name picks that one."""
-    from pbe_jax.evals import benchmark
+    from pbe_jax.evaluation import benchmark
     from pbe_jax.evals.config import evals_config
 
     class Sampled(Exception):

@@ -16,8 +16,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from pbe_jax.batch_edit import check_settings, edit_rows, validate, write_results, write_settings
-from pbe_jax.evals import cocoee
 from pbe_jax.evals.scoring import Item, MetricSpec, score
+from pbe_jax.evaluation import cocoee
 from pbe_jax.outputs import atomic_write
 from pbe_jax.sharding import make_mesh
 
