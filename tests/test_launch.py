@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from tests.helpers import free_port
 from tests.train_utils import CONFIG_FILE, REPO, cli_overrides
 
 LAUNCH = os.path.join(REPO, "launch")
@@ -22,7 +23,6 @@ SCRIPTS = ["common.sh", "local.sh", "gpu/multinode.sh", "gpu/slurm.sbatch", "tpu
 MH_PROGRAM = """
 from absl import app
 from pbe_jax import distributed
-from tests.helpers import free_port
 distributed.define_flags()
 
 def main(argv):
