@@ -1,4 +1,4 @@
-r"""COCOEE evaluation: `python -m pbe_jax.evaluate` (the library is `pbe_jax.evals.benchmark`).
+r"""COCOEE evaluation: `python -m pbe_jax.evaluate` (the library is `pbe_jax.evaluation.benchmark`).
 
   # sample the benchmark with a model, then score (rerun resumes: finished images are kept)
   python -m pbe_jax.evaluate --bench=test_bench --model=Fantasy-Studio/Paint-by-Example \
@@ -9,7 +9,7 @@ r"""COCOEE evaluation: `python -m pbe_jax.evaluate` (the library is `pbe_jax.eva
   # score results made elsewhere (e.g. the official PyTorch scripts), side by side with ours
   python -m pbe_jax.evaluate --results=official/results --bench=test_bench --out=eval/official ...
 
-`--bench` is a COCOEE folder (`pbe_jax.evals.cocoee`) or a .jsonl/.csv manifest. Results go to
+`--bench` is a COCOEE folder (`pbe_jax.evaluation.cocoee`) or a .jsonl/.csv manifest. Results go to
 `OUT/results/<id>_0.png` (`pbe_jax.batch_edit.write_results`); scores to `OUT/metrics.json` (values, per-image
 CLIP scores, what was skipped and why, the protocol) and `OUT/metrics.md` (a table). Result
 files accepted by `--results`: `<id>.png`, `<id>_<k>.png` (k = `--sample_index`) and
@@ -46,9 +46,9 @@ from absl import flags
 
 from pbe_jax import cli_flags, distributed, locks
 from pbe_jax.batch_edit import loaded_weights
-from pbe_jax.evals import cocoee
-from pbe_jax.evals.benchmark import markdown, sample_bench, score_results
 from pbe_jax.evals.scoring import FID_FEATURES, MetricSpec
+from pbe_jax.evaluation import cocoee
+from pbe_jax.evaluation.benchmark import markdown, sample_bench, score_results
 from pbe_jax.metrics import setup_logging
 from pbe_jax.models.hub import cast_dtype
 from pbe_jax.outputs import NotWritableError, ensure_writable

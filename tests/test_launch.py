@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import time
 
 import pytest
 
+from tests.helpers import free_port
 from tests.train_utils import CONFIG_FILE, REPO, cli_overrides
 
 LAUNCH = os.path.join(REPO, "launch")
@@ -40,12 +40,6 @@ def main(argv):
 
 app.run(main)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shellcheck() -> str | None:
@@ -125,7 +119,7 @@ def test_multinode_runs_two_nodes_here(tmp_path):
     """Two 'nodes' on this machine (one process each, 2 CPU devices) join one jax run."""
     prog = tmp_path / "mh.py"
     prog.write_text(MH_PROGRAM)
-    port = _free_port()
+    port = free_port()
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs = [subprocess.Popen([os.path.join(LAUNCH, "gpu", "multinode.sh"), "--nnodes=2", f"--node_rank={i}",
                                "--master_addr=127.0.0.1", f"--master_port={port}", f"--logdir={tmp_path}/n{i}",
@@ -182,8 +176,8 @@ def test_slurm_script_runs_with_fake_srun(tmp_path, per_node):
     _executable(bindir / "srun", FAKE_SRUN)
     prog = tmp_path / "mh.py"
     prog.write_text(MH_PROGRAM)
-    env = _env(PATH=f"{bindir}:{os.environ['PATH']}", SLURM_JOB_ID=str(_free_port()), SLURM_NNODES="2",
-               SLURM_NTASKS_PER_NODE=str(per_node), SLURM_JOB_NODELIST="127.0.0.1", PBE_PORT=str(_free_port()),
+    env = _env(PATH=f"{bindir}:{os.environ['PATH']}", SLURM_JOB_ID=str(free_port()), SLURM_NNODES="2",
+               SLURM_NTASKS_PER_NODE=str(per_node), SLURM_JOB_NODELIST="127.0.0.1", PBE_PORT=str(free_port()),
                XLA_FLAGS="--xla_force_host_platform_device_count=2", FAKE_SRUN_LOGS=str(tmp_path))
     r = subprocess.run(["bash", os.path.join(LAUNCH, "gpu", "slurm.sbatch"), sys.executable, str(prog)],
                        capture_output=True, text=True, env=env, timeout=180)
@@ -279,7 +273,7 @@ def test_tpu_pod_run_wait_stop_with_fake_gcloud(tmp_path):
 def test_local_launcher_trains_two_processes(tmp_path):
     """The demo training, 2 processes x 2 fake CPU devices over 127.0.0.1, 3 steps."""
     workdir, logs = tmp_path / "run", tmp_path / "logs"
-    cmd = [os.path.join(LAUNCH, "local.sh"), "-n", "2", "-d", "2", "-p", str(_free_port()), "-l", str(logs), "--",
+    cmd = [os.path.join(LAUNCH, "local.sh"), "-n", "2", "-d", "2", "-p", str(free_port()), "-l", str(logs), "--",
            sys.executable, "-m", "pbe_jax.train", f"--config={CONFIG_FILE}:demo", f"--workdir={workdir}",
            *cli_overrides(**{"train.num_steps": 3, "train.batch_size": 4})]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900, cwd=REPO)

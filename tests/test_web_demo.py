@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pbe_jax.webdemo import (  # noqa: E402
 )
 from tests.test_architecture import compile_events  # noqa: E402
 from tests.train_utils import REPO, subprocess_env  # noqa: E402
+from tests.helpers import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -67,12 +67,6 @@ def _editor_value(h, w, box, seed=0):
 
 def _ref(seed=1):
     return np.random.default_rng(seed).integers(0, 256, (40, 40, 3), np.uint8)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_inputs_and_messages(pipe, tmp_path):
@@ -185,7 +179,7 @@ def test_page_in_headless_chromium(pipe, tmp_path):
     editor.lock.acquire()  # hold the start-up compilation: the page must say so, not freeze
     app = build_app(editor, examples=demo_examples(num=1))
     app.queue(default_concurrency_limit=1)
-    port = _free_port()
+    port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, show_error=True,
                quiet=True)
     profile = tempfile.mkdtemp(prefix="pbe_chromium_")
@@ -256,7 +250,7 @@ def test_page_in_headless_chromium(pipe, tmp_path):
 
 def test_cli_serves_the_page(model_dir, tmp_path):
     """... and SIGTERM stops it cleanly (exit 0), removing its results folder."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "pbe_jax.demo", f"--model={model_dir}", f"--port={port}", "--steps=2",
            "--examples=1"]
     env = {**subprocess_env(), "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(tmp_path)}

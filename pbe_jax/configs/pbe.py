@@ -345,7 +345,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "heldout_data": "synthetic_seed=1000",  # config.data overrides for the held-out images
         "heldout_images": 64,
     })
-    # Held-out exemplar-following eval (pbe_jax/evals/exemplar.py) at every sample_every_steps
+    # Held-out exemplar-following eval (pbe_jax/evaluation/exemplar.py) at every sample_every_steps
     # and at the end: num_triplets self + as many cross-reference edits of 'palette' scenes of
     # synthetic seed `seed`; 0 = off (sd15: it scores the demo's synthetic domain only).
     c.exemplar_eval = ml_collections.ConfigDict({

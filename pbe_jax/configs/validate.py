@@ -261,7 +261,7 @@ def _stages(c: _Checks) -> None:
     c.count("evals.limit")
     c.count("evals.steps")
     c.number("evals.guidance", lo=0.0)
-    c.enum("evals.scheduler", scheduler_names())
+    c.enum("evals.scheduler", scheduler_names(), empty="'' = the model's own")
     c.count("evals.batch_size")
     c.enum("evals.fid_features", FID_FEATURES)
     c.off_or_count("vae_fit.steps")

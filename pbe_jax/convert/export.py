@@ -35,6 +35,7 @@ from pbe_jax import checkpoint as ckpt
 from pbe_jax import locks
 from pbe_jax.convert.model_card import CARD_FILE, as_card_info, make_model_card
 from pbe_jax.convert.orbax_io import CONFIG_FILE as ORBAX_CONFIG_FILE
+from pbe_jax.metrics import METRICS_FILE
 from pbe_jax.outputs import atomic_write
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def is_training_workdir(p: epath.Path) -> bool:
     try:
         if not p.is_dir():
             return False
-        if (p / "metrics.jsonl").exists() or ckpt.is_step_dir(p):
+        if (p / METRICS_FILE).exists() or ckpt.is_step_dir(p):
             return True
         if (p / "checkpoints").is_dir() and ckpt.training_steps(p / "checkpoints"):
             return True

@@ -20,6 +20,7 @@ from etils import epath
 
 from pbe_jax import checkpoint as ckpt
 from pbe_jax.convert import orbax_io
+from pbe_jax.metrics import METRICS_FILE
 from pbe_jax.models.hub import is_hub_id, num_params
 from pbe_jax.models.registry import COMPONENTS
 
@@ -73,7 +74,7 @@ def read_metrics(workdir: str) -> tuple[dict[str, float], str | None]:
     `metrics.jsonl` row with `eval/*` values (training's `config.evals`), else a `metrics.json`
     of `python -m pbe_jax.evaluate` in the workdir or one level below; ({}, None) if none."""
     root = epath.Path(workdir)
-    jsonl = root / "metrics.jsonl"
+    jsonl = root / METRICS_FILE
     if jsonl.exists():
         found = None
         for line in jsonl.read_text().splitlines():

@@ -10,7 +10,7 @@ Scene `index` of `seed` and `style` is always the same picture. Two styles:
   with 1-3 large solid objects, each of one of the 8 saturated `PALETTE` colours (jittered by a
   few levels). An object's appearance is then its colour and its shape, which a tiny model can
   learn to carry from the reference to the hole in minutes on a CPU, and which
-  `pbe_jax.evals.exemplar` can score (an object pixel's palette colour is unambiguous: the
+  `pbe_jax.evaluation.exemplar` can score (an object pixel's palette colour is unambiguous: the
   background's chroma stays far below any palette colour's).
 
 Each object's box is the tight box of its drawn pixels, so later objects can occlude earlier

@@ -21,8 +21,8 @@ from pbe_jax.convert.load import load_pipeline, load_scheduler_config
 from pbe_jax.convert.orbax_io import scheduler_of_run
 from pbe_jax.data.pipeline import make_loader
 from pbe_jax.data.prefetch import DevicePrefetch
-from pbe_jax.evals.benchmark import training_eval
-from pbe_jax.evals.exemplar import ExemplarEval
+from pbe_jax.evaluation.benchmark import training_eval
+from pbe_jax.evaluation.exemplar import ExemplarEval
 from pbe_jax.metrics import (MetricWriter, check_workdir_backend, image_grid, last_logged_step,
                              peak_flops_per_device, readable)
 from pbe_jax.outputs import atomic_write, ensure_writable
@@ -308,7 +308,7 @@ def _log_samples(setup: Setup, state, frozen, batch, writer: MetricWriter, step:
 
 def _exemplar_eval(exemplar: ExemplarEval, setup: Setup, state, frozen, writer: MetricWriter,
                    step: int) -> dict:
-    """Held-out exemplar-following scores and grid (`pbe_jax.evals.exemplar`) of the EMA params
+    """Held-out exemplar-following scores and grid (`pbe_jax.evaluation.exemplar`) of the EMA params
     when the run keeps them (`config.train.ema_decay`), else of the params."""
     values, grid = exemplar(setup.model(state.get("ema", state["params"]), frozen))
     writer.scalars(step, values)

@@ -16,8 +16,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from pbe_jax.batch_edit import check_settings, check_weights, edit_rows, validate, write_results
-from pbe_jax.evals import cocoee
 from pbe_jax.evals.scoring import Item, MetricSpec, score
+from pbe_jax.evaluation import cocoee
 from pbe_jax.outputs import atomic_write
 from pbe_jax.sharding import make_mesh
 
@@ -93,11 +93,12 @@ def sample_bench(load_pipe: Callable[[], tuple[Any, dict | None]], rows, results
     return failed
 
 
-def generate(model, rows, *, steps: int, guidance: float, scheduler: str, batch_size: int) -> list[np.ndarray]:
+def generate(model, rows, *, steps: int, guidance: float, scheduler: str | None,
+             batch_size: int) -> list[np.ndarray]:
     """Sample `rows` (validated `batch_edit.Row`s) with a `PaintByExampleModel` whose params may
     be sharded over a mesh (training) -> uint8 `[H, W, 3]` per row, on every process. Same
     inputs, seeds and quantisation as the batch CLI (one sample, no paste-back, squashed
-    reference)."""
+    reference). `scheduler` None: the model's own."""
     out = dict((row.id, images[0]) for row, images in edit_rows(
         model, rows, batch_size=batch_size, steps=steps, guidance=guidance, scheduler=scheduler))
     return [out[row.id] for row in rows]
@@ -123,7 +124,7 @@ def training_eval(model, config, step: int) -> dict[str, float]:
             log.warning("eval row %s skipped: %s", row.id, reason)
         else:
             rows.append(row)
-    images = generate(model, rows, steps=ev.steps, guidance=ev.guidance, scheduler=ev.scheduler,
+    images = generate(model, rows, steps=ev.steps, guidance=ev.guidance, scheduler=ev.scheduler or None,
                       batch_size=ev.batch_size)
     items = [Item(row.id, img, row.mask, row.reference) for row, img in zip(rows, images)]
     report = score(items, spec)  # reference statistics: ev.fid_ref_cache, and memoised per process
