@@ -148,22 +148,24 @@ def test_bench_runs_from_a_plain_install_outside_the_checkout(tmp_path):
 # counts, module-level and function-local alike (a local import is no way around the rule).
 LAYERS = (
     ("base", ("pbe_jax.outputs", "pbe_jax.locks", "pbe_jax.runtime", "pbe_jax.distributed",
+              "pbe_jax.defaults", "pbe_jax.logs",
               "pbe_jax.metrics", "pbe_jax.sharding", "pbe_jax.checkpoint", "pbe_jax.convert",
               "pbe_jax.convert.torch_layout", "pbe_jax.convert.safetensors_io")),
     ("models", ("pbe_jax.models",)),
     ("building blocks", ("pbe_jax.convert.load", "pbe_jax.convert.diffusers_io", "pbe_jax.convert.ldm",
                          "pbe_jax.convert.ldm_io", "pbe_jax.convert.sd_init", "pbe_jax.convert.orbax_io",
                          "pbe_jax.convert.components", "pbe_jax.convert.report", "pbe_jax.convert.export",
-                         "pbe_jax.convert.model_card", "pbe_jax.data", "pbe_jax.diffusion",
+                         "pbe_jax.convert.model_card", "pbe_jax.convert.lora_io", "pbe_jax.data", "pbe_jax.diffusion",
                          "pbe_jax.schedulers", "pbe_jax.sampler", "pbe_jax.evals")),
     ("inference, training", ("pbe_jax.inference", "pbe_jax.pipeline", "pbe_jax.batch_edit",
                              "pbe_jax.webdemo", "pbe_jax.training")),
     ("evaluation", ("pbe_jax.evaluation",)),  # runs inference; evals/ holds the metrics only
-    ("configs, runs", ("pbe_jax.configs", "pbe_jax.training.loop", "pbe_jax.training.sweeps",
+    ("configs, runs", ("pbe_jax.configs", "pbe_jax.training.loop", "pbe_jax.training.guards",
+                       "pbe_jax.training.sweeps",
                        "pbe_jax.benchmarks")),
     ("command lines", ("pbe_jax", "pbe_jax.train", "pbe_jax.sample", "pbe_jax.demo", "pbe_jax.evaluate",
                        "pbe_jax.fit_vae", "pbe_jax.sweep", "pbe_jax.bench", "pbe_jax.convert.__main__",
-                       "pbe_jax.data.preview", "pbe_jax.tools")),
+                       "pbe_jax.data.preview", "pbe_jax.tools", "pbe_jax.cli_flags")),
 )
 
 
