@@ -46,3 +46,7 @@ html_theme = "sphinx_book_theme"
 html_title = "pbe_jax"
 html_static_path = []
 html_theme_options = {"show_toc_level": 2, "home_page_in_toc": True}
+
+# `PaintByExampleTokenEncoder.config_class` is an alias of a config class that pbe_jax.models does
+# not export (it is not public API), so the alias's link has no target.
+nitpick_ignore = [("py:class", "pbe_jax.models.conditioner.PaintByExampleTokenEncoderConfig")]

@@ -7,16 +7,28 @@ after a sentence, aligned tables and diagrams indented under a paragraph. Three 
 - an indented block after a blank line (a table of shapes, a pipeline diagram) becomes a literal
   block, as it reads in the source;
 - a list that starts right under a sentence gets the blank line RST needs before it;
-- a code span followed by a letter (`` `jax.Array`s ``) gets the escaped space RST needs after it.
+- a code span followed by a letter (`` `jax.Array`s ``) gets the escaped space RST needs after it;
+- a `*` after `-` or `/` outside code (a glob in a name, `facebook/dinov2-*`) is escaped, not emphasis.
+
+A module-level value that has no docstring of its own (a registry dict) would show its type's
+docstring (`dict`'s); it shows none instead.
 
 Single backticks render as code through `default_role = "code"` (conf.py).
 """
 from __future__ import annotations
 
+import inspect
 import re
 
 LIST_ITEM = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+\S")
 CODE_THEN_LETTER = re.compile(r"(?<!`)(`[^`\s][^`]*`)(?=[A-Za-z0-9])")
+CODE_SPAN = re.compile(r"(`+[^`]*`+)")
+GLOB_STAR = re.compile(r"(?<=[-/])\*")
+
+
+def _escape_globs(line: str) -> str:
+    parts = CODE_SPAN.split(line)
+    return "".join(p if i % 2 else GLOB_STAR.sub(r"\\*", p) for i, p in enumerate(parts))
 
 
 def _indent(line: str) -> int:
@@ -29,7 +41,7 @@ def rewrite(lines: list[str]) -> list[str]:
     in_list = False
     in_literal = False
     for i, line in enumerate(lines):
-        line = CODE_THEN_LETTER.sub(r"\1\\ ", line) if not in_literal else line
+        line = _escape_globs(CODE_THEN_LETTER.sub(r"\1\\ ", line)) if not in_literal else line
         blank = not line.strip()
         prev = out[-1] if out else ""
         if in_literal and not blank and _indent(line) == 0:
@@ -64,6 +76,9 @@ def rewrite(lines: list[str]) -> list[str]:
 
 
 def _process(app, what, name, obj, options, lines):
+    if what == "data" and lines and "\n".join(lines).strip() == (inspect.getdoc(type(obj)) or "").strip():
+        lines[:] = []  # no docstring of its own: not its type's
+        return
     lines[:] = rewrite(list(lines))
 
 
