@@ -334,7 +334,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The autoencoder stage (pbe_jax/training/vae_fit.py): with steps > 0 and no checkpoint in
     # the workdir yet, the run first fits config.model.vae on its own images, saves it to
     # WORKDIR/vae (reused when present) and trains with it frozen. Off (0) for sd15: the paper
-    # uses SD's VAE as released.
+    # uses SD's VAE as released. Skipped when init_from is a pbe_jax checkpoint (its VAE is
+    # kept) unless refit. The frozen VAE's precedence: workdir checkpoint > init_from (orbax) >
+    # this stage > random.
     c.vae_fit = ml_collections.ConfigDict({
         "steps": 600 if demo else 0,
         "batch_size": 16,
@@ -344,6 +346,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "recon": "l2",  # 'l1' or 'l2' reconstruction error
         "heldout_data": "synthetic_seed=1000",  # config.data overrides for the held-out images
         "heldout_images": 64,
+        # init_from a pbe_jax checkpoint (format orbax) brings its trained VAE and scaling
+        # factor, and the stage is skipped; True fits a new VAE on this run's images instead.
+        "refit": False,
     })
     # Held-out exemplar-following eval (pbe_jax/evals/exemplar.py) at every sample_every_steps
     # and at the end: num_triplets self + as many cross-reference edits of 'palette' scenes of
