@@ -63,3 +63,10 @@ def test_init_from_a_workdir_keeps_its_vae_and_scaling_on_a_folder(tmp_path):
     assert not os.path.exists(os.path.join(b, "vae"))
     assert read_configs(b)["vae"]["scaling_factor"] == scaling
     jax.tree.map(np.testing.assert_array_equal, _vae(b), _vae(a))
+    # vae_fit.refit: a new VAE is fitted on this run's images and replaces the init's
+    c = str(tmp_path / "c")
+    train_and_evaluate(tiny_config(**stage, **{"train.num_steps": 1, "seed": 1, "vae_fit.refit": True,
+                                               "init_from.format": "orbax", "init_from.path": a}), c)
+    fitted = read_configs(c)["vae"]["scaling_factor"]
+    assert os.path.isdir(os.path.join(c, "vae")) and fitted != scaling
+    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(_vae(c)), jax.tree.leaves(_vae(a))))
