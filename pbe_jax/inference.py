@@ -19,16 +19,24 @@ CLIP-encodes the reference, runs the guided `lax.scan` sampler and VAE-decodes. 
 do not: the unedited region is a VAE re-synthesis with colour shift). Optional
 `mask_crop_padding` (diffusers' `padding_mask_crop`) crops a window around the mask before
 `prepare`, edits it at the model's resolution and pastes it back after `finish`.
+
+Per-step progress (`progress_bar=True`, or `callback(step, total)`) compiles a variant of the
+program with one `jax.debug.callback` per step of the scan, keyed by a per-call id passed in as
+an argument (so any callback reuses that one compiled variant); without them the program is
+the one it always was, with no callback in it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import os
+import threading
 import time
 import weakref
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import jax
@@ -37,6 +45,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 
 from pbe_jax import sharding as shd
 from pbe_jax.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
@@ -240,10 +249,24 @@ def prepare(pipe, images: Sequence[np.ndarray], edits: Sequence[np.ndarray], ref
 # ---------------------------------------------------------------------------------------------
 
 
-def _edit_body(graphdef, state, image, keep, ref, seeds, guidance, latents, *, scheduler: Scheduler,
-               cfg: bool, masked_latents: str, batch_sharding):
+# per-step progress: call id -> callback(step, total), for the edits running now
+_STEP_CALLBACKS: dict[int, Callable[[int, int], None]] = {}
+_CALL_IDS = itertools.count()
+_CALLBACKS_LOCK = threading.Lock()
+
+
+def _step_done(call_id, i, total) -> None:
+    """Host side of the per-step `jax.debug.callback`: step `i` (0-based) of call `call_id`."""
+    fn = _STEP_CALLBACKS.get(int(call_id))
+    if fn is not None:
+        fn(int(i) + 1, int(total))
+
+
+def _edit_body(graphdef, state, image, keep, ref, seeds, guidance, latents, call_id=None, *,
+               scheduler: Scheduler, cfg: bool, masked_latents: str, batch_sharding):
     """image [N,H,W,3] in [-1,1], keep [N,H,W,1] (1 = keep), ref [N,R,R,3] in [0, 1],
-    seeds [N] uint32, latents [N,h,w,C] or None -> images [N,H,W,3] in [0,1]."""
+    seeds [N] uint32, latents [N,h,w,C] or None, call_id: a uint32 scalar (per-step progress,
+    `_step_done`) or None -> images [N,H,W,3] in [0,1]."""
     pipe = nnx.merge(graphdef, state)
     keys = jax.vmap(jax.random.PRNGKey)(seeds)
     sf = pipe.vae.scaling_factor
@@ -261,9 +284,13 @@ def _edit_body(graphdef, state, image, keep, ref, seeds, guidance, latents, *, s
         latents = jax.vmap(lambda k: jax.random.normal(k, (h, w, c)))(keys)
     cond = pipe.image_encoder.encode(ref)  # [N, T, D]
     uncond = pipe.image_encoder.uncond(cond.dtype)
+    on_step = None
+    if call_id is not None:
+        total = scheduler.num_steps
+        on_step = lambda i: jax.debug.callback(_step_done, call_id, i, total)  # noqa: E731
     x0 = guided_sample(pipe.unet, scheduler, latents.astype(jnp.float32), zm, mask, cond, uncond,
                        guidance if cfg else 1.0, jax.random.fold_in(keys[0], 2),
-                       batch_sharding=batch_sharding)
+                       batch_sharding=batch_sharding, on_step=on_step)
     img = pipe.vae.decode((x0 / sf).astype(jnp.float32))
     return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -274,7 +301,7 @@ _COMPILED_SHAPES: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDiction
 
 @functools.lru_cache(maxsize=64)
 def _compiled_edit(graphdef, state_treedef, state_shardings: tuple, mesh, device, scheduler: Scheduler,
-                   cfg: bool, masked_latents: str, with_latents: bool):
+                   cfg: bool, masked_latents: str, with_latents: bool, progress: bool = False):
     state_sh = jax.tree.unflatten(state_treedef, state_shardings)
     if mesh is not None:
         batch = lambda nd: shd.batch_sharding(mesh, nd)  # noqa: E731
@@ -292,14 +319,18 @@ def _compiled_edit(graphdef, state_treedef, state_shardings: tuple, mesh, device
         in_sh.append(batch(4))
         fn = body
     else:
-        fn = lambda state, image, keep, ref, seeds, guidance: body(  # noqa: E731
-            state, image, keep, ref, seeds, guidance, None)
+        fn = lambda state, image, keep, ref, seeds, guidance, *call: body(  # noqa: E731
+            state, image, keep, ref, seeds, guidance, None, *call)
+    if progress:  # the call id, last
+        in_sh.append(rep)
     return jax.jit(fn, in_shardings=tuple(in_sh), out_shardings=out)
 
 
 def edit_function(pipe, *, scheduler: Scheduler, cfg: bool, masked_latents: str = "sample",
-                  with_latents: bool = False, mesh: jax.sharding.Mesh | None = None):
-    """(jitted fn, state, mesh): `fn(state, image, keep, ref, seeds, guidance[, latents])` for
+                  with_latents: bool = False, mesh: jax.sharding.Mesh | None = None,
+                  progress: bool = False):
+    """(jitted fn, state, mesh): `fn(state, image, keep, ref, seeds, guidance[, latents][,
+    call_id])` (`call_id` with `progress`: a uint32 key of `_STEP_CALLBACKS`) for
     `pipe`'s params as they are placed. Params already on a mesh (training) are used in place;
     otherwise with `mesh` they are replicated onto it, else everything runs on their device.
     Built once per (graph, shardings, mesh, scheduler, cfg, masked_latents) and cached."""
@@ -313,22 +344,27 @@ def edit_function(pipe, *, scheduler: Scheduler, cfg: bool, masked_latents: str 
         leaves = jax.tree.leaves(state)
     device = None if mesh is not None else next(iter(first.device_set)) if first is not None else jax.devices()[0]
     fn = _compiled_edit(graphdef, treedef, tuple(x.sharding for x in leaves), mesh, device, scheduler,
-                        bool(cfg), masked_latents, bool(with_latents))
+                        bool(cfg), masked_latents, bool(with_latents), bool(progress))
     return fn, state, mesh
 
 
 def run_edit(pipe, inputs: EditInputs, *, num_inference_steps: int = NUM_INFERENCE_STEPS,
              guidance_scale: float = GUIDANCE_SCALE,
              scheduler: str | None = None, eta: float = 0.0, latents: np.ndarray | None = None,
-             masked_latents: str = "sample", mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+             masked_latents: str = "sample", mesh: jax.sharding.Mesh | None = None,
+             callback: Callable[[int, int], None] | None = None, progress_bar: bool = False
+             ) -> np.ndarray:
     """`EditInputs` in, float32 [N, H', W', 3] in [0, 1] out (host, padded size). Pads the batch
-    to the mesh's batch size and drops the padding, so any N works on any number of devices."""
+    to the mesh's batch size and drops the padding, so any N works on any number of devices.
+    `callback(step, total)` is called after each denoising step (step = 1 .. total; total is
+    the scheduler's UNet steps: num_inference_steps, PLMS one more, as diffusers' bar) and
+    `progress_bar=True` shows a tqdm bar; either compiles the progress variant once."""
     if masked_latents not in ("sample", "mode"):
         raise ValueError(f"masked_latents must be 'sample' or 'mode', got {masked_latents!r}")
     sched = scheduler_for(pipe.scheduler_config, scheduler, num_inference_steps, eta)
     fn, state, mesh = edit_function(pipe, scheduler=sched, cfg=float(guidance_scale) != 1.0,
                                     masked_latents=masked_latents, with_latents=latents is not None,
-                                    mesh=mesh)
+                                    mesh=mesh, progress=callback is not None or progress_bar)
     n = len(inputs)
     arrays = [inputs.image, inputs.keep, inputs.ref, inputs.seeds]
     if latents is not None:
@@ -338,6 +374,42 @@ def run_edit(pipe, inputs: EditInputs, *, num_inference_steps: int = NUM_INFEREN
         arrays = [np.concatenate([a, np.repeat(a[-1:], pad, 0)]) if pad else a for a in arrays]
         arrays = [jax.device_put(a, shd.batch_sharding(mesh, a.ndim)) for a in arrays]
     args = arrays[:4] + [np.float32(guidance_scale)] + arrays[4:]
+    with _progress(callback, progress_bar, sched.num_steps) as call_id:
+        if call_id is not None:
+            args.append(np.uint32(call_id))
+        return _run(fn, state, args, mesh, n, num_inference_steps)
+
+
+@contextlib.contextmanager
+def _progress(callback, progress_bar: bool, total: int):
+    """The call id that routes this edit's per-step callbacks to `callback` and / or a tqdm bar
+    (None: no progress asked); unregistered once every callback of the run has been delivered."""
+    if callback is None and not progress_bar:
+        yield None
+        return
+    bar = tqdm(total=total, desc="denoising", unit="step") if progress_bar else None
+
+    def report(step: int, total: int) -> None:
+        if bar is not None:
+            bar.update(1)
+        if callback is not None:
+            callback(step, total)
+
+    with _CALLBACKS_LOCK:
+        call_id = next(_CALL_IDS) % 2**32
+        _STEP_CALLBACKS[call_id] = report
+    try:
+        yield call_id
+        jax.effects_barrier()  # the run's callbacks are delivered before it returns
+    finally:
+        with _CALLBACKS_LOCK:
+            _STEP_CALLBACKS.pop(call_id, None)
+        if bar is not None:
+            bar.close()
+
+
+def _run(fn, state, args: list, mesh, n: int, num_inference_steps: int) -> np.ndarray:
+    """Run the jitted edit, saying so on the first call of each input shape (it compiles)."""
     shapes = tuple(a.shape for a in args[:4])
     seen = _COMPILED_SHAPES.setdefault(fn, set())
     first = shapes not in seen
@@ -483,7 +555,8 @@ def edit(pipe, source, mask, reference, *, num_inference_steps: int = NUM_INFERE
          latents: np.ndarray | None = None, masked_latents: str = "sample", paste_back: bool = False,
          paste_back_radius: float = 8.0, mask_crop_padding: int | None = None,
          reference_preprocess: str = "squash", output_type: str = "pil", eta: float = 0.0,
-         mesh: jax.sharding.Mesh | None = None, max_pixels: int | str | None = AUTO):
+         mesh: jax.sharding.Mesh | None = None, max_pixels: int | str | None = AUTO,
+         callback: Callable[[int, int], None] | None = None, progress_bar: bool = False):
     """Paint `reference` into the white region of `mask` on `source` (see the module docstring).
 
     source/mask/reference: one image each or equal-length lists (PIL, numpy, paths); all sources
@@ -493,7 +566,9 @@ def edit(pipe, source, mask, reference, *, num_inference_steps: int = NUM_INFERE
     padded working size is larger are refused (ValueError naming the limit; None = no limit;
     default AUTO: `max_pixels_for(pipe)`, 768 x 768 for SD v1, 192 x 192 for the demo).
     Returns PIL images or, with output_type='np', float32 [N * num_images_per_prompt, H, W, 3]
-    in [0, 1].
+    in [0, 1]. `callback(step, total)`: called after each denoising step (step = 1 .. total);
+    `progress_bar=True`: a tqdm bar over the steps (either compiles a progress variant of the
+    edit once; without them the program has no callback in it).
 
     `mask_crop_padding=N` (diffusers' `padding_mask_crop`; None = off, as diffusers) edits only
     a window around the mask's bounding box grown by N px (`crop_window`), resized to the
@@ -527,7 +602,8 @@ def edit(pipe, source, mask, reference, *, num_inference_steps: int = NUM_INFERE
                      num_images_per_prompt=num_images_per_prompt, reference_preprocess=reference_preprocess,
                      max_pixels=max_pixels)
     out = run_edit(pipe, inputs, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                   scheduler=scheduler, eta=eta, latents=latents, masked_latents=masked_latents, mesh=mesh)
+                   scheduler=scheduler, eta=eta, latents=latents, masked_latents=masked_latents, mesh=mesh,
+                   callback=callback, progress_bar=progress_bar)
     out = finish(out, work_images, work_edits, num_images_per_prompt=num_images_per_prompt,
                  paste_back=paste_back and mask_crop_padding is None, paste_back_radius=paste_back_radius)
     if mask_crop_padding is not None:

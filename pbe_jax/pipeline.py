@@ -50,7 +50,8 @@ class PaintByExample(PaintByExampleModel):
         scheduler=None (the model's own: PLMS for the released PbE), seed=0,
         num_images_per_prompt=1, latents=None, masked_latents='sample',
         paste_back=False, mask_crop_padding=None, reference_preprocess='squash',
-        output_type='pil'). diffusers' names work too: `image=`, `mask_image=`, `example_image=`."""
+        output_type='pil', progress_bar=False, callback=None: `callback(step, total)` per
+        denoising step). diffusers' names work too: `image=`, `mask_image=`, `example_image=`."""
         source = _one_of("source", source, "image", image)
         mask = _one_of("mask", mask, "mask_image", mask_image)
         reference = _one_of("reference", reference, "example_image", example_image)

@@ -33,7 +33,8 @@ def guided_sample(eps_fn: EpsFn, scheduler: Scheduler, latents: jax.Array,
                   masked_latents: jax.Array, mask: jax.Array, cond: jax.Array,
                   uncond: jax.Array, guidance_scale: float | jax.Array,
                   rng: jax.Array | None = None, *,
-                  batch_sharding: NamedSharding | None = None) -> jax.Array:
+                  batch_sharding: NamedSharding | None = None,
+                  on_step: Callable[[jax.Array], None] | None = None) -> jax.Array:
     """Denoise `latents` to x0 latents with classifier-free guidance; traceable under `jax.jit`.
 
     Args:
@@ -48,6 +49,9 @@ def guided_sample(eps_fn: EpsFn, scheduler: Scheduler, latents: jax.Array,
       guidance_scale: s; a Python float equal to 1.0 drops the unconditional half (B-batch calls).
       rng: PRNG key; split into one key per step for stochastic schedulers (DDIM eta > 0).
       batch_sharding: if given, re-asserted on the latents every step (data-parallel sampling).
+      on_step: if given, `on_step(i)` is traced at the end of each step with the step index `i`
+        (a traced int32), e.g. to report progress through `jax.debug.callback`; None (the
+        default) adds nothing to the program.
 
     Returns:
       x0 latents `[B, h, w, 4]` in latents.dtype (divide by the VAE scaling factor to decode).
@@ -90,6 +94,8 @@ def guided_sample(eps_fn: EpsFn, scheduler: Scheduler, latents: jax.Array,
             e_u, e_c = eps[:b], eps[b:]
             eps = e_u + guidance_scale * (e_c - e_u)
         x, state = scheduler.step(state, eps.astype(dtype), i, x, rng=key)
+        if on_step is not None:
+            on_step(i)
         return (constrain(x), state), None
 
     x = constrain(latents * jnp.asarray(scheduler.init_noise_sigma, dtype))

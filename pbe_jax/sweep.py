@@ -10,7 +10,10 @@ r"""Hyper-parameter sweeps: one training run per point of a config file's `get_s
                 (concurrent runs share this machine's devices: on a GPU host keep --parallel=1)
   --run tpu     one after the other on the pod slice of launch/tpu/pod.sh (TPU_NAME, ZONE, ...)
   --run slurm   one `sbatch launch/gpu/slurm.sbatch ...` job per run (parallel in the queue)
-  --dry_run     with tpu/slurm: print the launcher commands instead of running them
+  --dry_run     print what would start (the launcher commands with tpu/slurm) and start nothing
+
+Every mode first prints the cost: `[sweep] 4 runs x 1000 steps = 4,000 training steps (48,000
+images) + 2,400 VAE-stage steps ...` (the demo's lr_batch sweep: four full demo runs).
 
 A config file opts in by defining `get_sweep(arg) -> list[dict]`: each dict maps dotted config
 fields to values (`{'train.lr': 1e-4, 'train.batch_size': 64}`), one dict per run. `get_sweep`
@@ -32,7 +35,7 @@ from typing import Sequence
 
 from absl import flags
 
-from pbe_jax.training.sweeps import expand, run_local, submit, summarize
+from pbe_jax.training.sweeps import cost, expand, run_local, submit, summarize
 
 
 def make_flags() -> flags.FlagValues:
@@ -42,7 +45,8 @@ def make_flags() -> flags.FlagValues:
     flags.DEFINE_string("workdir", None, "sweep root; run I writes to ROOT/<name I>", flag_values=fv)
     flags.DEFINE_enum("run", "print", ["local", "print", "tpu", "slurm"], "where to run", flag_values=fv)
     flags.DEFINE_integer("parallel", 1, "local: runs at once", flag_values=fv)
-    flags.DEFINE_bool("dry_run", False, "tpu/slurm: print the launcher commands only", flag_values=fv)
+    flags.DEFINE_bool("dry_run", False, "print what would start and its cost, start nothing",
+                      flag_values=fv)
     flags.DEFINE_string("summarize", None, "write ROOT/summary.{md,csv} and exit", flag_values=fv)
     flags.DEFINE_string("launch_dir", None, "the repository's launch/ folder (tpu/slurm); default "
                         "./launch or the checkout's", flag_values=fv)
@@ -74,8 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[sweep] wrote {args.summarize}/summary.md and summary.csv")
         return 0
     runs = expand(args.config, args.workdir, extra)
-    print(f"[sweep] {len(runs)} runs under {args.workdir}", file=sys.stderr)
-    if args.run == "print":
+    print(f"[sweep] {len(runs)} runs under {args.workdir}: {cost(runs)}", file=sys.stderr)
+    if args.run == "print" or (args.dry_run and args.run == "local"):
         for run in runs:
             print(shlex.join(run.command("python")))
         return 0

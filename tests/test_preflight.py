@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from pbe_jax.configs.validate import ConfigError, validate
 from pbe_jax.training import preflight
 from tests.test_data_folder import _folder
 from tests.train_utils import CONFIG_FILE, REPO, cli_overrides, subprocess_env, tiny_config
@@ -53,3 +54,20 @@ def test_train_cli_stops_before_the_vae_stage(folder, tmp_path):
     assert "set --config.vae_fit.heldout_images=22 or fewer" in r.stderr  # said at start, with the fix
     assert not os.path.exists(tmp_path / "run" / "vae")
     assert time.perf_counter() - t0 < 120
+
+
+def test_init_from_a_pbe_jax_checkpoint_skips_the_vae_stage_checks(folder, tmp_path):
+    # init_from a pbe_jax workdir keeps its VAE: no stage, so no held-out count to check ...
+    init = {"init_from.format": "orbax", "init_from.path": str(tmp_path / "trained")}
+    config = _folder_config(folder, **{"vae_fit.steps": 600, "vae_fit.heldout_images": 64, **init})
+    preflight.check_data(config, str(tmp_path / "run"))
+    # ... unless a new VAE is asked for
+    config = _folder_config(folder, **{"vae_fit.steps": 600, "vae_fit.heldout_images": 64,
+                                       "vae_fit.refit": True, **init})
+    with pytest.raises(ValueError, match=r"config\.vae_fit\.heldout_images=64"):
+        preflight.check_data(config, str(tmp_path / "run"))
+
+
+def test_refit_without_a_vae_stage_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"config\.vae_fit\.refit=True: the VAE stage is off"):
+        validate(tiny_config("demo", **{"vae_fit.steps": 0, "vae_fit.refit": True}))

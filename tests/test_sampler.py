@@ -201,3 +201,17 @@ def test_shape_errors_name_the_arrays():
     inputs["mask"] = inputs["mask"][..., :1, :]
     with pytest.raises(ValueError, match="mask"):
         guided_sample(eps_jax, sched, guidance_scale=2.0, **inputs)
+
+
+def test_on_step_runs_once_per_step_and_is_absent_by_default():
+    sched = make_scheduler("ddim", 6)
+    inputs = {k: jnp.asarray(v) for k, v in _inputs().items()}
+    seen = []
+    with_cb = jax.jit(lambda kw: guided_sample(
+        eps_jax, sched, guidance_scale=4.0, on_step=lambda i: jax.debug.callback(seen.append, i), **kw))
+    _assert_close(with_cb(inputs), _reference(sched, _inputs(), 4.0))  # the same result
+    jax.effects_barrier()
+    assert sorted(int(i) for i in seen) == list(range(6))
+    plain = jax.jit(lambda kw: guided_sample(eps_jax, sched, guidance_scale=4.0, **kw))
+    assert "callback" not in plain.lower(inputs).as_text()
+    assert "callback" in with_cb.lower(inputs).as_text()

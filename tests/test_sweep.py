@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pbe_jax import sweep as sweep_cli
-from pbe_jax.configs import load_module
+from pbe_jax.configs import load_config, load_module
 from pbe_jax.training import sweeps as sweep
 from tests.train_utils import CONFIG_FILE, REPO, cli_overrides
 
@@ -190,3 +190,19 @@ def test_local_sweep_two_tiny_runs(tmp_path, monkeypatch, capsys):
     assert losses["arbitrary_mask_prob=0.0"] != losses["arbitrary_mask_prob=1.0"]  # different masks
     md = (root / "summary.md").read_text()
     assert all(n in md for n in names)
+
+
+def test_dry_run_prints_the_cost_and_the_demo_sweep_has_the_demo_lr(tmp_path, capsys):
+    points = load_module(CONFIG_FILE).get_sweep("demo,sweep=lr_batch")
+    demo = load_config(f"{CONFIG_FILE}:demo")
+    assert demo.train.lr in {p["train.lr"] for p in points}
+    assert demo.train.batch_size in {p["train.batch_size"] for p in points}
+    root = str(tmp_path / "r")
+    assert sweep_cli.main([f"--config={CONFIG_FILE}:demo,sweep=lr_batch", f"--workdir={root}",
+                           "--run=local", "--dry_run", "--config.train.num_steps=7"]) == 0
+    out, err = capsys.readouterr()
+    n = len(points)
+    images = sum(7 * p["train.batch_size"] for p in points)
+    vae = n * demo.vae_fit.steps
+    assert f"{n} runs x 7 steps = {7 * n:,} training steps ({images:,} images) + {vae:,} VAE-stage steps" in err
+    assert len(out.strip().splitlines()) == n and not os.path.exists(root)  # nothing started

@@ -71,6 +71,7 @@ from pbe_jax.schedulers import pbe_scheduler_config
 from pbe_jax.sharding import DEFAULT_RULES
 
 VARIANTS = ("demo", "sd15", "sd21", "sd21_768")
+DEMO_LR, PAPER_LR = 2e-3, 1e-5  # train.lr of the demo and of the SD variants (the paper's)
 _TYPES = {"mesh": str, "dtype": str, "res": int, "batch": int, "steps": int, "tower": str,
           "conditioner": str}
 
@@ -258,7 +259,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t = c.train
     t.num_steps = kw.get("steps", 1000 if demo else 2_000_000)  # paper: 40 epochs ~ 2M steps at 32
     t.batch_size = kw.get("batch", 8 if demo else 32)  # global
-    t.lr = 2e-3 if demo else 1e-5
+    t.lr = DEMO_LR if demo else PAPER_LR
     t.warmup_steps = 20 if demo else 10_000
     t.warmup_init_factor = 1e-6  # LambdaLinearScheduler f_start
     t.weight_decay = 0.01  # torch AdamW default, used by the official code
@@ -334,7 +335,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The autoencoder stage (pbe_jax/training/vae_fit.py): with steps > 0 and no checkpoint in
     # the workdir yet, the run first fits config.model.vae on its own images, saves it to
     # WORKDIR/vae (reused when present) and trains with it frozen. Off (0) for sd15: the paper
-    # uses SD's VAE as released.
+    # uses SD's VAE as released. Skipped when init_from is a pbe_jax checkpoint (its VAE is
+    # kept) unless refit. The frozen VAE's precedence: workdir checkpoint > init_from (orbax) >
+    # this stage > random.
     c.vae_fit = ml_collections.ConfigDict({
         "steps": 600 if demo else 0,
         "batch_size": 16,
@@ -344,6 +347,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "recon": "l2",  # 'l1' or 'l2' reconstruction error
         "heldout_data": "synthetic_seed=1000",  # config.data overrides for the held-out images
         "heldout_images": 64,
+        # init_from a pbe_jax checkpoint (format orbax) brings its trained VAE and scaling
+        # factor, and the stage is skipped; True fits a new VAE on this run's images instead.
+        "refit": False,
     })
     # Held-out exemplar-following eval (pbe_jax/evaluation/exemplar.py) at every sample_every_steps
     # and at the end: num_triplets self + as many cross-reference edits of 'palette' scenes of
@@ -365,7 +371,8 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     """One override dict per run (dotted config fields -> values), for `pbe_jax.sweep`.
 
     ARG is get_config's argument plus an optional `sweep=NAME` token (default `lr_batch`):
-    - lr_batch: learning rate x global batch (sd15: the paper's 1e-5 @ 32 and its neighbours).
+    - lr_batch: learning rate x global batch, the variant's own lr included (demo: 2e-3 and
+      1e-3 @ 8, 16; sd15: the paper's 1e-5 @ 32 and its neighbours).
     - cond_drop: the classifier-free-guidance drop rate (paper 0.2).
     - mask_mix: the share of Bezier-warped masks vs plain boxes (paper 0.5).
     - resolution: training image side (sd15 256 / 512; demo 32 / 64).
@@ -375,8 +382,8 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     name = names[-1] if names else "lr_batch"
     variant, _ = parse_arg(",".join(t for t in tokens if not t.startswith("sweep=")))
     demo = variant == "demo"
-    if name == "lr_batch":
-        lrs = (3e-4, 1e-3) if demo else (5e-6, 1e-5, 2e-5)
+    if name == "lr_batch":  # each around (and with) the variant's own train.lr
+        lrs = (DEMO_LR / 2, DEMO_LR) if demo else (PAPER_LR / 2, PAPER_LR, PAPER_LR * 2)
         batches = (8, 16) if demo else (32, 64)
         return [{"train.lr": lr, "train.batch_size": b} for b in batches for lr in lrs]
     if name == "cond_drop":

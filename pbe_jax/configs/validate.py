@@ -271,6 +271,9 @@ def _stages(c: _Checks) -> None:
     c.number("vae_fit.kl_weight", lo=0.0)
     c.enum("vae_fit.recon", RECON_LOSSES)
     c.count("vae_fit.heldout_images")
+    if c.get("vae_fit.refit") is True and c.get("vae_fit.steps") == 0:
+        c.problems.append("config.vae_fit.refit=True: the VAE stage is off (config.vae_fit.steps=0); "
+                          "set config.vae_fit.steps > 0 to fit a new VAE")
     if c.get("data") is not _MISSING:
         c.parse("vae_fit.heldout_data", lambda s: heldout_data_config(c.config.data, s))
     c.off_or_count("exemplar_eval.num_triplets")

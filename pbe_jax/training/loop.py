@@ -18,7 +18,7 @@ from pbe_jax import checkpoint, runtime
 from pbe_jax import sharding as shd
 from pbe_jax.checkpoint import Checkpointer
 from pbe_jax.convert.load import load_pipeline, load_scheduler_config
-from pbe_jax.convert.orbax_io import scheduler_of_run
+from pbe_jax.convert.orbax_io import read_configs, scheduler_of_run
 from pbe_jax.data.pipeline import make_loader
 from pbe_jax.data.prefetch import DevicePrefetch
 from pbe_jax.evaluation.benchmark import training_eval
@@ -68,15 +68,21 @@ def resolve_noise_schedule(config: ml_collections.ConfigDict, ckpt: Checkpointer
 # --------------------------------------------------------------------------------------------
 
 
-def _init_params(setup: Setup, config):
-    """Precedence when the workdir has no checkpoint: config.init_from > random init."""
+def _init_params(setup: Setup, config, vae_dir: str | None = None):
+    """Precedence when the workdir has no checkpoint: config.init_from > random init (the
+    frozen VAE's own precedence: `run_vae_stage`). With `vae_dir` (a VAE stage whose VAE
+    replaces the init's) an orbax init's VAE may have another scaling factor."""
     fmt = config.init_from.format
     if not fmt:
         log.info("init: random (config.init_from.format is empty)")
         return setup.random_params()
     log.info("init: %s from %s", fmt, config.init_from.path)
+    model_config = config.model
+    if vae_dir and fmt == "orbax":  # the refitted VAE replaces this one: its factor is not checked
+        model_config = config.model.to_dict()
+        model_config["vae"]["scaling_factor"] = read_configs(config.init_from.path)["vae"]["scaling_factor"]
     model = load_pipeline(fmt, config.init_from.path, clip=config.init_from.clip or None,
-                          model_config=config.model, place=setup.place_fn(), seed=config.seed,
+                          model_config=model_config, place=setup.place_fn(), seed=config.seed,
                           **config_runtime(config))
     if lora_enabled(config):  # adapters on the loaded base, placed as training shards them
         with_lora(model, config)
@@ -91,7 +97,7 @@ def _lora_base(setup: Setup, config, vae_dir):
     """The frozen params of a resumed LoRA run, from the run's base as at its start."""
     log.info("LoRA resume: base reloaded from %s", f"{config.init_from.format}:{config.init_from.path}"
              if config.init_from.format else f"random init (seed {config.seed})")
-    frozen = _init_params(setup, config)[1]
+    frozen = _init_params(setup, config, vae_dir)[1]
     return frozen_with_vae(frozen, vae_dir, setup.place_fn()) if vae_dir else frozen
 
 
@@ -161,7 +167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     setup = Setup(config, mesh)
     clock.mark("abstract model")
     writer = MetricWriter(workdir)
-    # ---- params. Precedence: workdir checkpoint > config.init_from > random init.
+    # ---- params. Precedence: workdir checkpoint > config.init_from > random init; the frozen
+    # VAE: workdir checkpoint > init_from (orbax) > VAE stage > random (`run_vae_stage`).
     # A LoRA run's checkpoints hold no frozen params: its base is reloaded from where it came.
     lora = lora_enabled(config)
     restored = ckpt.restore_latest(setup.abstract_state(), None if lora else setup.abstract_frozen(),
@@ -176,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         guards.write_config(config, workdir)  # config.json follows the run's current config
     else:
         _refuse_lost_history(workdir, had_checkpoints, config)
-        params, frozen = _init_params(setup, config)
+        params, frozen = _init_params(setup, config, vae_dir)
         if vae_dir:
             frozen = frozen_with_vae(frozen, vae_dir, setup.place_fn())
         state = setup.new_state(params)

@@ -14,14 +14,14 @@ import logging
 from etils import epath
 
 from pbe_jax.data.sources import make_source
-from pbe_jax.training.vae_fit import VAE_DIR, heldout_data_config
+from pbe_jax.training.vae_fit import VAE_DIR, heldout_data_config, vae_stage_on
 
 log = logging.getLogger(__name__)
 
 
 def _vae_stage_will_fit(config, workdir: str) -> bool:
     """Whether `run_vae_stage` would fit a VAE: stage on, no saved `WORKDIR/vae`, no checkpoint."""
-    if int(config.vae_fit.steps) <= 0:
+    if not vae_stage_on(config):
         return False
     root = epath.Path(workdir)
     return not (root / VAE_DIR / "config.json").exists() and not any((root / "checkpoints").glob("[0-9]*"))
@@ -39,7 +39,7 @@ def check_data(config, workdir: str) -> None:
                 f"config.vae_fit.heldout_images={want} but the held-out data (config.data with "
                 f"config.vae_fit.heldout_data={config.vae_fit.heldout_data!r}, source {held.source!r}) "
                 f"has {n} records: set --config.vae_fit.heldout_images={n} or fewer, or skip the VAE "
-                "stage (--config.vae_fit.steps=0, e.g. when init_from brings a trained VAE)")
+                "stage (--config.vae_fit.steps=0)")
     if config.data.source != "synthetic" and int(config.exemplar_eval.num_triplets) > 0:
         log.info("exemplar eval off: config.exemplar_eval scores held-out synthetic scenes, and this run "
                  "trains on config.data.source=%r (num_triplets %d -> 0)", config.data.source,

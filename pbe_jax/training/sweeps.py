@@ -4,6 +4,7 @@ name them, run them here or through the TPU / SLURM launchers, summarise their m
 from __future__ import annotations
 
 import copy
+import dataclasses
 import csv
 import hashlib
 import io
@@ -37,6 +38,9 @@ class Run:
     overrides: dict[str, Any]
     workdir: str
     train_args: tuple[str, ...] = field(default=())
+    num_steps: int = 0  # its config's train.num_steps, batch_size and vae_fit.steps (the cost)
+    batch_size: int = 0
+    vae_fit_steps: int = 0
 
     def command(self, python: str = sys.executable) -> list[str]:
         return [python, "-m", "pbe_jax.train", *self.train_args]
@@ -150,9 +154,28 @@ def expand(spec: str, root: str, extra_flags: Sequence[str] = ()) -> list[Run]:
         args = (base, f"--workdir={workdir}",
                 *(f"--config.{k}={flag_value(v)}" for k, v in point.items()), *extra_flags)
         runs.append(Run(name, point, workdir, args))
+    costed = []
     for run in runs:  # each run's config as its command line will see it, before any starts
         check_run(f"{path}:{run_arg}", run.train_args[2:], where=f"sweep run {run.name}")
-    return runs
+        config = load_config(f"{path}:{run_arg}", run.train_args[2:])
+        costed.append(dataclasses.replace(
+            run, num_steps=int(config.train.num_steps), batch_size=int(config.train.batch_size),
+            vae_fit_steps=int(config.vae_fit.steps) if "vae_fit" in config else 0))
+    return costed
+
+
+def cost(runs: Sequence[Run]) -> str:
+    """What a sweep will cost, in one line: runs x training steps (and images), plus the VAE
+    stages (time: these steps at the step time a run of the config logs)."""
+    steps = sum(r.num_steps for r in runs)
+    images = sum(r.num_steps * r.batch_size for r in runs)
+    per_run = sorted({r.num_steps for r in runs})
+    line = (f"{len(runs)} runs x {'/'.join(map(str, per_run))} steps = {steps:,} training steps "
+            f"({images:,} images)")
+    vae = sum(r.vae_fit_steps for r in runs)
+    if vae:
+        line += f" + {vae:,} VAE-stage steps"
+    return line
 
 
 # --------------------------------------------------------------------------------------------

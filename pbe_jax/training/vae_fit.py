@@ -47,6 +47,7 @@ from jax.experimental import multihost_utils
 
 from pbe_jax import checkpoint
 from pbe_jax import sharding as shd
+from pbe_jax.convert.orbax_io import read_configs
 from pbe_jax.data.batch import HOST_KEYS
 from pbe_jax.data.pipeline import make_dataset, make_loader
 from pbe_jax.evals.reconstruction import vae_psnr
@@ -374,15 +375,58 @@ def frozen_with_vae(frozen: dict, directory: str, place: Callable[[tuple, np.nda
     return {**frozen, "vae": nnx.to_pure_dict(nnx.state(vae, nnx.Param))}
 
 
+def init_from_vae(config) -> dict | None:
+    """The VAE config (`config.model.vae`-shaped) of `config.init_from` when the run takes its
+    VAE from there instead of fitting one: `init_from` is a pbe_jax checkpoint (format `orbax`)
+    and `config.vae_fit.refit` is False. None otherwise (other formats bring their own VAE too,
+    with a scaling factor the config already names, e.g. SD's 0.18215)."""
+    if config.init_from.format != "orbax" or bool(config.vae_fit.refit):
+        return None
+    return read_configs(config.init_from.path)["vae"]
+
+
+def vae_stage_on(config) -> bool:
+    """Whether the run fits a VAE (`config.vae_fit.steps > 0`) rather than keeping the one of
+    `config.init_from` (a pbe_jax checkpoint, unless `config.vae_fit.refit`)."""
+    if int(config.vae_fit.steps) <= 0:
+        return False
+    return bool(config.vae_fit.refit) or config.init_from.format != "orbax"
+
+
+def _keep_init_vae(config, ckpt) -> None:
+    """Set `config.model.vae.scaling_factor` to the one the run's frozen VAE was trained with:
+    its checkpoint's on a resume, else `config.init_from`'s (no flag to copy by hand)."""
+    if ckpt.steps():
+        scaling = _checkpoint_scaling(ckpt)
+    else:
+        found = init_from_vae(config)
+        scaling = None if found is None else float(found["scaling_factor"])
+        if scaling is not None:
+            log.info("vae: the VAE of init_from %s (scaling_factor %.4g), no VAE stage "
+                     "(--config.vae_fit.refit=true fits a new one on this run's images)",
+                     config.init_from.path, scaling)
+    if scaling is not None:
+        with config.unlocked():
+            config.model.vae.scaling_factor = float(scaling)
+
+
 def run_vae_stage(config, workdir: str, mesh: jax.sharding.Mesh, ckpt) -> str | None:
-    """The autoencoder stage of `train_and_evaluate`, before the model is built. With
-    `config.vae_fit.steps > 0`: reuse `WORKDIR/vae` when it exists (an incomplete one is moved
+    """The autoencoder stage of `train_and_evaluate`, before the model is built.
+
+    Where a new run's frozen VAE comes from (precedence): the workdir's checkpoint (a resume)
+    > `config.init_from` when it is a pbe_jax checkpoint (format `orbax`: its VAE and scaling
+    factor, the stage skipped, unless `config.vae_fit.refit`) > the VAE stage (`vae_fit.steps
+    > 0`: `WORKDIR/vae`) > `config.init_from` of another format > random init.
+
+    With the stage on (`vae_stage_on`): reuse `WORKDIR/vae` when it exists (an incomplete one is moved
     aside, `vae_folder_problem`), else fit and save it there (atomically, `save_vae`) when the
     workdir has no checkpoint yet (SIGTERM: `Preempted`, see `_fit_and_save`); then set `config.model.vae.scaling_factor` to the
     fitted one (a run resumed without `WORKDIR/vae` keeps its checkpoint's). Returns the VAE
     folder whose params a new run's frozen VAE takes (`load_vae`), or None (stage off; or a
     resumed run, whose checkpoint holds the frozen params)."""
-    if int(config.vae_fit.steps) <= 0:
+    if not vae_stage_on(config):
+        if config.init_from.format == "orbax":
+            _keep_init_vae(config, ckpt)
         return None
     directory = str(epath.Path(workdir) / VAE_DIR)
     has_ckpt = bool(ckpt.steps())
