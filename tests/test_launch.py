@@ -367,7 +367,8 @@ def test_tpu_pod_supervise_recreates_a_preempted_slice_and_relaunches(tmp_path):
     state.write_text("ACTIVE\n")
     log = tmp_path / "gcloud.log"
     env = _env(PATH=f"{bindir}:{os.environ['PATH']}", HOME=str(home), FAKE_GCLOUD_LOG=str(log),
-               FAKE_QR_STATE=str(state), TPU_NAME="t", ZONE="z", TMPDIR=str(tmp_path))
+               FAKE_QR_STATE=str(state), TPU_NAME="t", ZONE="z", TMPDIR=str(tmp_path),
+               POLL_SECONDS="1")
     wd = tmp_path / "run"
     prog = ("import os, sys; wd = sys.argv[1].split('=', 1)[1]; os.makedirs(wd, exist_ok=True); "
             "f = os.path.join(wd, 'tries'); n = len(open(f).read()) if os.path.exists(f) else 0; "

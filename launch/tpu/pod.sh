@@ -30,6 +30,8 @@
 #   QR_ID                 queued-resource id, default "$TPU_NAME-qr"
 #   SPOT=1 | RESERVED=1   capacity type of the queued resource (default on-demand)
 #   PYTHON_VERSION        Python of the workers' venv, default 3.11 (installed with uv)
+#   POLL_SECONDS          how often (whole seconds) `wait` / `supervise` poll the run's end, default
+#                         10; the queued resource's state while it is created: 3x that
 #   PBE_JAX_SOURCE        pip requirement to install instead of this checkout's tarball, e.g.
 #                         "pbe_jax[tpu] @ git+https://github.com/ORG/pbe_jax"
 #
@@ -51,6 +53,8 @@ usage() {
   exit "${1:-0}"
 }
 
+# How often the queued resource's state and the run's end are polled (seconds).
+POLL_SECONDS="${POLL_SECONDS:-10}"
 # Files on every worker; $HOME expands there, inside the remote commands.
 # shellcheck disable=SC2016
 REMOTE_DIR='$HOME/pbe_jax' REMOTE_VENV='$HOME/pbe_venv' REMOTE_LOG='$HOME/pbe_jax_run.log' \
@@ -106,7 +110,7 @@ cmd_create() {
       ACTIVE) return 0 ;;
       FAILED | SUSPENDED) die "queued resource $QR_ID is $state (see: gcloud compute tpus queued-resources describe $QR_ID)" ;;
     esac
-    sleep 30
+    sleep "$((POLL_SECONDS * 3))"
   done
 }
 
@@ -159,7 +163,7 @@ cmd_wait() {
   # Stream worker 0's log until its process ends, then wait for every worker; the exit status
   # is the run's (non-zero when any worker's run failed).
   tpu_ssh 0 "tail -n +1 -f --pid=\$(cat $REMOTE_PID) $REMOTE_LOG" || true
-  tpu_ssh all "while [ ! -s $REMOTE_RC ] && kill -0 \$(cat $REMOTE_PID) 2>/dev/null; do sleep 10; done; \
+  tpu_ssh all "while [ ! -s $REMOTE_RC ] && kill -0 \$(cat $REMOTE_PID) 2>/dev/null; do sleep $POLL_SECONDS; done; \
 for _ in \$(seq 20); do [ -s $REMOTE_RC ] && break; sleep 0.5; done; exit \$(cat $REMOTE_RC 2>/dev/null || echo 1)"
 }
 
