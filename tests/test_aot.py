@@ -16,7 +16,8 @@ from flax import nnx
 
 from pbe_jax import sharding as shd
 from pbe_jax.models import TRAINABLE
-from pbe_jax.tools.aot_compile import compile_report, format_report, parse_topology
+from pbe_jax.tools.aot_compile import (GiB, PLAN_STEPS, _with, compile_report, format_plan, format_report,
+                                      memory_plan, parse_topology)
 from pbe_jax.training.state import Setup, abstract_model, state_bytes_per_device
 from tests.train_utils import CONFIG_FILE, REPO, cli_overrides, tiny_config
 
@@ -90,6 +91,69 @@ def test_compiler_out_of_memory_is_a_verdict(monkeypatch):
     monkeypatch.setattr(Setup, "compile", broken)
     with pytest.raises(RuntimeError, match="INTERNAL"):
         compile_report(cfg, devices)
+
+
+@pytest.mark.slow
+def test_memory_plan_compiles_until_a_setting_fits():
+    """Real compiles over 2 fake devices: with one byte less than the config needs, the plan
+    compiles the config (does not fit), then mu_dtype=bfloat16 (fits: a smaller AdamW state)
+    and stops there, naming that override."""
+    cfg = tiny_config(**{"train.batch_size": 4})
+    cfg.mesh = "data:2"
+    devices = jax.devices()[:2]
+    compiles = {}
+
+    def once(c, d, gib):  # each distinct config compiled once; the verdict for this capacity
+        key = c.to_json()
+        if key not in compiles:
+            compiles[key] = compile_report(c, d, None)
+        r = dict(compiles[key])
+        r["fits"] = r["peak_bytes"] <= gib * GiB
+        return r
+
+    need = once(cfg, devices, 0)["peak_bytes"]
+    plan = memory_plan(cfg, devices, (need - 1) / GiB, compile_fn=once)
+    (first, _, base), (name, overrides, r) = plan["rows"]
+    assert first == "as configured" and base["fits"] is False
+    assert name == "mu_dtype=bfloat16" and r["fits"] is True and r["peak_bytes"] < need
+    assert r["opt_state_bytes"] < base["opt_state_bytes"] and r["params_bytes"] == base["params_bytes"]
+    assert plan["fits"] == overrides == {"train.mu_dtype": "bfloat16"} and len(compiles) == 2
+    assert "fits with: --config.train.mu_dtype=bfloat16" in format_plan(plan, 1.0)
+    assert cfg.train.mu_dtype == "float32"  # the caller's config is left as it was
+    # a config that fits is compiled once
+    roomy = memory_plan(cfg, devices, 64.0, compile_fn=once)
+    assert len(roomy["rows"]) == 1 and roomy["fits"] == {} and "fits as configured" in format_plan(roomy, 64.0)
+
+
+def test_memory_plan_tries_the_steps_in_order_and_accumulates_them():
+    """Nothing fits until the frozen base is bf16: every step is tried once, in PLAN_STEPS'
+    order, each on top of the ones before; grad_accum doubles while a micro-batch still splits
+    over the 2 batch shards (batch 8: accum 2 and 4, not 8)."""
+    cfg = tiny_config(small_model=False, **{"train.batch_size": 8})
+    cfg.mesh = "data:2"
+    seen = []
+
+    def fake_compile(c, devices, gib):
+        seen.append(c)
+        fits = c.train.lora.base_dtype == "bfloat16"
+        return {"fits": fits, "state_bytes": 1, "frozen_bytes": 1, "compiled": {"temp": 1},
+                "peak_bytes": 3, "compile_error": None}
+
+    plan = memory_plan(cfg, jax.devices()[:2], 1.0, compile_fn=fake_compile)
+    names = [n for n, _, _ in plan["rows"]]
+    assert not cfg.remat  # the demo config: remat off, so the plan turns it on
+    assert names == ["as configured", *[s[0] for s in PLAN_STEPS[:3]], "grad_accum x2", *[s[0] for s in PLAN_STEPS[3:]]]
+    assert names[1:4] == ["mu_dtype=bfloat16", "remat everything", "grad_accum x2"]
+    last = seen[-1]
+    assert (last.train.mu_dtype, last.train.grad_accum, last.train.lora.rank, last.train.lora.base_dtype) \
+        == ("bfloat16", 4, 16, "bfloat16")
+    assert plan["fits"] == {"train.mu_dtype": "bfloat16", "remat": True, "remat_policy": "",
+                            "train.grad_accum": 4, "train.lora.rank": 16, "train.lora.base_dtype": "bfloat16"}
+    # nothing fits: the plan says so after at most max_compiles compiles
+    never = memory_plan(cfg, jax.devices()[:2], 1.0, max_compiles=3,
+                        compile_fn=lambda c, d, g: {**fake_compile(c, d, g), "fits": False})
+    assert len(never["rows"]) == 3 and never["fits"] is None
+    assert "no setting tried fits" in format_plan(never, 1.0)
 
 
 @pytest.mark.slow

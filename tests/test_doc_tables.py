@@ -139,3 +139,23 @@ def test_the_readme_is_short_and_its_links_into_docs_resolve():
             headings = re.findall(r"^#+ (.+)$", open(os.path.join(REPO, path)).read(), re.M)
             slugs = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
             assert anchor in slugs, f"README links to {link}: no heading '{anchor}' in {path}"
+
+
+def test_record_keeps_a_does_not_fit_compile_and_labels_its_overrides(tmp_path):
+    """aot_compile exits 3 for "does not fit": a measurement the table shows, not a failure;
+    the row's config names the --config.X=Y overrides (a LoRA rank) after the config argument.
+    Any other exit status still fails the record."""
+    rep = {"target": {"name": "v5e-1", "kind": "tpu"}, "devices": 1, "mesh": {"data": 1},
+           "state_bytes": 2**30, "frozen_bytes": 2**30, "compiled": {"temp": 2**31},
+           "peak_bytes": 2**32, "device_memory_bytes": 2**31, "fits": False, "compile_error": None}
+    writer = f"import json, sys; json.dump({rep!r}, open(sys.argv[1], 'w')); sys.exit(3)"
+    out = tmp_path / "aot.json"
+    doc = doc_tables.record(str(out), "aot_compile", [sys.executable, "-c", writer, "{json}",
+                                                      "--config=configs/pbe.py:sd15,batch=8",
+                                                      "--config.train.lora.rank=16"])
+    assert doc["results"]["config_arg"] == "sd15,batch=8 train.lora.rank=16"
+    row = doc_tables.aot_table([doc])[1][0]
+    assert row[1] == "sd15,batch=8 train.lora.rank=16" and row[-1] == "does not fit (2.00 GiB)"
+    with pytest.raises(Exception, match="exit status 1"):
+        doc_tables.record(str(tmp_path / "bad.json"), "aot_compile",
+                          [sys.executable, "-c", writer.replace("exit(3)", "exit(1)"), "{json}"])

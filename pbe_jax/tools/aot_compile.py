@@ -20,7 +20,14 @@ Printed per device: parameters, optimizer state, frozen encoders and batch (exac
 shardings), the compiled step's arguments / outputs / temporaries (XLA's memory analysis) and
 their sum, and the verdict against the device's memory (known for TPUs and the named GPUs, or
 `--device_memory_gib`). Exit status: 0 fits (or unknown capacity), 3 does not fit, 2 a target
-this host cannot compile for (no libtpu).
+this host cannot compile for (no libtpu); with `--plan`, 0 also when a setting it names fits.
+
+`--plan` (a memory plan before the run): when the config does not fit, compile again with the
+cheaper settings of PLAN_STEPS, each on top of the previous, until one fits, and print the
+overrides that do (e.g. `--config.train.mu_dtype=bfloat16 --config.train.lora.rank=16`):
+
+  python -m pbe_jax.tools.aot_compile --config=configs/pbe.py:sd15,batch=8,mesh=data:1 \
+      --topology=v5e-1 --plan
 """
 from __future__ import annotations
 
@@ -226,6 +233,104 @@ def format_report(r: dict[str, Any], target: Target) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Memory plan: when the config does not fit, compile cheaper settings until one does
+# --------------------------------------------------------------------------------------------
+
+
+def _next_remat(config, _) -> dict:
+    return {} if config.remat and not config.remat_policy else {"remat": True, "remat_policy": ""}
+
+
+def _next_accum(config, shards: int) -> dict:
+    # The same global batch in more micro-batches (the recipe unchanged, slower steps), while a
+    # micro-batch still splits over the `shards` devices the batch is sharded over.
+    batch, accum = int(config.train.batch_size), int(config.train.grad_accum)
+    ok = batch % (accum * 2) == 0 and (batch // (accum * 2)) % shards == 0
+    return {"train.grad_accum": accum * 2} if ok else {}
+
+
+def _next_lora(config, _) -> dict:
+    return {} if int(config.train.lora.rank) > 0 else {"train.lora.rank": 16}
+
+
+def _next_bf16_base(config, _) -> dict:
+    if int(config.train.lora.rank) == 0 or config.train.lora.base_dtype == "bfloat16":
+        return {}
+    return {"train.lora.base_dtype": "bfloat16"}
+
+
+# Ordered by what each gives up, cheapest first; each applies on top of the ones before it.
+# (name, what it costs, (config, batch shards) -> overrides, {} when it does not apply or is
+# already set). grad_accum doubles while the micro-batch splits.
+PLAN_STEPS = (
+    ("mu_dtype=bfloat16", "AdamW's first moment in bf16",
+     lambda c, _: {} if c.train.mu_dtype == "bfloat16" else {"train.mu_dtype": "bfloat16"}),
+    ("remat everything", "recompute activations (~1/3 more compute)", _next_remat),
+    ("grad_accum x2", "the same global batch in twice the micro-batches (slower steps)", _next_accum),
+    ("LoRA rank 16", "train adapters instead of the whole UNet", _next_lora),
+    ("bf16 frozen base", "hold the frozen UNet base in bf16", _next_bf16_base),
+)
+
+
+def _with(config, overrides: dict):
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        for key, value in overrides.items():
+            *head, last = key.split(".")
+            node = c
+            for h in head:
+                node = node[h]
+            node[last] = value
+    return c
+
+
+def memory_plan(config, devices: list, device_memory_gib: float, max_compiles: int = 8,
+                compile_fn=compile_report) -> dict[str, Any]:
+    """Compile `config`, then, while it does not fit in `device_memory_gib`, the next cheaper
+    setting of PLAN_STEPS on top of the previous ones. Every row is a real compile
+    (`compile_fn(config, devices, device_memory_gib)`, compile_report's signature). Returns
+    {'rows': [(name, overrides so far, report)], 'fits': the overrides of the row that fits,
+    {} when the config fits as it is, None when no row fits}."""
+    shards = shd.batch_axis_size(shd.make_mesh(config.mesh, devices=devices))
+    overrides: dict = {}
+    rows = [("as configured", {}, compile_fn(config, devices, device_memory_gib))]
+    steps = list(PLAN_STEPS)
+    while rows[-1][2]["fits"] is False and steps and len(rows) < max_compiles:
+        name, _, step = steps[0]
+        change = step(_with(config, overrides), shards)
+        if not change:
+            steps.pop(0)
+            continue
+        if name != "grad_accum x2":  # the only step that repeats
+            steps.pop(0)
+        overrides = {**overrides, **change}
+        rows.append((name, dict(overrides), compile_fn(_with(config, overrides), devices, device_memory_gib)))
+    last = rows[-1]
+    return {"rows": rows, "fits": last[1] if last[2]["fits"] else None}
+
+
+def format_plan(plan: dict[str, Any], device_memory_gib: float) -> str:
+    lines = [f"memory plan for {device_memory_gib:g} GiB per device (each row a compile; settings "
+             f"accumulate):",
+             f"  {'setting':<20} {'params+opt':>11} {'frozen':>9} {'temps':>9} {'total':>9}  verdict"]
+    for name, _, r in plan["rows"]:
+        temp = (r["compiled"] or {}).get("temp")
+        verdict = ("refused by the compiler" if r["compile_error"] else
+                   "fits" if r["fits"] else "does not fit")
+        cells = [_gib(b).replace(" GiB", "").strip() for b in (r["state_bytes"], r["frozen_bytes"],
+                                                                temp, r["peak_bytes"])]
+        lines.append(f"  {name:<20} {cells[0]:>11} {cells[1]:>9} {cells[2]:>9} {cells[3]:>9}  {verdict}")
+    fits = plan["fits"]
+    if fits is None:
+        lines.append("no setting tried fits: use more devices (fsdp) or a smaller image size")
+    elif fits:
+        lines.append("fits with: " + " ".join(f"--config.{k}={v}" for k, v in fits.items()))
+    else:
+        lines.append("fits as configured")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 
@@ -236,6 +341,8 @@ def _define_flags():
     flags.DEFINE_integer("num_slices", 1, "TPU multislice: number of slices of --topology")
     flags.DEFINE_float("device_memory_gib", None, "override the per-device memory for the verdict")
     flags.DEFINE_string("json_out", None, "also write the report as JSON here")
+    flags.DEFINE_bool("plan", False, "when the config does not fit, compile cheaper settings "
+                      "(mu_dtype, remat, grad_accum, LoRA, bf16 base) until one does and name it")
     flags.mark_flags_as_required(["config", "topology"])
     runtime.define_flags()
     return flags.FLAGS
@@ -258,12 +365,25 @@ def main(argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cap = f.device_memory_gib if f.device_memory_gib is not None else target.device_memory_gib
+    if f.plan and cap is None:
+        print(f"error: --plan needs the device memory: --topology={target.name} does not name it; "
+              f"pass --device_memory_gib", file=sys.stderr)
+        return 2
     report = compile_report(f.config, devices, cap)
     print(format_report(report, target))
+    out = {"target": dataclasses.asdict(target), **report}
+    if f.plan:
+        first = report  # the config as given is compiled once
+        plan = memory_plan(f.config, devices, cap, compile_fn=lambda c, d, m: first if c is f.config
+                           else compile_report(c, d, m))
+        print(format_plan(plan, cap))
+        out["plan"] = [{"setting": n, "overrides": o, "peak_bytes": r["peak_bytes"], "fits": r["fits"],
+                        "compile_error": r["compile_error"]} for n, o, r in plan["rows"]]
+        out["plan_fits"] = plan["fits"]
     if f.json_out:
         with open(f.json_out, "w") as fh:
-            json.dump({"target": dataclasses.asdict(target), **report}, fh, indent=2)
-    return 3 if report["fits"] is False else 0
+            json.dump(out, fh, indent=2)
+    return 3 if report["fits"] is False and not (f.plan and plan["fits"] is not None) else 0
 
 
 if __name__ == "__main__":
