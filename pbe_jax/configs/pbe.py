@@ -51,8 +51,8 @@ paper trained in fp32; pass dtype=fp32 for the exact recipe). The `demo` has no 
 minutes of two CPU cores, so it earns its priors itself: it fits its own VAE first
 (`vae_fit`), trains the CLIP tower with the rest (`train.train_image_tower`), predicts the clean
 latent instead of the noise (`model.scheduler.prediction_type='sample'`, DDIM sampling), and
-trains on 'palette' scenes (`data.synthetic_style`: 8 saturated object colours on muted
-backgrounds) through the paper's box filter, crops, Bezier masks and reference augmentation.
+trains on 'palette' scenes (`data.synthetic_style`: objects of 8 saturated colours x 4 shapes x
+5 patterns on muted or plain backgrounds) through the paper's box filter, crops, Bezier masks and reference augmentation.
 The SD variants keep the paper's frozen SD VAE and CLIP tower and their released schedules.
 """
 from __future__ import annotations
@@ -295,8 +295,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Held-out exemplar-following eval (pbe_jax/evals/exemplar.py) at every sample_every_steps
     # and at the end: num_triplets self + as many cross-reference edits of 'palette' scenes of
     # synthetic seed `seed`; 0 = off (sd15: it scores the demo's synthetic domain only).
+    # offstyle_triplets: as many again of a style the demo never trains on ('radial' scenes,
+    # rectangular holes, references drawn on a plain backdrop); identity: fit the attribute
+    # classifier (pbe_jax/evals/identity.py, seed identity_seed) and score identity too.
     c.exemplar_eval = ml_collections.ConfigDict({
-        "num_triplets": 64 if demo else 0, "seed": 1000, "grid_rows": 4, "scheduler": ""})
+        "num_triplets": 64 if demo else 0, "seed": 1000, "grid_rows": 4, "scheduler": "",
+        "offstyle_triplets": 32 if demo else 0, "identity": demo, "identity_seed": 2000})
     return c
 
 
