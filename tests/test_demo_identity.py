@@ -1,0 +1,156 @@
+"""The demo's object identities (colour x shape x pattern), the out-of-style held-out triplets and
+the identity score of the exemplar eval."""
+from __future__ import annotations
+
+import functools
+
+import cv2
+import numpy as np
+import pytest
+
+from pbe_jax.configs import load_config
+from pbe_jax.data import synthetic as syn
+from pbe_jax.evals import exemplar as ex
+from pbe_jax.evals import identity as ident
+from tests.train_utils import CONFIG_FILE
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_config(f"{CONFIG_FILE}:demo")
+
+
+def _scene(index, style, demo):
+    return syn.draw_scene(index, seed=3, style=style, min_side=demo.data.synthetic_min_side,
+                          max_side=demo.data.synthetic_max_side)
+
+
+def test_palette_objects_are_colour_shape_and_pattern(demo):
+    seen = set()
+    for i in range(40):
+        s = _scene(i, "palette", demo)
+        assert len(s.shapes) == len(s.patterns) == len(s.colours) == len(s.boxes)
+        for k in range(len(s.boxes)):
+            c, shape, pattern = s.identity(k)
+            assert 0 <= c < len(syn.PALETTE) and 0 <= shape < len(syn.PALETTE_SHAPES)
+            assert 0 <= pattern < len(syn.PATTERNS)
+            seen.add((shape, pattern))
+            own = s.image[s.owner == k].astype(np.float32)  # [n, 3]
+            chroma = own.max(axis=1) - own.min(axis=1)
+            share = np.mean(chroma >= ex.CHROMA_MIN)  # the colour's part of the object
+            if syn.PATTERNS[pattern] == "solid":
+                assert share > 0.9
+            else:  # the colour and the light grey both show
+                assert 0.2 < share < 0.95, (i, k, syn.PATTERNS[pattern], share)
+    assert len(seen) >= 15  # most of the 20 shape x pattern pairs in 40 scenes
+    varied = syn.draw_scene(0, seed=3, min_side=64, max_side=96)
+    assert (varied.shapes == -1).all() and (varied.patterns == -1).all()
+
+
+def test_shapes_and_patterns_are_what_they_say():
+    area = {name: syn.identity_mask(k, 40, 40).mean() for k, name in enumerate(syn.PALETTE_SHAPES)}
+    assert area["rectangle"] == 1.0 and abs(area["ellipse"] - np.pi / 4) < 0.05
+    assert abs(area["triangle"] - 0.5) < 0.06 and abs(area["diamond"] - 0.5) < 0.06
+    tri, dia = syn.identity_mask(2, 40, 40), syn.identity_mask(3, 40, 40)
+    assert tri[2].sum() < tri[-2].sum()  # points up
+    assert dia[20].sum() > dia[2].sum() and dia[20].sum() > dia[-2].sum()
+    share = {name: syn.pattern_mask(k, 50, 50).mean() for k, name in enumerate(syn.PATTERNS)}
+    assert share["solid"] == 1.0
+    assert abs(share["stripes"] - 0.6) < 0.02 and abs(share["checks"] - 5 / 9) < 0.02
+    assert 0.6 < share["dots"] < 0.9 and 0.3 < share["rings"] < 0.8
+    stripes = syn.pattern_mask(1, 50, 50)
+    assert (stripes == stripes[:, :1]).all()  # horizontal bands
+    with pytest.raises(ValueError, match="synthetic_style"):
+        syn.draw_scene(0, style="gradient")
+
+
+def test_radial_style_and_references_on_a_plain_backdrop(demo):
+    s = _scene(0, "radial", demo)
+    bg = s.image[s.owner < 0].astype(np.float32)
+    assert (bg.max(axis=1) - bg.min(axis=1)).mean() < 30  # muted: the colour score still reads it
+    ref = syn.draw_object(0, 1, 0, 32)  # a solid red ellipse
+    assert ref.shape == (32, 32, 3) and ref.dtype == np.uint8
+    assert ref[0].min() >= 215 and ref[-1].min() >= 215  # light plain border
+    np.testing.assert_allclose(ref[16, 16], syn.PALETTE[0], atol=10)
+    assert not np.array_equal(ref, syn.draw_object(0, 0, 0, 32))  # the shape shows
+
+
+def test_offstyle_triplets(demo):
+    t = ex.heldout_triplets(demo.data, 16, seed=1000, offstyle=True)
+    n = len(t) // 2
+    assert t.ref_identity.shape == (2 * n, 3)
+    np.testing.assert_array_equal(t.ref_identity[:, 0], t.ref_colour)
+    np.testing.assert_array_equal(t.ref_identity[:n], t.src_identity[:n])
+    assert (t.ref_colour[n:] != t.src_colour[n:]).all()
+    # most cross partners differ in every attribute
+    assert np.mean((t.ref_identity[n:] != t.src_identity[n:]).all(axis=1)) > 0.7
+    for e in t.edit:  # plain rectangular holes
+        ys, xs = np.nonzero(e)
+        assert e[ys.min():ys.max() + 1, xs.min():xs.max() + 1].mean() > 0.9
+    # references: the object large on a plain light backdrop
+    assert (t.reference[:, 0].astype(np.int32).min(axis=-1) >= 215).all()
+    # the copy scores: the colour score still reads these scenes
+    copy = ex.score_edits(t.source, t)
+    assert copy["self_following"] == 1.0 and copy["exemplar_following"] == 0.0
+    held = ex.heldout_triplets(demo.data, 16, seed=1000)
+    assert not np.array_equal(held.source[:4], t.source[:4])
+
+
+def test_hue_colour_score_survives_grey_mixing(triplets_small):
+    t = triplets_small
+    # the reference colour at 40% mixed with grey: the colour part of a blurred pattern edge
+    out = t.source.astype(np.float32).copy()
+    for i in range(len(t)):
+        mixed = 0.6 * syn.PALETTE[t.ref_colour[i]] + 0.4 * syn.PATTERN_GREY
+        out[i][t.region[i]] = mixed
+    s = ex.score_edits(out.astype(np.uint8), t)
+    assert s["exemplar_following"] == 1.0 and s["self_following"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def triplets_small(demo):
+    return ex.heldout_triplets(demo.data, 16, seed=1000)
+
+
+def test_object_crops(triplets_small):
+    t = triplets_small
+    crops = ident.object_crops(t.source, t.region)
+    assert crops.shape == (len(t), ident.CROP, ident.CROP, 3) and crops.max() <= 1.0
+    np.testing.assert_allclose(ident.object_crops(t.source / 255.0, t.region), crops, atol=1e-5)
+    with pytest.raises(ValueError, match="region 0 is empty"):
+        ident.object_crops(t.source[:1], np.zeros_like(t.region[:1]))
+
+
+def _paint_identity(t, identities):
+    """The sources with each region's box redrawn as the object `identities` [N, 3] (drawn at
+    4x and reduced, as the scenes' objects are), on the source's own pixels around it."""
+    out = t.source.astype(np.float32).copy()
+    for i, (c, s, p) in enumerate(identities):
+        ys, xs = np.nonzero(t.region[i])
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        big = cv2.resize(out[i, y0:y1, x0:x1], ((x1 - x0) * 4, (y1 - y0) * 4),
+                         interpolation=cv2.INTER_NEAREST)
+        syn._paint_object(big, syn.identity_mask(s, *big.shape[:2]), c, p,
+                          np.random.default_rng(i))
+        out[i, y0:y1, x0:x1] = cv2.resize(big, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.slow
+def test_identity_classifier_is_accurate_and_scores_copies_and_perfect_edits(demo):
+    clf = ident.fit_identity_classifier(functools.partial(ex.identity_renders, demo.data),
+                                        seed=int(demo.exemplar_eval.identity_seed))
+    assert clf.accuracy["identity"] >= 0.95, clf.accuracy
+    for offstyle in (False, True):
+        t = ex.heldout_triplets(demo.data, 32, seed=1000, offstyle=offstyle)
+        copy = ex.score_edits(t.source, t, clf)  # the masked object put back
+        assert copy["exemplar_identity"] <= 0.05 and copy["self_identity"] >= 0.85, copy
+        perfect = ex.score_edits(_paint_identity(t, t.ref_identity), t, clf)
+        assert perfect["exemplar_identity"] >= 0.8, (offstyle, perfect)
+        assert perfect["exemplar_following"] == 1.0
+        # the same objects with the wrong shape (next one): the identity score drops to ~0,
+        # the colour score stays
+        wrong = t.ref_identity.copy()
+        wrong[:, 1] = (wrong[:, 1] + 1) % len(syn.PALETTE_SHAPES)
+        bad = ex.score_edits(_paint_identity(t, wrong), t, clf)
+        assert bad["exemplar_identity"] <= 0.2 and bad["exemplar_following"] == 1.0, bad
