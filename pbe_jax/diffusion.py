@@ -3,8 +3,9 @@
     z   = s * VAE.encode(image).sample()          s = scaling_factor (0.18215)
     z_m = s * VAE.encode(image * mask).sample()   hole pixels are 0 in [-1, 1] space
     m   = bilinear resize of the mask (1 = keep) to the latent grid, not re-binarised
-    c   = proj_out(final_ln(mapper(CLIP(reference).pooler_output)))   [B, 1, 768]
-          replaced by the learnable `uncond_vector` with prob. p (per batch or per sample)
+    c   = conditioner(reference)  (models/exemplar.py; the paper's `clip`:
+          proj_out(final_ln(mapper(CLIP(reference).pooler_output))) [B, 1, 768])
+          replaced by the learned unconditional context with prob. p (per batch or per sample)
     x_t = sqrt(a_t) z + sqrt(1 - a_t) eps        noise only on the 4 latent channels
     L   = mean (target - UNet([x_t | z_m | m], t, c))^2
           target = eps (`prediction_type` 'epsilon') or
@@ -101,16 +102,11 @@ def draw_drop(rng: jax.Array, b: int, drop_prob: float, drop_mode: str) -> jax.A
 
 
 def condition(image_encoder, reference: jax.Array, drop: jax.Array | None) -> jax.Array:
-    """Reference [B, R, R, 3] (CLIP-normalised) -> context [B, 1, D]; rows where `drop` is True
-    get the learned `uncond_vector`."""
+    """Reference [B, R, R, 3] (un-normalised, [0, 1]) -> context [B, N, D]; rows where `drop`
+    is True get the conditioner's learned unconditional context."""
     # The tower is frozen by the train step's param split (its params are step inputs, never
     # differentiated), unless config.train.train_image_tower puts it among the trained params.
-    pooled = image_encoder.clip_pooled(reference)
-    ctx = image_encoder.project(pooled)  # [B, 1, D], trainable
-    if drop is None:
-        return ctx
-    uncond = jnp.broadcast_to(image_encoder.uncond_vector.get_value().astype(ctx.dtype), ctx.shape)
-    return jnp.where(drop[:, None, None], uncond, ctx)
+    return image_encoder.condition(reference, drop)
 
 
 def pbe_loss(model, batch: dict, rng: jax.Array, schedule: NoiseSchedule, *,

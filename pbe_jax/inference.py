@@ -36,7 +36,6 @@ from jax.sharding import NamedSharding
 from PIL import Image, ImageOps
 
 from pbe_jax import sharding as shd
-from pbe_jax.models.clip import CLIP_MEAN, CLIP_STD
 from pbe_jax.sampler import guided_sample
 from pbe_jax.schedulers import Scheduler, scheduler_for
 
@@ -107,7 +106,8 @@ def load_edit_mask(x: ImageLike, what: str = "mask") -> np.ndarray:
 
 
 def reference_pixels(ref: np.ndarray, size: int, mode: str) -> np.ndarray:
-    """uint8 [h, w, 3] -> CLIP-normalised float32 [size, size, 3] with PIL bicubic."""
+    """uint8 [h, w, 3] -> float32 [size, size, 3] in [0, 1] with PIL bicubic (the conditioner
+    normalises it with its own mean / std, models/exemplar.py)."""
     img = Image.fromarray(ref)
     if mode == "squash":  # official inference.py: .resize((224, 224)), no crop
         img = img.resize((size, size), Image.BICUBIC)
@@ -120,8 +120,7 @@ def reference_pixels(ref: np.ndarray, size: int, mode: str) -> np.ndarray:
         img = img.crop((left, top, left + size, top + size))
     else:
         raise ValueError(f"reference_preprocess must be 'squash' or 'center_crop', got {mode!r}")
-    x = np.asarray(img, np.float32) / 255.0
-    return (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+    return np.asarray(img, np.float32) / 255.0
 
 
 def size_multiple(pipe) -> int:
@@ -178,7 +177,7 @@ class EditInputs:
 
     image: np.ndarray  # [N, H', W', 3] float32 in [-1, 1]
     keep: np.ndarray  # [N, H', W', 1] float32, 1 = keep, 0 = region to paint
-    ref: np.ndarray  # [N, R, R, 3] float32, CLIP-normalised
+    ref: np.ndarray  # [N, R, R, 3] float32 in [0, 1] (the encoder normalises)
     seeds: np.ndarray  # [N] uint32
     size: tuple[int, int]
 
@@ -196,7 +195,7 @@ def prepare(pipe, images: Sequence[np.ndarray], edits: Sequence[np.ndarray], ref
     k = size_multiple(pipe)
     check_working_size(size, k, max_pixels)
     padded = [pad_to_multiple(im, e, k) for im, e in zip(images, edits)]
-    r = pipe.image_encoder.config.vision.image_size
+    r = pipe.image_encoder.preprocess.size  # the model's feature_extractor_config
     rep = lambda xs: np.repeat(np.stack(xs), num_images_per_prompt, axis=0)  # noqa: E731
     inputs = EditInputs(
         image=rep([p[0] for p in padded]).astype(np.float32) / 127.5 - 1.0,
@@ -215,7 +214,7 @@ def prepare(pipe, images: Sequence[np.ndarray], edits: Sequence[np.ndarray], ref
 
 def _edit_body(graphdef, state, image, keep, ref, seeds, guidance, latents, *, scheduler: Scheduler,
                cfg: bool, masked_latents: str, batch_sharding):
-    """image [N,H,W,3] in [-1,1], keep [N,H,W,1] (1 = keep), ref [N,R,R,3] CLIP-normalised,
+    """image [N,H,W,3] in [-1,1], keep [N,H,W,1] (1 = keep), ref [N,R,R,3] in [0, 1],
     seeds [N] uint32, latents [N,h,w,C] or None -> images [N,H,W,3] in [0,1]."""
     pipe = nnx.merge(graphdef, state)
     keys = jax.vmap(jax.random.PRNGKey)(seeds)
@@ -232,7 +231,7 @@ def _edit_body(graphdef, state, image, keep, ref, seeds, guidance, latents, *, s
     if latents is None:
         c = pipe.unet.config.in_channels - zm.shape[-1] - 1
         latents = jax.vmap(lambda k: jax.random.normal(k, (h, w, c)))(keys)
-    cond = pipe.image_encoder(ref)  # [N, 1, D]
+    cond = pipe.image_encoder.encode(ref)  # [N, T, D]
     uncond = pipe.image_encoder.uncond(cond.dtype)
     x0 = guided_sample(pipe.unet, scheduler, latents.astype(jnp.float32), zm, mask, cond, uncond,
                        guidance if cfg else 1.0, jax.random.fold_in(keys[0], 2),

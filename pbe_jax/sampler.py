@@ -63,7 +63,8 @@ def guided_sample(eps_fn: EpsFn, scheduler: Scheduler, latents: jax.Array,
     # The masked image and mask are the same in both CFG halves (only the context differs).
     spatial = jnp.concatenate([masked_latents.astype(dtype), mask.astype(dtype)], axis=-1)
     if cfg:
-        uncond = jnp.broadcast_to(uncond, (b,) + uncond.shape[1:]).astype(cond.dtype)
+        # [1, 1, D] (broadcast over the tokens) or [1, S, D], as the conditioner defines it
+        uncond = jnp.broadcast_to(uncond, (b,) + cond.shape[1:]).astype(cond.dtype)
         context = jnp.concatenate([uncond, cond], axis=0)  # [2B, S, D], uncond first as diffusers
         spatial = jnp.concatenate([spatial, spatial], axis=0)  # [2B, h, w, 5]
         guidance_scale = jnp.asarray(guidance_scale, jnp.float32)

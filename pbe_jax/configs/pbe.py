@@ -44,7 +44,11 @@ need a real data source: with the synthetic default the loader fails at start, n
 Arguments (comma separated after the variant): `mesh=AXIS:SIZE,...` (axes data/fsdp/tensor, one
 size may be -1), `dtype=bf16|fp32` (compute dtype; params stay fp32), `res=INT` (image size),
 `batch=INT` (global batch), `steps=INT`, `tower=vit_l14|vit_h14` (the image tower of the SD
-variants: the paper's openai/clip-vit-large-patch14, or laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
+variants: the paper's openai/clip-vit-large-patch14, or laion/CLIP-ViT-H-14-laion2B-s32B-b79K),
+`conditioner=NAME` (the exemplar encoder, models/exemplar.py CONDITIONERS: `clip`, the paper's
+CLIP class token, default; `clip_tokens`, every CLIP token through the mapper; `dinov2`, AnyDoor's
+DINOv2 class + patch tokens through a trained projection, `tower=dinov2_s14|b14|l14|g14`, default
+g14 = facebook/dinov2-giant; in the demo a small DINOv2 tower trained with the rest).
 
 Departures from the official recipe, on purpose: the SD variants compute in bf16 by default (the
 paper trained in fp32; pass dtype=fp32 for the exact recipe). The `demo` has no pretrained weights and
@@ -61,11 +65,13 @@ import ml_collections
 
 from pbe_jax.data.config import data_config
 from pbe_jax.evals.config import evals_config
+from pbe_jax.models import conditioner_class
 from pbe_jax.schedulers import pbe_scheduler_config
 from pbe_jax.sharding import DEFAULT_RULES
 
 VARIANTS = ("demo", "sd15", "sd21", "sd21_768")
-_TYPES = {"mesh": str, "dtype": str, "res": int, "batch": int, "steps": int, "tower": str}
+_TYPES = {"mesh": str, "dtype": str, "res": int, "batch": int, "steps": int, "tower": str,
+          "conditioner": str}
 
 
 def parse_arg(arg: str | None) -> tuple[str, dict]:
@@ -138,12 +144,26 @@ TOWERS = {
 }
 
 
-def image_tower(tower: str, proj_size: int) -> dict:
-    """`config.model.image_encoder` for a tower of TOWERS; the context width `proj_size` is
-    written as `projection_dim` too (diffusers reads the encoder's proj_size from there)."""
-    if tower not in TOWERS:
-        raise ValueError(f"unknown tower={tower!r}; known: {sorted(TOWERS)}")
-    return {**TOWERS[tower][0], "projection_dim": proj_size, "proj_size": proj_size}
+# The demo's tower for `conditioner=dinov2`: a small DINOv2 (transformers Dinov2Config fields) on
+# the demo's 32 px references, trained from scratch with the rest (as the demo's CLIP tower).
+DEMO_DINOV2 = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "mlp_ratio": 2,
+               "image_size": 32, "patch_size": 8, "model_type": "dinov2", "reference_size": 32}
+
+
+def towers_of(conditioner: str) -> dict:
+    """The `tower=` choices of a conditioner: its own table (`TOWERS` on the class), else the
+    CLIP towers above."""
+    return getattr(conditioner_class(conditioner), "TOWERS", None) or TOWERS
+
+
+def image_tower(tower: str, proj_size: int, conditioner: str = "clip") -> dict:
+    """`config.model.image_encoder` for a tower of `towers_of(conditioner)`, as the conditioner
+    builds it (the `clip` one writes the context width `proj_size` as `projection_dim` too:
+    diffusers reads the encoder's proj_size from there)."""
+    towers = towers_of(conditioner)
+    if tower not in towers:
+        raise ValueError(f"unknown tower={tower!r} for conditioner={conditioner}; known: {sorted(towers)}")
+    return conditioner_class(conditioner).config_entry(towers[tower][0], proj_size)
 
 
 def sd15_models() -> ml_collections.ConfigDict:
@@ -168,7 +188,7 @@ def sd15_models() -> ml_collections.ConfigDict:
     })
 
 
-def sd21_models(variant: str, tower: str) -> ml_collections.ConfigDict:
+def sd21_models(variant: str, tower: str, conditioner: str = "clip") -> ml_collections.ConfigDict:
     """SD 2.1 (`sd21`: stabilityai/stable-diffusion-2-1-base, 512 px, epsilon; `sd21_768`:
     stabilityai/stable-diffusion-2-1, 768 px, v_prediction, upcast attention): the repos'
     unet / vae config.json and scheduler_config.json fields, with the 9-channel conv_in, and
@@ -180,7 +200,7 @@ def sd21_models(variant: str, tower: str) -> ml_collections.ConfigDict:
         "cross_attention_dim": 1024, "use_linear_projection": True, "upcast_attention": big,
     })
     m["vae"]["sample_size"] = 768  # both repos' vae/config.json say 768
-    m["image_encoder"] = image_tower(tower, proj_size=1024)
+    m["image_encoder"] = image_tower(tower, proj_size=1024, conditioner=conditioner)
     m["scheduler"] = {
         "_class_name": "DDIMScheduler" if big else "PNDMScheduler",
         "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
@@ -196,7 +216,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     demo = variant == "demo"
     if demo and "tower" in kw:
         raise ValueError("tower= picks the image tower of the SD variants, not of the demo")
-    tower = kw.get("tower", "vit_l14")
+    conditioner = kw.get("conditioner", "clip")
+    encoder_cls = conditioner_class(conditioner)
+    tower = kw.get("tower", getattr(encoder_cls, "DEFAULT_TOWER", "vit_l14"))
     c = ml_collections.ConfigDict()
     c.variant = variant
     c.seed = 0
@@ -208,12 +230,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.remat_policy = ""  # '' recomputes everything; or a jax.checkpoint_policies name
     if demo:
         c.model = demo_models()
+        if conditioner != "clip":
+            base = DEMO_DINOV2 if conditioner == "dinov2" else c.model.image_encoder.to_dict()
+            c.model.image_encoder = encoder_cls.config_entry(base, 32)
     elif variant == "sd15":
         c.model = sd15_models()
-        if tower != "vit_l14":
-            c.model.image_encoder = image_tower(tower, proj_size=768)
+        if tower != "vit_l14" or conditioner != "clip":
+            c.model.image_encoder = image_tower(tower, proj_size=768, conditioner=conditioner)
     else:
-        c.model = sd21_models(variant, tower)
+        c.model = sd21_models(variant, tower, conditioner)
 
     # Where weights come from when the workdir has no checkpoint (precedence at the restore site:
     # workdir checkpoint > init_from > random init). format: '' (random init), 'diffusers' (a
@@ -226,7 +251,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.init_from.path = {"sd15": "CompVis/stable-diffusion-v1-4",
                             "sd21": "stabilityai/stable-diffusion-2-1-base",
                             "sd21_768": "stabilityai/stable-diffusion-2-1"}[variant]
-        c.init_from.clip = TOWERS[tower][1]
+        c.init_from.clip = towers_of(conditioner)[tower][1]  # the conditioner's pretrained tower
 
     c.train = ml_collections.ConfigDict()
     t = c.train
@@ -262,6 +287,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.resolution = 32
         c.data.synthetic_style = "palette"
     c.data.resolution = kw.get("res", 768 if variant == "sd21_768" else c.data.resolution)
+    # The reference side the conditioner's tower takes (its preprocessing config).
+    c.data.reference_size = encoder_cls.config_reference_size(c.model.image_encoder.to_dict())
     # A paper variant left on the synthetic default would train a real model on demo scenes:
     # the loader refuses it until --config.data.source (and its files) are set.
     c.data.allow_synthetic = demo

@@ -44,6 +44,7 @@ from pbe_jax.checkpoint import CheckpointError
 from pbe_jax.configs import load_config
 from pbe_jax.convert.load import FORMATS, load_pipeline, param_counts
 from pbe_jax.convert.model_card import card_info
+from pbe_jax.models.exemplar import export_refusal
 from pbe_jax.models.hub import cast_dtype, push_to_hub
 from pbe_jax.models.registry import COMPONENTS
 from pbe_jax.outputs import NotWritableError, ensure_writable
@@ -143,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot load {src_format} checkpoint {f.src}:\n{e}", file=sys.stderr)
         return 1
     t1 = time.perf_counter()
+    refusal = export_refusal(model.image_encoder, dst_format) if dst_format != "orbax" else None
+    if refusal:  # diffusers' pipeline / the LDM code cannot hold this conditioner
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     try:
         out = model.save_pretrained(
             f.dst, dtype=f.dtype if f.dtype != "fp32" else None, variant=f.variant, format=dst_format,

@@ -34,7 +34,7 @@ def initial_values(comp: str, config, keys: Iterable[str], seed: int = 0, **runt
     keys = set(keys)
     if not keys:
         return {}
-    cls = slot_class(comp)
+    cls = slot_class(comp, config)
 
     def init():
         module = cls(config, rngs=nnx.Rngs(seed), **component_kwargs(comp, **runtime))
@@ -55,7 +55,7 @@ def load_component(comp: str, config, state_dict: Mapping[str, np.ndarray], *, s
 
     Params absent from the checkpoint but matched by `allow_missing` get the module's initial
     values (seeded by `seed`) and are placed like every other param."""
-    cls = slot_class(comp)
+    cls = slot_class(comp, config)
     allowed = component_patterns(allow_missing, comp)
     sd = cls.rename_legacy_keys(dict(state_dict))
     if allowed:

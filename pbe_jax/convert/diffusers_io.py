@@ -84,10 +84,14 @@ def model_index(model) -> dict[str, Any]:
     `deprecated`), so `PaintByExamplePipeline.from_pretrained(dir)` fails on any PbE repo, the
     Hub's included; we still write it as the Hub has it (see `save_diffusers` for loading the
     export into diffusers)."""
+    # A conditioner diffusers cannot hold (models/exemplar.py) names pbe_jax's pipeline class:
+    # the folder is diffusers-style, loaded back by pbe_jax.PaintByExample.from_pretrained.
+    compatible = type(model.image_encoder).DIFFUSERS_COMPATIBLE
+    fe_type = model.feature_extractor_config.get("image_processor_type", "CLIPImageProcessor")
     out: dict[str, Any] = {
-        "_class_name": "PaintByExamplePipeline",
+        "_class_name": "PaintByExamplePipeline" if compatible else "PaintByExample",
         "_diffusers_version": _DIFFUSERS_VERSION,
-        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "feature_extractor": ["transformers", fe_type],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
         "scheduler": ["diffusers", model.scheduler_config["_class_name"]],

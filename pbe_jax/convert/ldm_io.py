@@ -19,6 +19,7 @@ from pbe_jax.convert.components import Place, assemble, each_with_progress, expe
 from pbe_jax.convert.report import PipelineReport, component_patterns, raise_unexpected
 from pbe_jax.convert.torch_layout import CheckpointMismatchError
 from pbe_jax.models.conditioner import PaintByExampleEncoderConfig
+from pbe_jax.models.exemplar import export_refusal
 from pbe_jax.models.paint_by_example import PaintByExampleModel, parse_component_configs
 from pbe_jax.models.registry import COMPONENTS, slot_class
 from pbe_jax.models.unet import UNetConfig
@@ -91,6 +92,9 @@ def save_ldm(model, path: str, *, dtype=None) -> str:
     """Write `model` (a `PaintByExampleModel`) as one original-layout checkpoint file: a
     `.safetensors` (with the configs in its metadata) or, only when the name asks for it, a
     PyTorch `.ckpt` (`{'state_dict': ...}`, needs torch). `dtype` (e.g. np.float16) casts."""
+    refusal = export_refusal(model.image_encoder, "the LDM layout")
+    if refusal:
+        raise ValueError(refusal)
     if not path.endswith((".safetensors", ".ckpt")):
         raise ValueError(f"{path}: an LDM checkpoint is one file; name it *.safetensors (or *.ckpt "
                          "for a PyTorch pickle)")

@@ -26,12 +26,6 @@ from pbe_jax.convert.diffusers_io import read_json, read_scheduler_config
 from pbe_jax.convert.ldm_io import default_configs
 from pbe_jax.convert.report import PipelineReport, check_architecture, raise_unexpected
 from pbe_jax.convert.torch_layout import path_to_torch_key, to_torch_layout
-from pbe_jax.models.clip import CLIPVisionModel
-from pbe_jax.models.conditioner import (
-    PaintByExampleEncoderConfig,
-    PaintByExampleImageEncoder,
-    trainable_filter,
-)
 from pbe_jax.models.hub import find_weight_files, resolve
 from pbe_jax.models.init import torch_default_init
 from pbe_jax.models.paint_by_example import PaintByExampleModel, component_kwargs, parse_component_configs
@@ -57,27 +51,30 @@ def grow_conv_in(sd: dict[str, np.ndarray], in_channels: int) -> dict[str, np.nd
     return {**sd, "conv_in.weight": grown}
 
 
-def fresh_encoder_head(config: PaintByExampleEncoderConfig, seed: int, **runtime) -> dict[str, np.ndarray]:
-    """Initial values of the encoder's trained part (mapper, final LN, proj_out, uncond_vector)
+def fresh_encoder_head(config, seed: int, **runtime) -> dict[str, np.ndarray]:
+    """Initial values of the encoder's trained part (the conditioner's: for `clip`, mapper,
+    final LN, proj_out, uncond_vector)
     as a torch-layout state dict, as the official code initialises them: PyTorch's defaults
     (`nn.Linear`: weight and bias U(+-1/sqrt(fan_in)); `nn.LayerNorm`: 1 / 0) and
     `uncond_vector = torch.randn(1, 1, D)` (PBE_SPEC 1.3). Built on the host from (seed, path)
     (`models.init.torch_default_init`); only the shapes of the encoder are traced."""
-    enc = nnx.eval_shape(lambda: PaintByExampleImageEncoder(
+    enc_cls = slot_class("image_encoder", config)
+    enc = nnx.eval_shape(lambda: enc_cls(
         config, rngs=nnx.Rngs(seed), **component_kwargs("image_encoder", **runtime)))
     shapes = {tuple(str(k) for k in p): tuple(v.get_value().shape)
-              for p, v in nnx.to_flat_state(nnx.state(enc, trainable_filter()))}
+              for p, v in nnx.to_flat_state(nnx.state(enc, enc_cls.trainable_filter()))}
     return {path_to_torch_key(p): np.ascontiguousarray(to_torch_layout(p[-1], v))
             for p, v in torch_default_init(shapes, seed).items()}
 
 
-def _clip_tower(clip: str, hub: Mapping[str, Any], report: PipelineReport):
-    """(CLIPVisionConfig, state dict under `model.` for the encoder) from a transformers dir / id."""
-    d = resolve(clip, {"": CLIPVisionModel.WEIGHTS_NAMES}, **hub)
-    cfg = CLIPVisionModel.load_config(d)
-    files = find_weight_files(d, CLIPVisionModel.WEIGHTS_NAMES)
-    sd = CLIPVisionModel.rename_legacy_keys(stio.read_checkpoint_files(files))
-    unused = [k for k in sd if any(fnmatch.fnmatchcase(k, p) for p in CLIPVisionModel.IGNORE_KEYS)]
+def _pretrained_tower(tower_cls: type, clip: str, hub: Mapping[str, Any], report: PipelineReport):
+    """(tower config, state dict under `model.` for the encoder) from a transformers dir / id;
+    `tower_cls` is the conditioner's TOWER_CLASS (CLIPVisionModel for `clip`)."""
+    d = resolve(clip, {"": tower_cls.WEIGHTS_NAMES}, **hub)
+    cfg = tower_cls.load_config(d)
+    files = find_weight_files(d, tower_cls.WEIGHTS_NAMES)
+    sd = tower_cls.rename_legacy_keys(stio.read_checkpoint_files(files))
+    unused = [k for k in sd if any(fnmatch.fnmatchcase(k, p) for p in tower_cls.IGNORE_KEYS)]
     report.ignore(_CLIP_UNUSED, [f"{clip}:{k}" for k in sorted(unused)])
     return cfg, {"model." + k: v for k, v in sd.items() if k not in set(unused)}
 
@@ -125,9 +122,12 @@ def load_sd_init(path: str, *, clip: str | None, model_config: Mapping | None = 
     in_ch = expected["unet"].in_channels if expected else 9
     unet_cfg = dataclasses.replace(unet_cfg, in_channels=in_ch)
     unet_sd = grow_conv_in(unet_sd, in_ch)
-    clip_cfg, enc_sd = _clip_tower(clip, hub, report)
+    # The conditioner (config.model.image_encoder's class; the paper's CLIP one by default)
+    # names its pretrained tower's class and builds its config around the tower's.
+    enc_cls = slot_class("image_encoder", expected["image_encoder"] if expected else None)
+    tower_cfg, enc_sd = _pretrained_tower(enc_cls.TOWER_CLASS, clip, hub, report)
     proj = expected["image_encoder"].proj_size if expected else _cross_dim(unet_cfg)
-    enc_cfg = PaintByExampleEncoderConfig(vision=clip_cfg, proj_size=proj)
+    enc_cfg = enc_cls.with_tower(tower_cfg, proj)
     found = {"unet": unet_cfg, "vae": vae_cfg, "image_encoder": enc_cfg}
     # The CLIP repo's projection_dim is its visual_projection width, which PbE does not use.
     check_architecture(found, expected, report.source)

@@ -15,15 +15,14 @@ quarter of the float32 bytes, measured in data/bench.py):
   mask          [B, H, W, 1]  in [0, 1], 1 = keep, 0 = hole (the paper's polarity)
   masked_image  [B, H, W, 3]  image * mask: hole pixels are 0 in [-1, 1] space, exactly the
                               official `inpaint_image = GT * mask`
-  reference     [B, R, R, 3]  CLIP-normalised ((x / 255 - mean) / std)
+  reference     [B, R, R, 3]  in [0, 1] (x / 255): the conditioner normalises it with its own
+                              mean / std (models/exemplar.py)
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from pbe_jax.models.clip import CLIP_MEAN, CLIP_STD
 
 HOST_KEYS = ("image", "mask", "reference")
 DEVICE_KEYS = ("image", "mask", "masked_image", "reference")
@@ -46,9 +45,7 @@ def normalize_batch(batch: dict) -> dict:
     through unchanged."""
     image = batch["image"].astype(jnp.float32) / 127.5 - 1.0
     mask = batch["mask"].astype(jnp.float32) / 255.0
-    mean = jnp.asarray(CLIP_MEAN, jnp.float32)
-    std = jnp.asarray(CLIP_STD, jnp.float32)
-    reference = (batch["reference"].astype(jnp.float32) / 255.0 - mean) / std
+    reference = batch["reference"].astype(jnp.float32) / 255.0
     out = {k: v for k, v in batch.items() if k not in HOST_KEYS}
     out.update(image=image, mask=mask, masked_image=image * mask, reference=reference)
     return out

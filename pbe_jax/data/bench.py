@@ -19,7 +19,7 @@ import cv2
 import jax
 import numpy as np
 
-from pbe_jax.data.batch import CLIP_MEAN, CLIP_STD, normalize_batch
+from pbe_jax.data.batch import normalize_batch
 from pbe_jax.data.config import data_config
 from pbe_jax.data.pipeline import PbeSample, make_loader
 from pbe_jax.data.sources import make_source
@@ -98,8 +98,7 @@ def host_normalize(batch: dict) -> dict:
     return {
         "image": batch["image"].astype(np.float32) / 127.5 - 1.0,
         "mask": batch["mask"].astype(np.float32) / 255.0,
-        "reference": (batch["reference"].astype(np.float32) / 255.0
-                      - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD),
+        "reference": batch["reference"].astype(np.float32) / 255.0,
     }
 
 

@@ -11,15 +11,24 @@ from pbe_jax.models.clip import (
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
 )
-from pbe_jax.models.conditioner import PaintByExampleEncoderConfig, PaintByExampleImageEncoder
+from pbe_jax.models.conditioner import (
+    PaintByExampleEncoderConfig,
+    PaintByExampleImageEncoder,
+    PaintByExampleTokenEncoder,
+)
+from pbe_jax.models.dinov2 import Dinov2Config, Dinov2Model, Dinov2WithRegistersModel
+from pbe_jax.models.dinov2_encoder import Dinov2EncoderConfig, Dinov2ImageEncoder
+from pbe_jax.models.exemplar import CONDITIONERS, ExemplarEncoder, conditioner_class
 from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE, PaintByExampleModel
 from pbe_jax.models.registry import COMPONENTS, model_class, register, slot_class
 from pbe_jax.models.unet import UNet2DConditionModel, UNetConfig
 from pbe_jax.models.vae import AutoencoderKL, VAEConfig
 
 __all__ = [
-    "AutoencoderKL", "CLIP_MEAN", "CLIP_STD", "CLIPVisionConfig", "CLIPVisionModel",
-    "CLIPVisionModelWithProjection", "COMPONENTS", "FROZEN", "PaintByExampleEncoderConfig",
+    "AutoencoderKL", "CLIP_MEAN", "CLIP_STD", "CLIPVisionConfig", "CLIPVisionModel", "CONDITIONERS",
+    "CLIPVisionModelWithProjection", "COMPONENTS", "Dinov2Config", "Dinov2EncoderConfig",
+    "Dinov2ImageEncoder", "Dinov2Model", "Dinov2WithRegistersModel", "ExemplarEncoder", "FROZEN",
+    "PaintByExampleEncoderConfig", "PaintByExampleTokenEncoder", "conditioner_class",
     "PaintByExampleImageEncoder", "PaintByExampleModel", "TRAINABLE", "UNet2DConditionModel",
     "UNetConfig", "VAEConfig", "model_class", "register", "slot_class",
 ]

@@ -7,9 +7,12 @@
 plus `uncond_vector` [1, 1, 768], the learned classifier-free-guidance context (trainable). See
 PBE_SPEC.md 1.3 (official `FrozenCLIPImageEmbedder` + `xf.Transformer`) and 5.1 (diffusers).
 
-The encoder is split in two so that training can treat the frozen tower as an input to the step:
-`clip_pooled` (frozen CLIP part) and `project` (the trainable part); `TRAINED_PARTS` names the
-trainable top-level attributes (the official `configure_optimizers` list, PBE_SPEC 1.2).
+The encoder follows the exemplar-encoder contract (models/exemplar.py): `tower` (the frozen CLIP
+part; `clip_pooled` is its pooled vector), `project` (the trainable part), `uncond`; which params
+train is the contract's `FROZEN_PARTS` (the official `configure_optimizers` list, PBE_SPEC 1.2).
+It is the `clip` conditioner (configs/pbe.py `conditioner=clip`, the default);
+`PaintByExampleTokenEncoder` (`conditioner=clip_tokens`) feeds every CLIP token (class + patches,
+after the tower's post-LayerNorm) through the same mapper: a wider context, same tower and params.
 
 Parameter paths mirror diffusers' keys: `model.vision_model.*` (the CLIP tower, in the spelling of
 the released checkpoint; diffusers with transformers 5 saves `model.embeddings.*` and we read
@@ -27,18 +30,18 @@ from flax import nnx
 
 from pbe_jax.models import axes as ax
 from pbe_jax.models import layers
-from pbe_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
+from pbe_jax.models.clip import CLIP_MEAN, CLIP_STD, CLIPVisionConfig, CLIPVisionModel
+from pbe_jax.models.exemplar import ExemplarEncoder, ReferencePreprocess, register_conditioner
 from pbe_jax.models.hub import PretrainedMixin
 from pbe_jax.models.registry import register
 from pbe_jax.models.transformer import BasicTransformerBlock
 
-# Top-level attributes that Paint by Example trains; `model` (the CLIP tower) stays frozen.
-TRAINED_PARTS = ("mapper", "final_layer_norm", "proj_out", "uncond_vector")
-
 
 def trainable_filter():
-    """An NNX filter for the trainable params: `nnx.state(encoder, trainable_filter())`."""
-    return nnx.All(nnx.Param, lambda path, _: bool(path) and str(path[0]) in TRAINED_PARTS)
+    """An NNX filter for the CLIP encoder's trainable params (mapper, final LN, proj_out,
+    uncond_vector): `nnx.state(encoder, trainable_filter())`. Other conditioners: ask the class,
+    `type(encoder).trainable_filter()`."""
+    return PaintByExampleImageEncoder.trainable_filter()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,8 @@ class PaintByExampleEncoderConfig:
     vision: CLIPVisionConfig = dataclasses.field(default_factory=CLIPVisionConfig.vit_l14)
     proj_size: int = 768
 
+    ARCHITECTURE = "PaintByExampleImageEncoder"  # config.json's architectures (the class)
+
     @property
     def hidden_size(self) -> int:
         return self.vision.hidden_size
@@ -64,12 +69,12 @@ class PaintByExampleEncoderConfig:
         return (self.vision.num_hidden_layers + 1) // 5
 
     @classmethod
-    def paint_by_example(cls) -> "PaintByExampleEncoderConfig":
+    def paint_by_example(cls):
         """The released model (Fantasy-Studio/Paint-by-Example `image_encoder`)."""
         return cls(vision=CLIPVisionConfig.vit_l14(), proj_size=768)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "PaintByExampleEncoderConfig":
+    def from_dict(cls, raw: dict[str, Any]):
         raw = dict(raw)
         proj_size = raw.get("projection_dim", CLIPVisionConfig.projection_dim)
         if "proj_size" in raw:  # not read by diffusers; accept it only when it agrees
@@ -82,8 +87,15 @@ class PaintByExampleEncoderConfig:
     def to_dict(self) -> dict[str, Any]:
         """A config.json that diffusers' `PaintByExampleImageEncoder.from_pretrained` loads."""
         d = self.vision.to_dict()
-        d.update(projection_dim=self.proj_size, architectures=["PaintByExampleImageEncoder"])
+        d.update(projection_dim=self.proj_size, architectures=[self.ARCHITECTURE])
         return d
+
+
+@dataclasses.dataclass(frozen=True)
+class PaintByExampleTokenEncoderConfig(PaintByExampleEncoderConfig):
+    """The same fields; config.json names `PaintByExampleTokenEncoder` (pbe_jax's class)."""
+
+    ARCHITECTURE = "PaintByExampleTokenEncoder"
 
 
 def _run_block(block: BasicTransformerBlock, x: jax.Array) -> jax.Array:
@@ -115,10 +127,14 @@ class PaintByExampleMapper(nnx.Module):
 
 # "paint_by_example": the library name the released model_index.json gives it.
 @register("paint_by_example")
-class PaintByExampleImageEncoder(PretrainedMixin, nnx.Module):
+@register_conditioner("clip")
+class PaintByExampleImageEncoder(ExemplarEncoder, PretrainedMixin, nnx.Module):
     """diffusers `PaintByExampleImageEncoder`: reference image -> one context token."""
 
     config_class = PaintByExampleEncoderConfig
+    FROZEN_PARTS = ("model",)  # the CLIP tower; mapper, final LN, proj_out, uncond_vector train
+    DIFFUSERS_COMPATIBLE = True
+    TOWER_CLASS = CLIPVisionModel
     # diffusers' encoder is a transformers PreTrainedModel: save_pretrained writes
     # `model.safetensors`; older exports have `pytorch_model.bin`.
     WEIGHTS_NAMES = ("model", "diffusion_pytorch_model", "pytorch_model")
@@ -139,6 +155,27 @@ class PaintByExampleImageEncoder(PretrainedMixin, nnx.Module):
         self.proj_out = layers.linear(d, p, rngs, axes=(ax.EMBED, ax.MLP), **kw)
         self.uncond_vector = nnx.Param(jax.random.normal(rngs.params(), (1, 1, p), param_dtype),
                                        out_sharding=(None, None, ax.EMBED))
+        self.set_preprocess(None)
+
+    @classmethod
+    def default_preprocess(cls, config) -> ReferencePreprocess:
+        """The released model's CLIPImageProcessor, at the tower's size."""
+        size = config.vision.image_size
+        return ReferencePreprocess(size=size, mean=CLIP_MEAN, std=CLIP_STD, shortest_edge=size)
+
+    @classmethod
+    def with_tower(cls, tower_config: CLIPVisionConfig, proj_size: int):
+        return cls.config_class(vision=tower_config, proj_size=proj_size)
+
+    @classmethod
+    def config_entry(cls, base: dict, proj_size: int) -> dict:
+        """`config.model.image_encoder` of this conditioner from a CLIP tower's fields `base`
+        (configs/pbe.py TOWERS): `proj_size` is written as `projection_dim` too (diffusers reads
+        the encoder's proj_size from there)."""
+        entry = {**base, "projection_dim": proj_size, "proj_size": proj_size}
+        if cls.config_class.ARCHITECTURE != PaintByExampleEncoderConfig.ARCHITECTURE:
+            entry["architectures"] = (cls.config_class.ARCHITECTURE,)
+        return entry
 
     @classmethod
     def rename_legacy_keys(cls, state_dict):
@@ -152,9 +189,15 @@ class PaintByExampleImageEncoder(PretrainedMixin, nnx.Module):
         Gradients stop here: Paint by Example never trains the tower (PBE_SPEC 1.3)."""
         return jax.lax.stop_gradient(self.model(pixel_values).pooler_output)
 
-    def project(self, pooled: jax.Array) -> jax.Array:
-        """The trainable part: pooled [B, D] -> context [B, 1, proj_size]."""
-        x = pooled.astype(self.dtype)[:, None]  # [B, 1, D]
+    def tower(self, pixel_values: jax.Array) -> jax.Array:
+        """The frozen part of the contract: normalised pixels -> tokens [B, 1, D] (pooled)."""
+        return self.clip_pooled(pixel_values)[:, None]
+
+    def project(self, tokens: jax.Array) -> jax.Array:
+        """The trainable part: tokens [B, N, D] (or pooled [B, D]) -> context [B, N, proj_size]."""
+        x = tokens.astype(self.dtype)
+        if x.ndim == 2:
+            x = x[:, None]  # [B, 1, D]
         return self.proj_out(self.final_layer_norm(self.mapper(x)))
 
     def uncond(self, dtype=None) -> jax.Array:
@@ -165,6 +208,30 @@ class PaintByExampleImageEncoder(PretrainedMixin, nnx.Module):
         """pixel_values [B, H, W, 3] -> context [B, 1, proj_size]; with `return_uncond_vector`
         also `uncond_vector` [1, 1, proj_size], as diffusers returns them."""
         embeds = self.project(self.clip_pooled(pixel_values))
+        if return_uncond_vector:
+            return embeds, self.uncond(embeds.dtype)
+        return embeds
+
+
+@register("pbe_jax")
+@register_conditioner("clip_tokens")
+class PaintByExampleTokenEncoder(PaintByExampleImageEncoder):
+    """`clip_tokens`: every CLIP token (class + patches, post-LayerNorm) through the mapper:
+    [B, 1 + P, D] -> context [B, 1 + P, proj_size]; `uncond_vector` [1, 1, proj_size] is
+    broadcast over the tokens. The params are the `clip` encoder's, so a CLIP PbE checkpoint
+    initialises it; diffusers' pipeline cannot run it (its encoder returns one token)."""
+
+    config_class = PaintByExampleTokenEncoderConfig
+    DIFFUSERS_COMPATIBLE = False
+
+    def tower(self, pixel_values: jax.Array) -> jax.Array:
+        """Normalised pixels -> post_layernorm(last_hidden_state) [B, 1 + P, D] (its class
+        token is `pooler_output`)."""
+        vm = self.model.vision_model
+        return jax.lax.stop_gradient(vm.post_layernorm(self.model(pixel_values).last_hidden_state))
+
+    def __call__(self, pixel_values: jax.Array, return_uncond_vector: bool = False):
+        embeds = self.project(self.tower(pixel_values))
         if return_uncond_vector:
             return embeds, self.uncond(embeds.dtype)
         return embeds

@@ -35,11 +35,14 @@ def host_init(path: Path, shape: tuple[int, ...], seed: int, *, bias_fan_in: int
     kernels U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch Linear / Conv weights: kaiming_uniform
     with a=sqrt(5) has exactly that bound); norms: scale 1, bias 0; biases 0, or with
     `bias_fan_in` U(-1/sqrt(bias_fan_in), 1/sqrt(bias_fan_in)) as torch Linear / Conv biases;
-    embeddings N(0, 0.02); other vectors (`uncond_vector`, `class_embedding`) N(0, 1)."""
+    embeddings and DINOv2's tokens N(0, 0.02), its layer scales 1, its mask token 0; other
+    vectors (`uncond_vector`, `class_embedding`) N(0, 1)."""
     name = path[-1]
     rng = _rng(path, seed)
-    if name == "scale":
+    if name in ("scale", "lambda1"):  # norm scales; DINOv2's layer scales (layerscale_value 1.0)
         return np.ones(shape, np.float32)
+    if name == "mask_token":  # DINOv2's (masked-patch pre-training only), zero as transformers'
+        return np.zeros(shape, np.float32)
     if name == "bias":
         if bias_fan_in is None:
             return np.zeros(shape, np.float32)
@@ -48,7 +51,9 @@ def host_init(path: Path, shape: tuple[int, ...], seed: int, *, bias_fan_in: int
     if name == "kernel":
         bound = 1.0 / np.sqrt(kernel_fan_in(shape))
         return rng.uniform(-bound, bound, shape).astype(np.float32)
-    if name == "embedding":
+    if name in ("embedding", "position_embeddings", "cls_token", "register_tokens"):
+        # tables and DINOv2's learned tokens (transformers: trunc_normal(0.02); registers random
+        # too, so that they are not identical forever)
         return (0.02 * rng.standard_normal(shape)).astype(np.float32)
     return rng.standard_normal(shape).astype(np.float32)
 

@@ -2,10 +2,10 @@
 preprocessing configs, as one NNX module: the container every loader builds and training
 splits. (`pbe_jax.PaintByExample` adds `from_pretrained` / `save_pretrained` / `__call__`.)
 
-Training splits it into trainable params (UNet, mapper, final LN, proj_out, uncond_vector) and
-frozen ones (VAE, CLIP vision tower) with the `TRAINABLE` / `FROZEN` filters (the paper's split);
-`param_filters(train_image_tower=True)` also trains the CLIP tower (the demo's departure: it has
-no pretrained CLIP, see configs/pbe.py).
+Training splits it into trainable params (UNet, the conditioner's trained part) and frozen ones
+(VAE, the conditioner's tower: its `FROZEN_PARTS`, models/exemplar.py) with the `TRAINABLE` /
+`FROZEN` filters (the paper's split); `param_filters(train_image_tower=True)` also trains the
+tower (the demo's departure: it has no pretrained tower, see configs/pbe.py).
 """
 from __future__ import annotations
 
@@ -17,32 +17,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pbe_jax.models.clip import CLIP_MEAN, CLIP_STD
+from pbe_jax.models.exemplar import ReferencePreprocess, frozen_parts
 from pbe_jax.models.registry import COMPONENTS, slot_class
 
 
 def default_feature_extractor_config(size: int = 224) -> dict[str, Any]:
-    """transformers `CLIPImageProcessor` config of the released model, for a `size` px tower."""
-    return {
-        "crop_size": {"height": size, "width": size},
-        "do_center_crop": True,
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": list(CLIP_MEAN),
-        "image_processor_type": "CLIPImageProcessor",
-        "image_std": list(CLIP_STD),
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-        "size": {"shortest_edge": size},
-    }
+    """transformers `CLIPImageProcessor` config of the released model, for a `size` px tower
+    (other conditioners: `type(encoder).default_preprocess(config)`)."""
+    return ReferencePreprocess(size=size, mean=CLIP_MEAN, std=CLIP_STD,
+                               shortest_edge=size).to_feature_extractor_config()
 
 
 def is_frozen(path: tuple, train_image_tower: bool = False) -> bool:
-    """VAE and the CLIP vision tower are frozen (PBE_SPEC 1.2-1.3); everything else trains.
-    `train_image_tower`: the tower trains too."""
+    """VAE and the conditioner's tower (its `FROZEN_PARTS`, PBE_SPEC 1.2-1.3) are frozen;
+    everything else trains. `train_image_tower`: the tower trains too."""
     head = tuple(str(p) for p in path[:2])
-    return head[0] == "vae" or (head == ("image_encoder", "model") and not train_image_tower)
+    tower = len(head) == 2 and head[0] == "image_encoder" and head[1] in frozen_parts()
+    return head[0] == "vae" or (tower and not train_image_tower)
 
 
 def TRAINABLE(path, x) -> bool:  # noqa: N802 (an nnx filter, used like a constant)
@@ -112,7 +103,8 @@ def check_unet_inputs(unet_config, vae_config) -> None:
 
 
 class PaintByExampleModel(nnx.Module):
-    """unet [B,h,w,9]->[B,h,w,4], vae, image_encoder [B,224,224,3]->[B,1,768] + configs.
+    """unet [B,h,w,9]->[B,h,w,4], vae, image_encoder (a conditioner, models/exemplar.py:
+    reference [B,R,R,3] -> context [B,N,D]; CLIP: [B,224,224,3] -> [B,1,768]) + configs.
 
     `scheduler_config` is the model's diffusers `scheduler_config.json`: the one noise schedule
     that training (betas, `num_train_timesteps`, `prediction_type`), sampling and export use.
@@ -127,12 +119,14 @@ class PaintByExampleModel(nnx.Module):
         self.unet = unet
         self.vae = vae
         self.image_encoder = image_encoder
-        size = image_encoder.config.vision.image_size
+        # The encoder normalises references with the model's own preprocessing config.
+        image_encoder.set_preprocess(feature_extractor_config)
         # Stored as JSON text: static attributes of an NNX module are part of its (hashed)
         # graph definition, which jit uses as a static argument; a dict is unhashable.
         self._scheduler_json = json.dumps(_plain(dict(scheduler_config)), sort_keys=True)
         self._feature_extractor_json = json.dumps(
-            dict(feature_extractor_config or default_feature_extractor_config(size)), sort_keys=True)
+            dict(feature_extractor_config
+                 or image_encoder.preprocess.to_feature_extractor_config()), sort_keys=True)
 
     @property
     def scheduler_config(self) -> dict[str, Any]:

@@ -50,11 +50,15 @@ def library_of(name: str) -> str:
     return _CLASSES[name][1]
 
 
-def slot_class(slot: str, raw: Mapping[str, Any] | None = None) -> type:
-    """The class of pipeline slot `slot` for a component config (its named class if it names
-    one we know for that slot, else the slot default)."""
+def slot_class(slot: str, raw: Any = None) -> type:
+    """The class of pipeline slot `slot` for a component config: config.json fields (its named
+    class if it names one we know, else the slot default) or a config object (the registered
+    class whose `config_class` it is, else the slot default)."""
     if slot not in PIPELINE_SLOTS:
         raise KeyError(f"unknown pipeline component {slot!r}; components: {COMPONENTS}")
+    if raw is not None and not isinstance(raw, Mapping):
+        owners = [c for c, _ in _CLASSES.values() if getattr(c, "config_class", None) is type(raw)]
+        return owners[0] if owners else model_class(PIPELINE_SLOTS[slot])
     named = class_name_of(raw)
     if named in _CLASSES:
         return _CLASSES[named][0]
