@@ -10,11 +10,16 @@ own geometry (`pbe_jax.data.transforms`: the extended-box or Bezier hole, the sq
 padded reference box), so the mask looks like the masks the model trained on. Two kinds:
 
 - self: the reference is the masked object's own box (the training setting, no augmentation);
-- cross: the reference is the object of another held-out scene of a *different* colour (the
-  paper's setting: paint this other object here).
+- cross: the reference is the object of another held-out scene of a *different* colour (and,
+  where one exists, shape and pattern: the paper's setting: paint this other object here).
 
-The painted colour of an edit is the palette colour that most of its object-coloured pixels
-(chroma = max - min channel >= `CHROMA_MIN`) are nearest to, counted inside the region where
+`heldout_triplets(..., offstyle=True)` builds them in a style the demo never trains on: 'radial'
+scenes, a plain rectangular hole around the object, and the reference drawn large on a plain
+light backdrop (`pbe_jax.data.synthetic.draw_object`).
+
+The painted colour of an edit is the palette colour whose hue (`_hue`: the colour minus its
+grey part, unit length) most of its object-coloured pixels (chroma = max - min channel >=
+`CHROMA_MIN`) are nearest to, counted inside the region where
 the masked object was (its tight box, within the hole); an edit with object-coloured pixels on
 less than `MIN_OBJECT_SHARE` of that region painted no object (-1).
 
@@ -30,6 +35,10 @@ Scores (`score_edits`):
   from its reference).
 - `psnr_outside_mask`: PSNR (dB) of the edit against the source on the pixels the mask keeps,
   i.e. how much of the rest of the image comes back (no paste-back; it is a VAE re-synthesis).
+- with an identity classifier (`pbe_jax.evals.identity`): `exemplar_identity`, the share of
+  cross-reference edits whose painted object has all three of the reference's attributes
+  (colour, shape, pattern; chance 1/160, a copy of the source 0), `self_identity` the same on
+  self references, `exemplar_shape` / `exemplar_pattern` one attribute each.
 
 `ExemplarEval` runs it in training: the triplets are built once, the edits go through the one
 jitted edit function (`pbe_jax.inference.prepare` + `run_edit`), compiled once per run, and it
