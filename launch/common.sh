@@ -104,3 +104,91 @@ wait_group() {
   done
   return "$status"
 }
+
+# ---- Supervised restarts (local.sh --max_restarts, gpu/slurm.sbatch, tpu/pod.sh supervise) ----
+
+# workdir_of ARG...: the value of --workdir=DIR (or --workdir DIR) among a command's args.
+workdir_of() {
+  local prev=""
+  for a in "$@"; do
+    case "$a" in
+      --workdir=*) echo "${a#--workdir=}"; return ;;
+    esac
+    if [[ "$prev" == --workdir ]]; then
+      echo "$a"
+      return
+    fi
+    prev=$a
+  done
+}
+
+# last_logged_step WORKDIR: the step of the last row of WORKDIR/metrics.jsonl (0: none; a
+# gs:// workdir is read with gcloud storage when it is installed).
+last_logged_step() {
+  local f="$1/metrics.jsonl" step=""
+  if [[ "$1" == gs://* ]]; then
+    step=$(gcloud storage cat "$f" 2>/dev/null | grep -o '"step": *[0-9]*' | tail -n 1 | grep -o '[0-9]*$' || true)
+  elif [[ -f "$f" ]]; then
+    step=$(grep -o '"step": *[0-9]*' "$f" | tail -n 1 | grep -o '[0-9]*$' || true)
+  fi
+  echo "${step:-0}"
+}
+
+# exit_reason STATUS: what a training process's exit status means.
+exit_reason() {
+  case "$1" in
+    75) echo "a peer process died or vanished (pbe_jax watchdog)" ;;
+    76) echo "no step finished within config.watchdog.stall_minutes (pbe_jax watchdog)" ;;
+    134) echo "aborted (SIGABRT; JAX aborts the other processes when process 0, the coordinator, dies)" ;;
+    137) echo "killed (SIGKILL: out of memory, or killed by the system)" ;;
+    143) echo "terminated (SIGTERM)" ;;
+    *) echo "exit status $1" ;;
+  esac
+}
+
+# record_restart FILE ATTEMPT STATUS STEP FAILED_AT: append one JSON row to FILE (restarts.jsonl):
+# when the failure was seen and the restart starts (unix seconds), its exit status and reason,
+# and the last logged step.
+record_restart() {
+  local file=$1 attempt=$2 status=$3 step=$4 failed_at=$5
+  [[ -n "$file" ]] || return 0
+  printf '{"time": "%s", "failed_at": %s, "restart_at": %s, "attempt": %d, "exit_code": %d, "step": %d, "reason": "%s"}\n' \
+    "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$failed_at" "$(date +%s)" "$attempt" "$status" "$step" \
+    "$(exit_reason "$status")" >>"$file" || echo "launcher: cannot write $file" >&2
+}
+
+# supervise MAX BACKOFF WORKDIR RECORD CMD...: run CMD (it starts the job, waits for it and
+# returns its status); when it fails, run it again up to MAX times (pbe_jax.train resumes from
+# the newest checkpoint in WORKDIR), waiting BACKOFF * 2^k seconds before the k-th restart (at
+# most 600 s). A failure with the same status at the same last logged step as the one before
+# stops the restarts (a deterministic crash would loop). Each restart is a row of RECORD
+# (restarts.jsonl; empty: none). Returns the last status.
+supervise() {
+  local max=$1 backoff=$2 workdir=$3 record=$4
+  shift 4
+  local attempt=0 status step failed_at prev="" wait_s
+  while :; do
+    status=0
+    "$@" || status=$?
+    if ((status == 0)); then
+      return 0
+    fi
+    failed_at=$(date +%s)
+    step=$(last_logged_step "$workdir")
+    if ((attempt >= max)); then
+      ((max == 0)) || echo "launcher: $(exit_reason "$status") at step $step; no restarts left ($max used)" >&2
+      return "$status"
+    fi
+    if [[ "$prev" == "$status@$step" ]]; then
+      echo "launcher: the run failed the same way twice in a row ($(exit_reason "$status"), last logged step $step): not restarting; a deterministic failure, see the logs" >&2
+      return "$status"
+    fi
+    prev="$status@$step"
+    wait_s=$((backoff * (1 << attempt)))
+    ((wait_s <= 600)) || wait_s=600
+    attempt=$((attempt + 1))
+    echo "launcher: $(exit_reason "$status") at step $step; restart $attempt of $max in ${wait_s}s (resumes from the newest checkpoint)" >&2
+    sleep "$wait_s"
+    record_restart "$record" "$attempt" "$status" "$step" "$failed_at"
+  done
+}

@@ -18,6 +18,10 @@
 #   -d, --devices D     fake CPU devices per process (default 2)
 #   -p, --port P        coordinator port (default: random in 20000-39999)
 #   -l, --logdir DIR    per-process logs (default: a new directory under ${TMPDIR:-/tmp})
+#   --max_restarts N    restart a failed run up to N times (default 0), resuming from the newest
+#                       checkpoint of CMD's --workdir; the same failure at the same step twice in
+#                       a row stops; each restart is a row of WORKDIR/restarts.jsonl
+#   --restart_backoff S seconds before the first restart, doubled for each next (default 10)
 #   --dry-run           print the commands, start nothing (also DRY_RUN=1)
 
 # shellcheck source-path=SCRIPTDIR
@@ -34,14 +38,20 @@ usage() {
 
 nproc=2
 devices=2
-port=$((20000 + RANDOM % 20000))
+port=""
 logdir=""
+max_restarts=0
+backoff=10
 while (($#)); do
   case "$1" in
     -n | --nproc) nproc=$2; shift 2 ;;
     -d | --devices) devices=$2; shift 2 ;;
     -p | --port) port=$2; shift 2 ;;
     -l | --logdir) logdir=$2; shift 2 ;;
+    --max_restarts=*) max_restarts=${1#*=}; shift ;;
+    --max_restarts) max_restarts=$2; shift 2 ;;
+    --restart_backoff=*) backoff=${1#*=}; shift ;;
+    --restart_backoff) backoff=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage 0 ;;
     --) shift; break ;;
@@ -51,7 +61,14 @@ done
 (($#)) || { echo "no command given after --" >&2; usage 2; }
 [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got '$nproc'"
 [[ "$devices" =~ ^[1-9][0-9]*$ ]] || die "--devices must be a positive integer, got '$devices'"
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max_restarts must be a count >= 0, got '$max_restarts'"
+[[ "$backoff" =~ ^[0-9]+$ ]] || die "--restart_backoff must be whole seconds >= 0, got '$backoff'"
 cmd=("$@")
+workdir="$(workdir_of "${cmd[@]}")"
+if ((max_restarts > 0)) && [[ -z "$workdir" ]]; then
+  die "--max_restarts needs the command's --workdir (the run resumes from its checkpoints)"
+fi
+fixed_port=$port
 
 if [[ -z "$logdir" ]]; then
   if [[ "$DRY_RUN" == 1 ]]; then
@@ -66,33 +83,62 @@ fi
 xla_flags="$(printf '%s --xla_force_host_platform_device_count=%s' "${XLA_FLAGS:-}" "$devices" |
   sed -E 's/--xla_force_host_platform_device_count=[0-9]+ //g; s/ +/ /g; s/^ //')"
 
-echo "launcher: $nproc processes x $devices CPU devices, coordinator 127.0.0.1:$port, logs in $logdir" >&2
-pids=()
-for ((i = 0; i < nproc; i++)); do
-  argv=(env "JAX_PLATFORMS=cpu" "XLA_FLAGS=$xla_flags" "${cmd[@]}"
-    "--coordinator_address=127.0.0.1:$port" "--num_processes=$nproc" "--process_id=$i")
-  log="$logdir/proc_$i.log"
-  if [[ "$DRY_RUN" == 1 ]]; then
-    run "${argv[@]}"
-    echo "  > $log"
-    continue
+# start_group ATTEMPT: start the N processes (a new port per attempt unless -p), wait for them,
+# return the first non-zero status (the others are stopped) or 0.
+# shellcheck disable=SC2329 # called through run_attempt by supervise
+start_group() {
+  local attempt=$1 i log argv
+  port=${fixed_port:-$((20000 + RANDOM % 20000))}
+  echo "launcher: $nproc processes x $devices CPU devices, coordinator 127.0.0.1:$port, logs in $logdir" >&2
+  pids=()
+  for ((i = 0; i < nproc; i++)); do
+    argv=(env "JAX_PLATFORMS=cpu" "XLA_FLAGS=$xla_flags" "${cmd[@]}"
+      "--coordinator_address=127.0.0.1:$port" "--num_processes=$nproc" "--process_id=$i")
+    log="$logdir/proc_$i.log"
+    if [[ "$DRY_RUN" == 1 ]]; then
+      run "${argv[@]}"
+      echo "  > $log"
+      continue
+    fi
+    if ((attempt == 0)); then
+      "${argv[@]}" >"$log" 2>&1 &
+    else
+      echo "==== launcher: restart $attempt" >>"$log"
+      "${argv[@]}" >>"$log" 2>&1 &
+    fi
+    pids+=("$!")
+    echo "$!" >"$logdir/proc_$i.pid"
+  done
+  [[ "$DRY_RUN" == 1 ]] && return 0
+  local status=0
+  wait_group "${pids[@]}" || status=$?
+  if ((status != 0)); then
+    for ((i = 0; i < nproc; i++)); do
+      echo "---- last lines of $logdir/proc_$i.log" >&2
+      tail -n 20 "$logdir/proc_$i.log" >&2 || true
+    done
   fi
-  "${argv[@]}" >"$log" 2>&1 &
-  pids+=("$!")
-done
-[[ "$DRY_RUN" == 1 ]] && exit 0
+  return "$status"
+}
+
+attempts=0
+# shellcheck disable=SC2329 # called by supervise
+run_attempt() {
+  local attempt=$attempts
+  attempts=$((attempts + 1))
+  start_group "$attempt"
+}
 
 trap_group_signals
-# Stream process 0's output while the processes run.
-follow_log "$logdir/proc_0.log"
-status=0
-wait_group "${pids[@]}" || status=$?
-stop_following
-if ((status != 0)); then
-  for ((i = 1; i < nproc; i++)); do
-    echo "---- last lines of $logdir/proc_$i.log" >&2
-    tail -n 20 "$logdir/proc_$i.log" >&2 || true
-  done
+[[ "$DRY_RUN" == 1 ]] || follow_log "$logdir/proc_0.log"  # process 0's output, while it runs
+record=""
+if ((max_restarts > 0)) && [[ "$workdir" != *://* ]]; then
+  record="$workdir/restarts.jsonl"
+  [[ "$DRY_RUN" == 1 ]] || mkdir -p "$workdir"
 fi
+status=0
+supervise "$max_restarts" "$backoff" "$workdir" "$record" run_attempt || status=$?
+[[ "$DRY_RUN" == 1 ]] && exit 0
+stop_following
 echo "launcher: exit status $status (logs in $logdir)" >&2
 exit "$status"

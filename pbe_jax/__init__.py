@@ -6,7 +6,10 @@ logical axis names attached to each parameter, see `pbe_jax.models.axes`.
 """
 from flax import nnx as _nnx
 
+from pbe_jax import logs as _logs
+
 _nnx.use_eager_sharding(False)
+_logs.install()  # orbax / JAX lines that need no action stay out of the way (back with -v 1)
 
 __version__ = "0.1.0"
 __all__ = ["PaintByExample"]  # the public API (docs/api); the rest lives in the subpackages

@@ -43,10 +43,11 @@ from typing import Callable
 
 from absl import app, flags
 
-from pbe_jax import runtime
+from pbe_jax import cli_flags, runtime
 from pbe_jax.benchmarks import crop, gpu, load, memory, ops, sample, train
 from pbe_jax.benchmarks.report import Row, machine_line, markdown_table
 from pbe_jax.benchmarks.sizes import get_size
+from pbe_jax.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
 from pbe_jax.data.bench import run
 
 ALL = ("train", "sample", "data", "memory", "load")
@@ -69,9 +70,9 @@ _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", None, "also time the referen
 _GPU_SIZES = flags.DEFINE_list("gpu_sizes", list(gpu.DEFAULT_SIZES), "sizes of --what=gpu")
 
 # sample
-_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 50, "PLMS steps")
+_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", NUM_INFERENCE_STEPS, "PLMS steps")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 4, "images per call")
-_SAMPLE_GUIDANCE = flags.DEFINE_float("sample_guidance", 5.0, "classifier-free guidance scale")
+_SAMPLE_GUIDANCE = flags.DEFINE_float("sample_guidance", GUIDANCE_SCALE, "classifier-free guidance scale")
 
 # memory
 _MEMORY_COMPILE = flags.DEFINE_bool("memory_compile", True,
@@ -199,4 +200,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_flags.run(main)

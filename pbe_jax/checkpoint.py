@@ -20,10 +20,12 @@ Faults:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import time
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import jax
 import numpy as np
@@ -47,6 +49,35 @@ def ckpt_dir(workdir: str) -> str:
     return os.path.join(workdir, "checkpoints")
 
 
+def step_dir(directory: str | os.PathLike, step: int) -> epath.Path:
+    """The folder of step `step` in a `checkpoints/` directory (the one place that names it)."""
+    return epath.Path(directory) / str(int(step))
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """[(dotted field, old value, new value)] where two config dicts (`config.to_dict()` or a
+    checkpoint's saved config) differ; a field only one has shows `None` on the other side."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, name + ".")
+        elif _plain(a) != _plain(b):
+            out.append((name, a, b))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists compare equal (a config holds tuples, its JSON lists)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]], limit: int = 12) -> str:
+    shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes[:limit])
+    return shown + (f" (and {len(changes) - limit} more)" if len(changes) > limit else "")
+
+
 # Replica-parallel saving (orbax's default off GPUs) splits every replicated array into one
 # slice per replica, each cut on the device by a program of its own (shape and offset): the
 # first save of the demo's 900 arrays on 8 devices compiled for 26 s and held training that
@@ -63,9 +94,39 @@ def _register_array_handler() -> None:
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
+def _abandoned_write(unraisable) -> bool:
+    return (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed")
+
+
+def _condense_abandoned_writes() -> None:
+    """When one array of an async save fails (a full disk), orbax's save coroutine ends and
+    closes its event loop while the other arrays' tensorstore writes are still pending; each of
+    them then reports `RuntimeError: Event loop is closed` as an unraisable exception, one
+    traceback per array (thousands for a real model) around the one error that matters. Keep
+    one log line for all of them (process-wide; other unraisable exceptions are untouched)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "pbe_jax_condensed", False):
+        return
+    seen = [0]
+
+    def hook(unraisable):
+        if not _abandoned_write(unraisable):
+            previous(unraisable)
+            return
+        seen[0] += 1
+        if seen[0] == 1:
+            log.warning("a checkpoint save failed: its other pending array writes were abandoned "
+                        "(orbax: 'Event loop is closed', reported once); the save's error follows")
+
+    hook.pbe_jax_condensed = True
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
         _register_array_handler()
+        _condense_abandoned_writes()
         self.directory = ckpt_dir(workdir)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                             enable_async_checkpointing=async_save)
@@ -81,12 +142,11 @@ class Checkpointer:
         """Start writing step `step` (and wait until it is complete with `wait`). Raises
         `CheckpointError` when this save, or the previous one, fails."""
         self.check(block=True)
-        args = ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(state),
-            FROZEN: ocp.args.StandardSave(frozen),
-            DATA: ocp.args.JsonSave(data_state or {}),
-            CONFIG: ocp.args.JsonSave(config),
-        })
+        items = {STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(data_state or {}),
+                 CONFIG: ocp.args.JsonSave(config)}
+        if frozen is not None:  # None: a LoRA run, whose base is reloaded from its source
+            items[FROZEN] = ocp.args.StandardSave(frozen)
+        args = ocp.args.Composite(**items)
         try:
             self.manager.save(step, args=args, force=True)
         except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many types)
@@ -122,11 +182,16 @@ class Checkpointer:
             items[FROZEN] = ocp.args.StandardRestore(frozen_target)
         return self.manager.restore(step, args=ocp.args.Composite(**items))
 
-    def restore_latest(self, state_target: Any, frozen_target: Any | None):
+    def restore_latest(self, state_target: Any, frozen_target: Any | None,
+                       config: dict | None = None):
         """(step, restored) from the newest checkpoint that restores, or None when there is none;
         newer ones that fail are moved aside (`restore_newest`). Raises `CheckpointError` when
-        checkpoints exist but none restores."""
-        dirs = [epath.Path(self.directory) / str(s) for s in self.steps()]
+        checkpoints exist but none restores, and, given the run's `config` (a dict), when the
+        newest one does not fit the targets' shapes (`check_fits`: a changed model config is
+        not corruption, so nothing is moved aside)."""
+        dirs = [step_dir(self.directory, s) for s in self.steps()]
+        if dirs and config is not None:
+            check_fits(dirs[-1], {STATE: state_target, FROZEN: frozen_target}, config)
         found = restore_newest(dirs, lambda d: self.restore(int(d.name), state_target, frozen_target))
         self.manager.reload()  # forget the steps moved aside: their numbers are free again
         return None if found is None else (int(found[0].name), found[1])
@@ -223,7 +288,7 @@ def training_steps(path: str | os.PathLike) -> list[epath.Path]:
     if is_step_dir(p):
         return [p]
     ck = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    return [ck / str(s) for s in finished_steps(ck) if (ck / str(s) / STATE).exists()]
+    return [step_dir(ck, s) for s in finished_steps(ck) if (step_dir(ck, s) / STATE).exists()]
 
 
 def read_config(step_dir: str | os.PathLike) -> dict:
@@ -233,9 +298,61 @@ def read_config(step_dir: str | os.PathLike) -> dict:
 
 def item_tree(step_dir: str | os.PathLike, item: str) -> Any:
     """The tree structure (metadata) of one item of a step, without reading arrays."""
-    meta = ocp.PyTreeCheckpointer().metadata(epath.Path(step_dir) / item)
+    with _quiet_absl():  # items of a composite checkpoint have no per-item metadata file
+        meta = ocp.PyTreeCheckpointer().metadata(epath.Path(step_dir) / item)
     meta = getattr(meta, "item_metadata", meta)
     return getattr(meta, "tree", meta)
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    """{'params.unet.conv_in.kernel': shape} of a tree of arrays / ShapeDtypeStructs / orbax
+    metadata."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path):
+            tuple(getattr(x, "shape", ()) or ()) for path, x in flat}
+
+
+def check_fits(step: str | os.PathLike, targets: dict[str, Any], config: dict) -> None:
+    """Raise `CheckpointError` when arrays of checkpoint `step` do not have the shapes of
+    `targets` ({item: abstract tree}; None items are skipped), naming the parameters, both
+    shapes and the config fields that differ between the checkpoint's saved config and
+    `config` (instead of orbax's shape error). Compares the arrays both trees name (a tree
+    whose structure differs is left to orbax); does nothing when the step's metadata cannot be
+    read (a corrupt step: the restore fallback deals with it)."""
+    wrong = []
+    try:
+        for item, target in targets.items():
+            if target is None:
+                continue
+            have, want = _shapes(item_tree(step, item)), _shapes(target)
+            for k in sorted(set(have) & set(want), key=lambda k: (not k.startswith("params."), k)):
+                if have[k] != want[k]:
+                    wrong.append(f"{item} {k}: checkpoint {have[k]}, config {want[k]}")
+        saved = read_config(step) if wrong else {}
+    except Exception as e:  # noqa: BLE001 (unreadable metadata: not ours to judge here)
+        log.debug("shape check of %s skipped (%s)", step, e)
+        return
+    if not wrong:
+        return
+    changes = [c for c in config_changes(saved, config) if c[0].startswith("model.")]
+    fields = (f"the config differs from the checkpoint's in {describe_changes(changes)}"
+              if changes else "the model config fields are the same (the code's model changed?)")
+    raise CheckpointError(
+        f"checkpoint {step} does not fit the config: {len(wrong)} array(s) differ, e.g. "
+        + "; ".join(wrong[:5]) + f". {fields}. Model shapes cannot change on resume: run with "
+        "the checkpoint's values, or start a new run in another --workdir.")
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """Orbax logs warnings meant for developers while reading metadata: keep them out."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def restore_numpy(directory: str | os.PathLike, keys: Iterable[str] | None = None) -> dict:

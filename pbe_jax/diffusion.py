@@ -92,13 +92,16 @@ def encode_latents(vae, image: jax.Array, masked_image: jax.Array, rng: jax.Arra
     return z[:b], z[b:]
 
 
+COND_DROP_MODES = ("batch", "sample")  # config.train.cond_drop_mode, as draw_drop reads it
+
+
 def draw_drop(rng: jax.Array, b: int, drop_prob: float, drop_mode: str) -> jax.Array:
     """bool [B]: which samples get the unconditional vector (CFG dropout)."""
     if drop_mode == "batch":  # official: `random.uniform(0,1) < 0.2` once per forward
         return jnp.broadcast_to(jax.random.uniform(rng, ()) < drop_prob, (b,))
     if drop_mode == "sample":
         return jax.random.uniform(rng, (b,)) < drop_prob
-    raise ValueError(f"cond_drop_mode must be 'batch' or 'sample', got {drop_mode!r}")
+    raise ValueError(f"cond_drop_mode must be one of {COND_DROP_MODES}, got {drop_mode!r}")
 
 
 def condition(image_encoder, reference: jax.Array, drop: jax.Array | None) -> jax.Array:
@@ -122,7 +125,9 @@ def pbe_loss(model, batch: dict, rng: jax.Array, schedule: NoiseSchedule, *,
     if draws is not None:
         drop = draws.drop
     else:
-        drop = draw_drop(r_drop, n, cond_drop_prob, cond_drop_mode) if cond_drop_prob > 0 else None
+        # a traced probability (the step's hparams input) is drawn with, whatever its value
+        on = isinstance(cond_drop_prob, jax.Array) or cond_drop_prob > 0
+        drop = draw_drop(r_drop, n, cond_drop_prob, cond_drop_mode) if on else None
     ctx = condition(model.image_encoder, b["reference"], drop)
     if draws is not None:
         t, noise = draws.t, draws.noise.astype(jnp.float32)

@@ -5,19 +5,32 @@
 - auto-detected: Cloud TPU pods and SLURM (`jax.distributed.initialize()` with no arguments
   reads their environment), enabled by `PBE_JAX_DISTRIBUTED=auto` or the `--distributed` flag.
 On CPU it selects gloo collectives (cross-process all-reduce on CPU needs them).
+Multi-process runs enable JAX's recoverability (`jax_enable_recoverability`): when a process
+dies, the coordination service no longer aborts every other process in C++ (exit 134, "another
+task died"); it marks the task dead (`missing_processes`) and the training watchdog
+(`pbe_jax.training.watchdog`) stops the survivors with a message naming it. `heartbeat_seconds`:
+how long a task may stay silent (hung, not dead) before the service marks it dead. The end of a
+run then needs its own barrier (`_barrier_at_exit`): without it process 0 could take the
+service down while the others still finish.
 It must run before anything touches a jax device. `initialize_from_flags` (what every command
 line calls first) also runs `runtime.configure_from_flags` (compilation cache, XLA flags).
 """
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import time
 
 import jax
 from absl import flags
+from jax._src import distributed as jax_distributed
 
 from pbe_jax import runtime
 
 _INITIALIZED = False
+DEFAULT_HEARTBEAT_SECONDS = 100  # jax.distributed.initialize's default
+log = logging.getLogger("pbe_jax")
 
 
 def define_flags() -> None:
@@ -32,7 +45,8 @@ def define_flags() -> None:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, auto: bool = False) -> bool:
+               process_id: int | None = None, auto: bool = False,
+               heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS) -> bool:
     """Returns True when jax.distributed was initialised by this call (or earlier)."""
     global _INITIALIZED
     if _INITIALIZED:
@@ -45,19 +59,62 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if "cpu" in platforms or (explicit and not platforms):
         # Harmless on GPU/TPU (only affects the CPU backend); required for CPU all-reduces.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_enable_recoverability", True)
+    kw = {"heartbeat_timeout_seconds": int(heartbeat_seconds)}
     if explicit:
         if num_processes is None or process_id is None:
             raise ValueError("--coordinator_address needs --num_processes and --process_id")
         jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+                                   num_processes=num_processes, process_id=process_id, **kw)
     else:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**kw)
     _INITIALIZED = True
+    atexit.register(_barrier_at_exit, int(heartbeat_seconds))  # runs before jax's own shutdown
     return True
 
 
-def initialize_from_flags() -> bool:
+def _client():
+    return jax_distributed.global_state.client
+
+
+def missing_processes() -> tuple[list[int], str]:
+    """([process ids the coordination service does not count live], why); ([], '') when all
+    are, or the run is single-process. A coordinator that cannot be reached counts process 0."""
+    n = jax.process_count()
+    client = _client()
+    if n == 1 or client is None:
+        return [], ""
+    try:
+        live = client.get_live_nodes(list(range(n)))
+    except Exception as e:  # noqa: BLE001 (any RPC failure means the coordinator is gone)
+        return [0], f"the coordinator, process 0, cannot be reached: {str(e).splitlines()[0][:200]}"
+    missing = sorted(set(range(n)) - set(live))
+    return missing, "not live at the coordination service: exited, killed or silent past the heartbeat" \
+        if missing else ""
+
+
+def _barrier_at_exit(timeout_s: int) -> None:
+    """Every process waits for the others at exit (recoverable mode drops JAX's own shutdown
+    barrier); a process that is gone makes this return after `timeout_s`, not hang."""
+    client = _client()
+    if client is None or jax.process_count() == 1:
+        return
+    n = jax.process_count()
+    try:
+        client.wait_at_barrier("pbe_jax_exit", timeout_in_ms=int(timeout_s) * 1000)
+        if jax.process_index() != 0:
+            jax.distributed.shutdown()  # disconnect while the service (process 0) still runs
+            return
+        deadline = time.monotonic() + timeout_s  # process 0 stops the service last
+        while len(client.get_live_nodes(list(range(n)))) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception as e:  # noqa: BLE001
+        log.warning("exit barrier: %s", str(e).splitlines()[0][:200])
+
+
+def initialize_from_flags(heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS) -> bool:
     """The start of every command line: runtime set-up, then multi-host initialisation."""
     runtime.configure_from_flags()
     f = flags.FLAGS
-    return initialize(f.coordinator_address, f.num_processes, f.process_id, f.distributed)
+    return initialize(f.coordinator_address, f.num_processes, f.process_id, f.distributed,
+                      heartbeat_seconds=heartbeat_seconds)

@@ -1,4 +1,4 @@
-r"""COCOEE evaluation: `python -m pbe_jax.evaluate` (the library is `pbe_jax.evals.benchmark`).
+r"""COCOEE evaluation: `python -m pbe_jax.evaluate` (the library is `pbe_jax.evaluation.benchmark`).
 
   # sample the benchmark with a model, then score (rerun resumes: finished images are kept)
   python -m pbe_jax.evaluate --bench=test_bench --model=Fantasy-Studio/Paint-by-Example \
@@ -9,7 +9,7 @@ r"""COCOEE evaluation: `python -m pbe_jax.evaluate` (the library is `pbe_jax.eva
   # score results made elsewhere (e.g. the official PyTorch scripts), side by side with ours
   python -m pbe_jax.evaluate --results=official/results --bench=test_bench --out=eval/official ...
 
-`--bench` is a COCOEE folder (`pbe_jax.evals.cocoee`) or a .jsonl/.csv manifest. Results go to
+`--bench` is a COCOEE folder (`pbe_jax.evaluation.cocoee`) or a .jsonl/.csv manifest. Results go to
 `OUT/results/<id>_0.png` (`pbe_jax.batch_edit.write_results`); scores to `OUT/metrics.json` (values, per-image
 CLIP scores, what was skipped and why, the protocol) and `OUT/metrics.md` (a table). Result
 files accepted by `--results`: `<id>.png`, `<id>_<k>.png` (k = `--sample_index`) and
@@ -44,15 +44,15 @@ from typing import Any
 import jax
 from absl import flags
 
-from pbe_jax import distributed
-from pbe_jax.evals import cocoee
-from pbe_jax.evals.benchmark import markdown, sample_bench, score_results
+from pbe_jax import cli_flags, distributed, locks
+from pbe_jax.batch_edit import loaded_weights
 from pbe_jax.evals.scoring import FID_FEATURES, MetricSpec
+from pbe_jax.evaluation import cocoee
+from pbe_jax.evaluation.benchmark import markdown, sample_bench, score_results
 from pbe_jax.metrics import setup_logging
 from pbe_jax.models.hub import cast_dtype
 from pbe_jax.outputs import NotWritableError, ensure_writable
 from pbe_jax.pipeline import PaintByExample
-from pbe_jax.schedulers import scheduler_names
 
 
 def _spec_from_flags(F) -> MetricSpec:
@@ -79,17 +79,37 @@ def main(argv) -> int:
             ensure_writable(F.out or F.results, "--out" if F.out else "--results")
     except (FileNotFoundError, ValueError, NotWritableError) as e:
         raise SystemExit(str(e)) from None
+    out_dir = F.out or (F.results if os.path.isdir(F.results or "") else None)
+    # One run writes an output folder at a time (process 0 holds its lock).
+    lock = locks.hold(out_dir, "--out" if F.out else "--results", reclaim=F.reclaim_lock,
+                      enabled=out_dir is not None and jax.process_index() == 0)
+    try:
+        with lock:
+            return _sample_and_score(F, rows, spec)
+    except locks.LockedError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _load(F):
+    pipe, report = PaintByExample.from_pretrained(F.model, dtype=cast_dtype(F.dtype), use_ema=F.use_ema,
+                                                  variant=F.variant, revision=F.revision,
+                                                  return_report=True)
+    pipe = pipe.with_lora(F.lora, F.lora_scale)  # --lora / --lora_scale (no LoRA: the same pipe)
+    return pipe, loaded_weights(report, use_ema=F.use_ema)
+
+
+def _sample_and_score(F, rows, spec) -> int:
     failed: dict[str, str] = {}
     extra: dict[str, Any] = {"bench": F.bench}
     if F.model:
         results_dir = os.path.join(F.out, "results")
-        load = lambda: PaintByExample.from_pretrained(  # noqa: E731
-            F.model, dtype=cast_dtype(F.dtype), use_ema=F.use_ema, variant=F.variant, revision=F.revision)
         # which weights of --model: part of the settings a resumed run must share
-        chosen = {k: v for k, v in (("use_ema", F.use_ema), ("variant", F.variant), ("revision", F.revision)) if v}
+        chosen = {k: v for k, v in (("use_ema", F.use_ema), ("variant", F.variant), ("revision", F.revision),
+                                    ("lora", F.lora), ("lora_scale", F.lora and F.lora_scale)) if v}
         model_id = F.model + (f" {json.dumps(chosen, sort_keys=True)}" if chosen else "")
-        failed = sample_bench(load, rows, results_dir, model=model_id, steps=F.steps, guidance=F.guidance,
-                              scheduler=F.scheduler, seed=F.seed, dtype=F.dtype, batch_size=F.batch_size)
+        failed = sample_bench(lambda: _load(F), rows, results_dir, model=model_id, steps=F.steps,
+                              guidance=F.guidance, scheduler=F.scheduler, seed=F.seed, dtype=F.dtype,
+                              batch_size=F.batch_size)
         extra.update(model=model_id, failed=failed, sampling={"steps": F.steps, "guidance": F.guidance,
                                                             "scheduler": F.scheduler, "seed": F.seed})
         sample_index = 0
@@ -106,21 +126,14 @@ def main(argv) -> int:
 
 
 def define_flags() -> None:
+    cli_flags.define_model_flags()
     flags.DEFINE_string("bench", None, "COCOEE test_bench folder or a .jsonl/.csv manifest")
-    flags.DEFINE_string("model", None, "sample with this model (diffusers dir / hub id / pbe_jax workdir)")
     flags.DEFINE_string("results", None, "score existing results in this folder instead of sampling")
     flags.DEFINE_string("out", None, "output folder (results/, metrics.json, metrics.md)")
     flags.DEFINE_integer("limit", 0, "only the first N bench triplets (0 = all)")
-    flags.DEFINE_integer("steps", 50, "denoising steps")
-    flags.DEFINE_float("guidance", 5.0, "classifier-free guidance scale (the paper's benchmark: 5)")
-    flags.DEFINE_enum("scheduler", None, scheduler_names(),
-                      "sampler (default: the model's own, its scheduler_config.json; PLMS for the released PbE)")
-    flags.DEFINE_integer("seed", 0, "base seed (row i uses seed + 1000 i)")
     flags.DEFINE_integer("batch_size", 8, "images per batch, for sampling and feature extraction")
-    flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "sampling compute dtype")
-    flags.DEFINE_bool("use_ema", False, "--model is a training run: load its EMA params")
-    flags.DEFINE_string("variant", None, "diffusers weight variant of --model (e.g. fp16)")
-    flags.DEFINE_string("revision", None, "Hub revision (branch, tag or commit) of --model")
+    flags.DEFINE_string("lora", None, "a LoRA on --model: a pbe_jax LoRA run or a diffusers/PEFT .safetensors")
+    flags.DEFINE_float("lora_scale", 1.0, "--lora: its adapters' output times this")
     flags.DEFINE_integer("sample_index", 0, "--results: which <id>_<k> sample to score")
     flags.DEFINE_string("clip_model", None, "CLIP ViT-B/32 (transformers dir or hub id): CLIP score, CLIP FID/QS")
     flags.DEFINE_string("inception", None, "FID Inception weights (pt_inception .pth / .safetensors)")
@@ -129,11 +142,11 @@ def define_flags() -> None:
     flags.DEFINE_enum("fid_features", "inception", list(FID_FEATURES),
                       "inception = standard FID; clip = the authors' released FID script")
     flags.DEFINE_string("gmm", None, "QS Gaussian mixture .npz (pbe_jax.evals.qs)")
+    flags.DEFINE_bool("reclaim_lock", False, "take over the output folder's lock from a run that is gone "
+                      "(e.g. on a host that died); a live holder on this host is never displaced")
     distributed.define_flags()
 
 
 if __name__ == "__main__":
-    from absl import app
-
     define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli_flags.run(lambda argv: sys.exit(main(argv)))

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
+import time
+import weakref
 from typing import Any, Sequence
 
 import cv2
@@ -36,8 +39,11 @@ from jax.sharding import NamedSharding
 from PIL import Image, ImageOps
 
 from pbe_jax import sharding as shd
+from pbe_jax.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
 from pbe_jax.sampler import guided_sample
 from pbe_jax.schedulers import Scheduler, scheduler_for
+
+log = logging.getLogger(__name__)
 
 ImageLike = Any  # PIL.Image | np.ndarray | str path
 
@@ -136,19 +142,39 @@ def size_multiple(pipe) -> int:
 # next to ~5 GB of fp32 SD v1 + CLIP weights: an estimate for a 16-24 GB accelerator, not a
 # measurement. 3000 x 2000 would need terabytes.
 MAX_PIXELS = 768 * 768
+# The same budget in the UNet's terms: tokens of its largest self-attention (SD v1 at 768 x 768:
+# a 96 x 96 latent grid). `max_pixels_for` turns it into pixels for any model.
+MAX_ATTENTION_TOKENS = (768 // 8) ** 2
+AUTO = "auto"  # max_pixels=AUTO: the limit of the model at hand (`max_pixels_for`)
 
 
-def check_working_size(size: tuple[int, int], multiple: int, max_pixels: int | None) -> None:
+def max_pixels_for(pipe) -> int:
+    """The largest working size (px) `pipe` edits whole by default: the size at which its
+    highest-resolution self-attention holds `MAX_ATTENTION_TOKENS` tokens. It scales with the
+    VAE factor and the UNet's down blocks before its first attention: SD v1 (8x VAE, attention
+    at the top level) 768 x 768; the demo (2x VAE) 192 x 192, where a 300 x 200 photo would
+    hold 15,000 tokens per attention (minutes and gigabytes on a CPU)."""
+    vae = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    blocks = list(pipe.unet.config.down_block_types)
+    first_attn = next((i for i, b in enumerate(blocks) if "Attn" in b), 0)
+    return MAX_ATTENTION_TOKENS * (vae * 2 ** first_attn) ** 2
+
+
+def check_working_size(size: tuple[int, int], multiple: int, max_pixels: int | None,
+                       model_limit: bool = False) -> None:
     """Refuse a source of `size` (H, W) whose padded working size is over `max_pixels`, before
-    any compute, with a message naming the limit (None or 0: no limit)."""
+    any compute, with a message naming the limit (None or 0: no limit; `model_limit`: the
+    limit is the model's own, `max_pixels_for`)."""
     if not max_pixels:
         return
     h, w = (-(-int(s) // multiple) * multiple for s in size)
     if h * w > max_pixels:
+        whose = " (this model's limit for a whole-image edit, from its latent size)" if model_limit else ""
         raise ValueError(
             f"source {size[1]}x{size[0]} would run at {w}x{h} = {w * h:,} px, over max_pixels="
-            f"{max_pixels:,} (memory grows with the square of the pixel count): downscale it, "
-            "crop around the mask, or raise max_pixels (--max_pixels) if the accelerator has room")
+            f"{max_pixels:,}{whose} (memory grows with the square of the pixel count): crop around the "
+            "mask (mask_crop_padding=32 / --mask_crop_padding=32), downscale it, or raise max_pixels "
+            "(--max_pixels) if the accelerator has room")
 
 
 def pad_to_multiple(image: np.ndarray, edit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,13 +213,15 @@ class EditInputs:
 
 def prepare(pipe, images: Sequence[np.ndarray], edits: Sequence[np.ndarray], refs: Sequence[np.ndarray],
             seeds: Sequence[int], *, num_images_per_prompt: int = 1,
-            reference_preprocess: str = "squash", max_pixels: int | None = MAX_PIXELS) -> EditInputs:
+            reference_preprocess: str = "squash", max_pixels: int | str | None = AUTO) -> EditInputs:
     """The one host-side batch preparation: uint8 sources [H, W, 3] of one size, bool edit masks
     [H, W] (True = paint), uint8 references, one seed per output image
-    (len(images) * num_images_per_prompt). Sources over `max_pixels` are refused."""
+    (len(images) * num_images_per_prompt). Sources over `max_pixels` are refused (AUTO:
+    `max_pixels_for(pipe)`)."""
     size = images[0].shape[:2]
     k = size_multiple(pipe)
-    check_working_size(size, k, max_pixels)
+    auto = max_pixels == AUTO
+    check_working_size(size, k, max_pixels_for(pipe) if auto else max_pixels, model_limit=auto)
     padded = [pad_to_multiple(im, e, k) for im, e in zip(images, edits)]
     r = pipe.image_encoder.preprocess.size  # the model's feature_extractor_config
     rep = lambda xs: np.repeat(np.stack(xs), num_images_per_prompt, axis=0)  # noqa: E731
@@ -238,6 +266,10 @@ def _edit_body(graphdef, state, image, keep, ref, seeds, guidance, latents, *, s
                        batch_sharding=batch_sharding)
     img = pipe.vae.decode((x0 / sf).astype(jnp.float32))
     return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+# jitted edit -> the input shapes it has compiled for (to say so on the first call of each)
+_COMPILED_SHAPES: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
 
 
 @functools.lru_cache(maxsize=64)
@@ -285,7 +317,8 @@ def edit_function(pipe, *, scheduler: Scheduler, cfg: bool, masked_latents: str 
     return fn, state, mesh
 
 
-def run_edit(pipe, inputs: EditInputs, *, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+def run_edit(pipe, inputs: EditInputs, *, num_inference_steps: int = NUM_INFERENCE_STEPS,
+             guidance_scale: float = GUIDANCE_SCALE,
              scheduler: str | None = None, eta: float = 0.0, latents: np.ndarray | None = None,
              masked_latents: str = "sample", mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
     """`EditInputs` in, float32 [N, H', W', 3] in [0, 1] out (host, padded size). Pads the batch
@@ -305,9 +338,21 @@ def run_edit(pipe, inputs: EditInputs, *, num_inference_steps: int = 50, guidanc
         arrays = [np.concatenate([a, np.repeat(a[-1:], pad, 0)]) if pad else a for a in arrays]
         arrays = [jax.device_put(a, shd.batch_sharding(mesh, a.ndim)) for a in arrays]
     args = arrays[:4] + [np.float32(guidance_scale)] + arrays[4:]
+    shapes = tuple(a.shape for a in args[:4])
+    seen = _COMPILED_SHAPES.setdefault(fn, set())
+    first = shapes not in seen
+    if first:  # jit compiles on this call: tens of seconds for SD, with nothing else to show
+        log.info("compiling the edit for %d image(s) of %dx%d, %d steps (once per size, batch and "
+                 "settings; later calls reuse it)...", shapes[0][0], shapes[0][2], shapes[0][1],
+                 num_inference_steps)
+        t0 = time.perf_counter()
     out = fn(state, *args)
     out = out.addressable_data(0) if mesh is not None else out
-    return np.asarray(jax.device_get(out))[:n]
+    out = np.asarray(jax.device_get(out))[:n]
+    if first:
+        seen.add(shapes)
+        log.info("compiled and ran the first edit in %.1f s", time.perf_counter() - t0)
+    return out
 
 
 def finish(out: np.ndarray, images: Sequence[np.ndarray], edits: Sequence[np.ndarray], *,
@@ -432,19 +477,21 @@ def _as_list(x) -> list:
     return [x]
 
 
-def edit(pipe, source, mask, reference, *, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+def edit(pipe, source, mask, reference, *, num_inference_steps: int = NUM_INFERENCE_STEPS,
+         guidance_scale: float = GUIDANCE_SCALE,
          scheduler: str | None = None, seed: int | Sequence[int] = 0, num_images_per_prompt: int = 1,
          latents: np.ndarray | None = None, masked_latents: str = "sample", paste_back: bool = False,
          paste_back_radius: float = 8.0, mask_crop_padding: int | None = None,
          reference_preprocess: str = "squash", output_type: str = "pil", eta: float = 0.0,
-         mesh: jax.sharding.Mesh | None = None, max_pixels: int | None = MAX_PIXELS):
+         mesh: jax.sharding.Mesh | None = None, max_pixels: int | str | None = AUTO):
     """Paint `reference` into the white region of `mask` on `source` (see the module docstring).
 
     source/mask/reference: one image each or equal-length lists (PIL, numpy, paths); all sources
     of a call share one size, and each mask has its source's size. `seed`: an int (image i uses
     seed + i) or one seed per output image. `latents`: NHWC [N * num_images_per_prompt, h, w, 4]
     unit-variance noise (scaled by the scheduler's init sigma). `max_pixels`: sources whose
-    padded working size is larger are refused (ValueError naming the limit; None = no limit).
+    padded working size is larger are refused (ValueError naming the limit; None = no limit;
+    default AUTO: `max_pixels_for(pipe)`, 768 x 768 for SD v1, 192 x 192 for the demo).
     Returns PIL images or, with output_type='np', float32 [N * num_images_per_prompt, H, W, 3]
     in [0, 1].
 

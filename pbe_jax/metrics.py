@@ -124,6 +124,12 @@ class MetricWriter:
             for k, v in values.items():
                 self._tb.add_scalar(k, float(v), step)
 
+    def tensorboard_scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        """Values for TensorBoard only (not a metrics.jsonl row, e.g. a run's goodput)."""
+        if self.enabled and self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, float(v), step)
+
     def keep_until(self, step: int) -> int:
         """Drop the rows logged after `step` (a run resumed at `step` logs them again; 0 for a
         fresh start). Returns how many were dropped."""
@@ -201,6 +207,14 @@ def last_logged_step(workdir: str) -> int:
 def image_grid(rows: list[np.ndarray]) -> np.ndarray:
     """rows: list of [N, H, W, 3] arrays in [0, 1] (same N, H, W) -> one [R*H, N*W, 3] image."""
     return np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+
+
+def readable(img: np.ndarray, min_side: int = 512) -> np.ndarray:
+    """[H, W, C] -> the same image repeated k x k (nearest neighbour, whole pixels kept) with the
+    smallest k making its shorter side at least `min_side`: a 128 x 96 grid of 32 px crops
+    becomes 768 x 576, large enough to see in an image viewer."""
+    k = max(1, -(-int(min_side) // min(img.shape[:2])))
+    return np.repeat(np.repeat(img, k, axis=0), k, axis=1) if k > 1 else img
 
 
 def setup_logging() -> None:

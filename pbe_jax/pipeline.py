@@ -10,18 +10,23 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from pbe_jax.convert import diffusers_io, ldm_io, orbax_io
+from pbe_jax.convert import diffusers_io, ldm_io, lora_io, orbax_io
 from pbe_jax.convert.load import load_pipeline
 from pbe_jax.convert.model_card import CardInfo, as_card_info, write_model_card
 from pbe_jax.inference import edit
 from pbe_jax.models import hub
 from pbe_jax.models.hub import cast_dtype
+from pbe_jax.models.lora import set_lora_scale
 from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE, PaintByExampleModel
 
 __all__ = ["FROZEN", "PaintByExample", "TRAINABLE"]
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # one original-layout LDM checkpoint
 
 
 def _one_of(ours: str, value, diffusers_name: str, diffusers_value):
@@ -56,7 +61,7 @@ class PaintByExample(PaintByExampleModel):
                         variant: str | None = None, revision: str | None = None,
                         attention_impl: str = "xla", remat: bool = False,
                         remat_policy: str | None = None, allow_missing=(), place=None,
-                        use_ema: bool = False, model_config: Mapping[str, Any] | None = None,
+                        use_ema: bool | None = None, model_config: Mapping[str, Any] | None = None,
                         seed: int = 0, return_report: bool = False, cache_dir: str | None = None,
                         local_files_only: bool = False, token: str | bool | None = None,
                         force_download: bool = False, use_safetensors: bool | None = None):
@@ -66,14 +71,20 @@ class PaintByExample(PaintByExampleModel):
 
         `dtype` is the compute dtype, `param_dtype` the params' (fp16/bf16 weights are cast to
         it). `place(path, array)` puts each param on devices. `use_ema` picks a training
-        checkpoint's EMA params. `allow_missing` globs (`unet.conv_in.*`) accept absent params,
+        checkpoint's EMA params (default None: the EMA params when the run kept them, as its
+        sample grids and scores did, with one log line saying which loaded; False: the raw
+        ones). A single `.safetensors` / `.ckpt` file loads as an original-layout LDM
+        checkpoint (`from_single_file`). `allow_missing` globs (`unet.conv_in.*`) accept absent params,
         which keep their initial values (seeded by `seed`). Hub options, with diffusers' names
         and meanings (`models.hub.resolve`): `revision`, `cache_dir`, `local_files_only`,
         `token`, `force_download`, `use_safetensors` (None: safetensors, else .bin; True / False:
         only that format); `HF_HUB_OFFLINE=1` loads from the cache. Returns the model, or
         (model, PipelineReport).
         """
-        fmt = "orbax" if orbax_io.is_checkpoint(path_or_hub_id) else "diffusers"
+        if os.path.isfile(path_or_hub_id) and path_or_hub_id.endswith(SINGLE_FILE_SUFFIXES):
+            fmt = "ldm"
+        else:
+            fmt = "orbax" if orbax_io.is_checkpoint(path_or_hub_id) else "diffusers"
         return load_pipeline(fmt, path_or_hub_id, variant=variant, revision=revision, dtype=dtype,
                              param_dtype=param_dtype, attention_impl=attention_impl, remat=remat,
                              remat_policy=remat_policy, allow_missing=allow_missing, place=place,
@@ -81,6 +92,51 @@ class PaintByExample(PaintByExampleModel):
                              return_report=return_report, cls=cls, cache_dir=cache_dir,
                              local_files_only=local_files_only, token=token,
                              force_download=force_download, use_safetensors=use_safetensors)
+
+    def load_lora(self, path: str, scale: float = 1.0, *, use_ema: bool = False) -> list[str]:
+        """Add a LoRA (`convert.lora_io.read_lora`: a pbe_jax LoRA run's workdir or step, or a
+        diffusers/PEFT `pytorch_lora_weights.safetensors` / its folder) at `scale`; a run's
+        other trained parts (`uncond_vector`, ...) replace this model's. Returns the adapted
+        layer paths. The scale is a model variable: `set_lora_scale` recompiles nothing."""
+        return lora_io.apply_lora(self, lora_io.read_lora(path, use_ema=use_ema), scale)
+
+    def with_lora(self, path: str | None, scale: float = 1.0) -> "PaintByExample":
+        """`load_lora(path, scale)` when `path` is given (the commands' --lora); returns self."""
+        if path:
+            self.load_lora(path, scale=scale)
+        return self
+
+    def set_lora_scale(self, scale: float) -> None:
+        """Every adapter's output times `scale` (0: the base model; 1: as trained)."""
+        set_lora_scale(self, scale)
+
+    def fuse_lora(self) -> None:
+        """Merge the adapters into the base kernels (diffusers' `fuse_lora`)."""
+        lora_io.fuse(self)
+
+    def unfuse_lora(self) -> None:
+        """Undo `fuse_lora` (the kernels as before, up to fp32 rounding)."""
+        lora_io.unfuse(self)
+
+    @classmethod
+    def from_single_file(cls, path: str, **kwargs):
+        """An original-layout LDM checkpoint (one `.safetensors` / `.ckpt` file, e.g. the
+        released `model.ckpt` or `save_pretrained(format='ldm')`), as diffusers'
+        `from_single_file`; keyword arguments as `from_pretrained`."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file (from_single_file loads one .safetensors / .ckpt file)")
+        return cls.from_pretrained(path, **kwargs)
+
+    def __repr__(self) -> str:
+        """A few lines (the networks' own repr is thousands): components, sizes, resolution."""
+        lines = [f"{type(self).__name__}("]
+        for comp in ("unet", "vae", "image_encoder"):
+            n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(getattr(self, comp), nnx.Param)))
+            lines.append(f"  {comp}: {type(getattr(self, comp)).__name__}, {n:,} params,")
+        sched = (self.scheduler_config or {}).get("_class_name", "?")
+        lines.append(f"  scheduler: {sched}, vae scaling_factor={self.vae.scaling_factor},")
+        lines.append(")")
+        return "\n".join(lines)
 
     def save_pretrained(self, path: str, *, dtype=None, variant: str | None = None,
                         format: str = "diffusers", progress: bool = False,  # noqa: A002

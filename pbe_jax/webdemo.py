@@ -12,11 +12,22 @@ with a message for every bad input; `DemoEditor.warmup` compiles that function a
 thread, while the page shows "compiling". Sources larger than the model's resolution are edited
 in a window around the mask by default (`mask_crop_padding`), so every such edit has the
 model's shape and reuses the start-up compilation.
+
+The seed field takes 0 .. 2**32 - 1 (the sampler's uint32 seeds) or -1 for a new random seed per
+edit (the status line names the seed used, so an edit can be repeated); anything else is refused
+with a message on the page (`page_seed`). The result PNGs behind the download button live in a
+temporary folder that keeps the newest `keep_results` files and is removed when the server stops:
+`serve(app, ...)` (what `python -m pbe_jax.demo` runs) stops on Ctrl-C or SIGTERM alike and then
+removes it.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import secrets
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -32,6 +43,7 @@ from pbe_jax.checkpoint import read_config, training_steps
 from pbe_jax.data.config import data_config
 from pbe_jax.data.synthetic import synthetic_scene
 from pbe_jax.data.transforms import pad_box
+from pbe_jax.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
 from pbe_jax.inference import crop_window, larger_than_model, load_rgb, model_resolution, to_uint8
 from pbe_jax.schedulers import own_scheduler_name, scheduler_names
 
@@ -41,14 +53,38 @@ except ImportError as e:  # the page is an extra; everything else works without 
     raise ImportError(f"the web demo needs gradio ({e}): pip install 'pbe_jax[demo]'") from e
 
 BRUSH = ("#ff00ff", 0.6)  # what the painted region looks like on the page; any alpha > 0 is mask
+SEED_MAX = 2**32 - 1  # the sampler's seeds are uint32
+RANDOM_SEED = -1  # the seed field's value for "a new random seed each edit"
+
+log = logging.getLogger("pbe_jax")
+
+
+def page_seed(value) -> int:
+    """The seed field's value -> the edit's seed: 0 .. SEED_MAX as is, -1 a random one; raises
+    `gr.Error` with the accepted range for anything else (empty, fractional, out of range)."""
+    accepted = f"use 0 to {SEED_MAX}, or {RANDOM_SEED} for a random seed"
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise gr.Error(f"The seed is empty: {accepted}.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"The seed {value!r} is not a number: {accepted}.") from None
+    if not number.is_integer():
+        raise gr.Error(f"The seed {value} is not a whole number: {accepted}.")
+    seed = int(number)
+    if seed == RANDOM_SEED:
+        return secrets.randbelow(SEED_MAX + 1)
+    if not 0 <= seed <= SEED_MAX:
+        raise gr.Error(f"The seed {seed} is out of range: {accepted}.")
+    return seed
 
 
 @dataclass(frozen=True)
 class Settings:
     """The page's defaults (and the warm-up's, so the first edit with them compiles nothing)."""
 
-    steps: int = 50
-    guidance: float = 5.0
+    steps: int = NUM_INFERENCE_STEPS
+    guidance: float = GUIDANCE_SCALE
     seed: int = 0
     scheduler: str | None = None  # None: the model's own (scheduler_config.json)
     paste_back: bool = True
@@ -139,7 +175,7 @@ class DemoEditor:
     compilation and the (queued) edits never run the model at the same time."""
 
     def __init__(self, pipe, *, settings: Settings = Settings(), max_megapixels: float = 40.0,
-                 max_full_megapixels: float | None = None):
+                 max_full_megapixels: float | None = None, keep_results: int = 64):
         self.pipe = pipe
         # the model's own sampler unless told otherwise (the demo's x0 model has no PLMS)
         self.settings = settings if settings.scheduler else dataclasses.replace(
@@ -152,8 +188,11 @@ class DemoEditor:
         self.max_full_pixels = int(max_full_megapixels * 1e6) if max_full_megapixels else 4 * rh * rw
         self.lock = threading.Lock()
         self.state = "compiling"  # -> "ready" | "failed: <why>"
-        self._out = tempfile.TemporaryDirectory(prefix="pbe_demo_")  # removed with the editor
+        self._out = tempfile.TemporaryDirectory(prefix="pbe_demo_")  # removed by close() / at exit
         self.out_dir = self._out.name
+        # Gradio copies a returned file into its own cache, so older results can go.
+        self.keep_results = max(int(keep_results), 1)
+        self._results = 0
         self._warmup_thread: threading.Thread | None = None
 
     def warmup(self) -> None:
@@ -168,7 +207,7 @@ class DemoEditor:
             with self.lock:
                 inference.edit(self.pipe, np.zeros((rh, rw, 3), np.uint8), mask, np.zeros((rh, rw, 3), np.uint8),
                          num_inference_steps=s.steps, guidance_scale=s.guidance, scheduler=s.scheduler,
-                         seed=s.seed, output_type="np")
+                         seed=max(s.seed, 0), output_type="np")  # -1 (random): any seed compiles the same
         except Exception as e:  # noqa: BLE001 (shown on the page instead of a dead thread)
             self.state = f"failed: {type(e).__name__}: {e}"
             raise
@@ -200,6 +239,24 @@ class DemoEditor:
             return f"The {what} {name} is not an image PIL can read ({type(e).__name__}: {e})."
         return None
 
+    def save_result(self, image: Image.Image) -> str:
+        """Write an edit's PNG for the download button into `out_dir`, keeping only the newest
+        `keep_results` of them; returns its path."""
+        self._results += 1
+        path = os.path.join(self.out_dir, f"edit_{self._results:08d}.png")  # names sort by age
+        image.save(path, format="PNG")
+        results = sorted(n for n in os.listdir(self.out_dir) if n.startswith("edit_"))
+        for old in results[:-self.keep_results]:
+            try:
+                os.remove(os.path.join(self.out_dir, old))
+            except OSError:
+                pass
+        return path
+
+    def close(self) -> None:
+        """Remove the results folder (the examples' files too)."""
+        self._out.cleanup()
+
     def status(self) -> str:
         if self.state == "ready":
             rh, rw = self.resolution
@@ -217,6 +274,8 @@ class DemoEditor:
         source, mask = editor_inputs(editor_value)
         if reference is None:
             raise gr.Error("Upload a reference image (middle): the object to paint into the region.")
+        chosen = seed
+        seed = page_seed(seed)
         try:
             reference = load_rgb(reference, "reference")
         except ValueError as e:
@@ -240,15 +299,15 @@ class DemoEditor:
         except ValueError as e:  # bad values the library names (sizes, settings)
             raise gr.Error(str(e)) from None
         result = Image.fromarray(to_uint8(out[0]))
-        with tempfile.NamedTemporaryFile(dir=self.out_dir, prefix="edit_", suffix=".png", delete=False) as f:
-            result.save(f, format="PNG")
+        path = self.save_result(result)
         where = "the whole image"
         if cropped:
             x0, y0, x1, y1 = crop_window(mask, int(padding), self.resolution)
             where = f"a {x1 - x0}x{y1 - y0} window around the mask"
         status = (f"Edited {w}x{h} in {time.perf_counter() - t0:.1f} s: {where} at the model's "
-                  f"{self.resolution[1]}x{self.resolution[0]}, {int(steps)} {scheduler} steps, seed {int(seed)}.")
-        return result, f.name, status
+                  f"{self.resolution[1]}x{self.resolution[0]}, {int(steps)} {scheduler} steps, seed {seed}"
+                  + (" (random)." if float(chosen) == RANDOM_SEED else "."))
+        return result, path, status
 
 
 def build_app(pipe, *, examples=None, settings: Settings = Settings(), max_megapixels: float = 40.0,
@@ -280,7 +339,8 @@ def build_app(pipe, *, examples=None, settings: Settings = Settings(), max_megap
             with gr.Row():
                 steps = gr.Slider(1, 200, value=s.steps, step=1, label="steps")
                 guidance = gr.Slider(1.0, 15.0, value=s.guidance, step=0.5, label="guidance scale")
-                seed = gr.Number(value=s.seed, precision=0, label="seed")
+                seed = gr.Number(value=s.seed, precision=0, label="seed",
+                                 info=f"0 to {SEED_MAX}; {RANDOM_SEED}: a new random seed each edit")
                 scheduler = gr.Dropdown(scheduler_names(), value=s.scheduler, label="scheduler")
             with gr.Row():
                 paste_back = gr.Checkbox(value=s.paste_back, label="paste back (keep every pixel outside the "
@@ -324,6 +384,38 @@ def build_app(pipe, *, examples=None, settings: Settings = Settings(), max_megap
     if editor.state == "compiling":
         editor.start_warmup()
     return app
+
+
+def serve(app: gr.Blocks, **launch_kwargs) -> None:
+    """`app.launch(**launch_kwargs)` and serve until Ctrl-C or SIGTERM, then close the server and
+    remove the page's results folder. SIGTERM only sets a flag (an exception raised wherever the
+    main thread is, e.g. inside gradio's start-up, would skip the clean-up).
+
+    Stopped while the model runs in another thread (the start-up compilation, an edit), it ends
+    the process itself after the clean-up (`os._exit(0)`): an interpreter exit while XLA works in
+    another thread aborts."""
+    editor = getattr(app, "editor", None)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        app.launch(prevent_thread_lock=True, **launch_kwargs)
+        while not stop.wait(0.5):  # the wait returns to run the handler when a signal arrives
+            pass
+        log.warning("SIGTERM: stopping the server")
+    except KeyboardInterrupt:
+        log.warning("Ctrl-C: stopping the server")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        app.close()
+        if editor is not None:
+            editor.close()
+    warmup = getattr(editor, "_warmup_thread", None)
+    if editor is not None and (editor.lock.locked() or (warmup is not None and warmup.is_alive())):
+        log.warning("exiting while the model runs (%s)", editor.state)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def examples_data_config(model: str):

@@ -141,3 +141,167 @@ def test_bench_runs_from_a_plain_install_outside_the_checkout(tmp_path):
                        text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "train/tiny/images_per_s" in r.stdout
+
+
+# The layer rule: imports point only down these layers (a module may import its own layer and
+# those below, never above). A module's layer is that of its longest listed prefix. Every import
+# counts, module-level and function-local alike (a local import is no way around the rule).
+LAYERS = (
+    ("base", ("pbe_jax.outputs", "pbe_jax.locks", "pbe_jax.runtime", "pbe_jax.distributed",
+              "pbe_jax.defaults", "pbe_jax.logs",
+              "pbe_jax.metrics", "pbe_jax.sharding", "pbe_jax.checkpoint", "pbe_jax.convert",
+              "pbe_jax.convert.torch_layout", "pbe_jax.convert.safetensors_io")),
+    ("models", ("pbe_jax.models",)),
+    ("building blocks", ("pbe_jax.convert.load", "pbe_jax.convert.diffusers_io", "pbe_jax.convert.ldm",
+                         "pbe_jax.convert.ldm_io", "pbe_jax.convert.sd_init", "pbe_jax.convert.orbax_io",
+                         "pbe_jax.convert.components", "pbe_jax.convert.report", "pbe_jax.convert.export",
+                         "pbe_jax.convert.model_card", "pbe_jax.convert.lora_io", "pbe_jax.data", "pbe_jax.diffusion",
+                         "pbe_jax.schedulers", "pbe_jax.sampler", "pbe_jax.evals")),
+    ("inference, training", ("pbe_jax.inference", "pbe_jax.pipeline", "pbe_jax.batch_edit",
+                             "pbe_jax.webdemo", "pbe_jax.training")),
+    ("evaluation", ("pbe_jax.evaluation",)),  # runs inference; evals/ holds the metrics only
+    ("configs, runs", ("pbe_jax.configs", "pbe_jax.training.loop", "pbe_jax.training.guards",
+                       "pbe_jax.training.sweeps",
+                       "pbe_jax.benchmarks")),
+    ("command lines", ("pbe_jax", "pbe_jax.train", "pbe_jax.sample", "pbe_jax.demo", "pbe_jax.evaluate",
+                       "pbe_jax.fit_vae", "pbe_jax.sweep", "pbe_jax.bench", "pbe_jax.convert.__main__",
+                       "pbe_jax.data.preview", "pbe_jax.tools", "pbe_jax.cli_flags")),
+)
+
+
+def package_modules(root: str) -> dict[str, str]:
+    """Dotted module name -> file, for every .py under the package directory `root`."""
+    top = os.path.dirname(os.path.abspath(root))
+    mods = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(d, f)
+                name = os.path.relpath(path, top)[:-3].replace(os.sep, ".")
+                mods[name.removesuffix(".__init__")] = path
+    return mods
+
+
+def import_graph(mods: dict[str, str]) -> dict[str, set[str]]:
+    """module -> the package modules it imports (anywhere in the file; `from a import b` counts
+    as importing a.b when that is a module, else a)."""
+    import ast
+
+    graph = {m: set() for m in mods}
+    for m, path in mods.items():
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        is_pkg = path.endswith("__init__.py")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = m.split(".")
+                    parts = parts[: len(parts) - node.level + (1 if is_pkg else 0)]
+                    base = ".".join(parts + ([base] if base else []))
+                names = [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for n in names:
+                while n and n not in mods:
+                    n = n.rpartition(".")[0]
+                if n and n != m and not m.startswith(n + "."):  # a package's own __init__ is no edge
+                    graph[m].add(n)
+    return graph
+
+
+def layer_of(module: str, layers=LAYERS) -> int:
+    best, level = "", None
+    for i, (_, prefixes) in enumerate(layers):
+        for p in prefixes:
+            inside = module.startswith(p + ".") and "." in p  # the package itself holds only itself
+            if (module == p or inside) and len(p) > len(best):
+                best, level = p, i
+    if level is None:
+        raise AssertionError(f"{module} is in no layer of tests/test_architecture.py's LAYERS: add it")
+    return level
+
+
+def upward_imports(graph: dict[str, set[str]], layers=LAYERS) -> list[str]:
+    for m in graph:
+        layer_of(m, layers)
+    return sorted(f"{m} ({layers[layer_of(m, layers)][0]}) imports {n} ({layers[layer_of(n, layers)][0]})"
+                  for m, deps in graph.items() for n in deps if layer_of(n, layers) > layer_of(m, layers))
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root), on.add(root)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w), on.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return out
+
+
+PACKAGE = os.path.join(REPO, "pbe_jax")
+
+
+def test_imports_point_down_the_layers():
+    graph = import_graph(package_modules(PACKAGE))
+    assert upward_imports(graph) == []
+
+
+def test_no_import_cycles():
+    graph = import_graph(package_modules(PACKAGE))
+    assert import_cycles(graph) == []
+
+
+def test_the_layer_checker_catches_an_upward_import_and_a_cycle(tmp_path):
+    """The checker on a fake package: a model importing the inference module, and a cycle made
+    by a function-local import, are both found."""
+    pkg = tmp_path / "pbe_jax"
+    (pkg / "models").mkdir(parents=True)
+    for f in ("__init__.py", "models/__init__.py", "schedulers.py", "sampler.py"):
+        (pkg / f).write_text("")
+    (pkg / "models" / "unet.py").write_text("import numpy as np\nfrom pbe_jax.models import layers\n")
+    (pkg / "models" / "layers.py").write_text("")
+    (pkg / "inference.py").write_text("from pbe_jax.models import unet\nfrom pbe_jax import sampler\n")
+    graph = import_graph(package_modules(str(pkg)))
+    assert upward_imports(graph) == [] and import_cycles(graph) == []
+    (pkg / "models" / "unet.py").write_text("from pbe_jax.models import layers\n\n\ndef f():\n"
+                                            "    from pbe_jax.inference import run_edit\n")
+    graph = import_graph(package_modules(str(pkg)))
+    assert upward_imports(graph) == [
+        "pbe_jax.models.unet (models) imports pbe_jax.inference (inference, training)"]
+    assert import_cycles(graph) == [["pbe_jax.inference", "pbe_jax.models.unet"]]
+    (pkg / "sampler.py").write_text("from . import schedulers\n")
+    (pkg / "schedulers.py").write_text("from .sampler import step\n")  # same layer, but a cycle
+    graph = import_graph(package_modules(str(pkg)))
+    assert ["pbe_jax.sampler", "pbe_jax.schedulers"] in import_cycles(graph)
+    (pkg / "newthing.py").write_text("")
+    with pytest.raises(AssertionError, match="newthing is in no layer"):
+        upward_imports(import_graph(package_modules(str(pkg))))

@@ -53,7 +53,7 @@ def test_sample_flags(manifest, tmp_path):
                           "--use_ema", "--variant=fp16", "--revision=v2"])
     assert got == {"path": "runs/mine", "use_ema": True, "variant": "fp16", "revision": "v2"}
     got = _run("sample", ["--model=org/pbe", f"--manifest={manifest}", f"--out={tmp_path / 'out'}"])
-    assert got == {"path": "org/pbe", "use_ema": False, "variant": None, "revision": None}
+    assert got == {"path": "org/pbe", "use_ema": None, "variant": None, "revision": None}  # None: EMA when the run has it
 
 
 def test_evaluate_flags(manifest, tmp_path):

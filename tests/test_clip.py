@@ -26,6 +26,7 @@ from pbe_jax.models.clip import (
     clip_preprocess,
 )
 from pbe_jax.models.hub import num_params
+from tests.helpers import assert_close, randomize
 
 # name -> (transformers CLIPVisionConfig kwargs, with projection?)
 CONFIGS = {
@@ -40,13 +41,6 @@ CONFIGS = {
                                            num_attention_heads=2, image_size=30, patch_size=7,
                                            projection_dim=8, hidden_act="quick_gelu"), True),
 }
-
-
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (0.0 if p.ndim > 1 else 0.1))
 
 
 def _torch_cls(proj: bool):
@@ -73,20 +67,13 @@ def _torch_forward(tm, x_nhwc: np.ndarray) -> dict:
     return res
 
 
-def _assert_close(ours, ref, name):
-    ours, ref = np.asarray(ours, np.float32), np.asarray(ref)
-    assert ours.shape == ref.shape, (name, ours.shape, ref.shape)
-    err = np.abs(ours - ref).max()
-    assert err <= 1e-4 * max(1.0, np.abs(ref).max()), f"{name}: max|ours - torch| = {err}"
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def saved(request, tmp_path_factory):
     """A randomised transformers model saved with save_pretrained: (name, cfg, proj, torch model, dir)."""
     name = request.param
     cfg, proj = CONFIGS[name]
     tm = _torch_cls(proj)(transformers.CLIPVisionConfig(**cfg)).eval()
-    _randomize(tm, seed=len(name))
+    randomize(tm, seed=len(name))
     d = str(tmp_path_factory.mktemp(name))
     tm.save_pretrained(d)
     return name, cfg, proj, tm, d
@@ -99,16 +86,16 @@ def test_parity_fp32(saved):
     x = _images(cfg)
     ref = _torch_forward(tm, x)
     out = model(jnp.asarray(x))
-    _assert_close(out.last_hidden_state, ref["last_hidden_state"], f"{name} last_hidden_state")
+    assert_close(out.last_hidden_state, ref["last_hidden_state"], f"{name} last_hidden_state")
     if proj:
-        _assert_close(out.image_embeds, ref["image_embeds"], f"{name} image_embeds")
+        assert_close(out.image_embeds, ref["image_embeds"], f"{name} image_embeds")
         # the pooler output inside the projection model, against transformers' vision_model
         with torch.no_grad():
             pooled = tm.vision_model(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).pooler_output
-        _assert_close(model.vision_model(jnp.asarray(x)).pooler_output, pooled.numpy(),
+        assert_close(model.vision_model(jnp.asarray(x)).pooler_output, pooled.numpy(),
                       f"{name} pooler_output")
     else:
-        _assert_close(out.pooler_output, ref["pooler_output"], f"{name} pooler_output")
+        assert_close(out.pooler_output, ref["pooler_output"], f"{name} pooler_output")
 
 
 def test_bf16_close_to_fp32(saved):
@@ -155,7 +142,7 @@ def test_full_clip_checkpoint_ignores_text_tower(tmp_path):
                 pad_token_id=1)
     full = transformers.CLIPModel(
         transformers.CLIPConfig(projection_dim=12, vision_config=vision, text_config=text)).eval()
-    _randomize(full, seed=5)
+    randomize(full, seed=5)
     full.save_pretrained(str(tmp_path))
 
     ref = transformers.CLIPVisionModelWithProjection(
@@ -171,14 +158,14 @@ def test_full_clip_checkpoint_ignores_text_tower(tmp_path):
     want = _torch_forward(ref, x)
     out = model(jnp.asarray(x))
     np.testing.assert_array_equal(out.image_embeds.shape, (2, 12))
-    _assert_close(out.image_embeds, want["image_embeds"], "image_embeds")
-    _assert_close(out.last_hidden_state, want["last_hidden_state"], "last_hidden_state")
+    assert_close(out.image_embeds, want["image_embeds"], "image_embeds")
+    assert_close(out.last_hidden_state, want["last_hidden_state"], "last_hidden_state")
 
     plain, report = CLIPVisionModel.from_pretrained(str(tmp_path), return_report=True)
     assert "visual_projection.weight" in report.ignored
     with torch.no_grad():
         pooled = ref.vision_model(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).pooler_output
-    _assert_close(plain(jnp.asarray(x)).pooler_output, pooled.numpy(), "pooler_output")
+    assert_close(plain(jnp.asarray(x)).pooler_output, pooled.numpy(), "pooler_output")
 
 
 def _tamper(src_dir, dst, fn):

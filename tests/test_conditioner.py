@@ -25,6 +25,7 @@ from pbe_jax.models.conditioner import (
     trainable_filter,
 )
 from pbe_jax.models.hub import num_params
+from tests.helpers import assert_close, randomize
 
 # name -> (transformers CLIPVisionConfig kwargs, proj_size, expected mapper blocks)
 CONFIGS = {
@@ -35,20 +36,6 @@ CONFIGS = {
                              num_attention_heads=2, image_size=16, patch_size=8,
                              hidden_act="gelu"), 12, 2),
 }
-
-
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (0.0 if p.ndim > 1 else 0.1))
-
-
-def _assert_close(ours, ref, name):
-    ours, ref = np.asarray(ours, np.float32), np.asarray(ref)
-    assert ours.shape == ref.shape, (name, ours.shape, ref.shape)
-    err = np.abs(ours - ref).max()
-    assert err <= 1e-4 * max(1.0, np.abs(ref).max()), f"{name}: max|ours - torch| = {err}"
 
 
 def _images(cfg, seed=0, batch=2):
@@ -67,7 +54,7 @@ def save_cache(tmp_path_factory):
             # projection_dim = proj_size: the saved config.json must rebuild the same proj_out
             te = TorchEncoder(transformers.CLIPVisionConfig(**cfg, projection_dim=proj), proj_size=proj).eval()
             assert len(te.mapper.blocks) == blocks
-            _randomize(te, seed=len(name))
+            randomize(te, seed=len(name))
             d = str(tmp_path_factory.mktemp(name))
             te.save_pretrained(d)
             cache[name] = (name, cfg, te, d)
@@ -90,14 +77,14 @@ def test_parity_fp32(saved):
     with torch.no_grad():
         ref, ref_uc = te(torch.from_numpy(x.transpose(0, 3, 1, 2)), return_uncond_vector=True)
     out, uc = ours(jnp.asarray(x), return_uncond_vector=True)
-    _assert_close(out, ref.numpy(), f"{name} embeds")
+    assert_close(out, ref.numpy(), f"{name} embeds")
     np.testing.assert_array_equal(np.asarray(uc), ref_uc.detach().numpy())
     # the split used by training: frozen tower, then the trainable head
     np.testing.assert_allclose(np.asarray(ours.project(ours.clip_pooled(jnp.asarray(x)))),
                                np.asarray(ours(jnp.asarray(x))), rtol=0, atol=1e-6)
     with torch.no_grad():
         pooled = te.model(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).pooler_output
-    _assert_close(ours.clip_pooled(jnp.asarray(x)), pooled.numpy(), f"{name} pooled")
+    assert_close(ours.clip_pooled(jnp.asarray(x)), pooled.numpy(), f"{name} pooled")
 
 
 def test_bf16_close_to_fp32(save_cache):

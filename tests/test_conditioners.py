@@ -139,3 +139,48 @@ def test_export_to_diffusers_or_ldm_refuses_other_conditioners(tmp_path):
     model = PaintByExample.from_model_config(cfg.model)
     with pytest.raises(ValueError, match="clip_tokens"):
         model.save_pretrained(str(tmp_path / "x.safetensors"), format="ldm")
+
+
+DINO = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=16,
+            patch_size=8)
+
+
+def test_sd_init_builds_each_conditioner_around_its_pretrained_tower(tmp_path):
+    """sd-init: the tower from its pretrained source (bitwise), the trained part fresh (PyTorch
+    default init); then `convert --to diffusers` refuses the non-CLIP model, naming why."""
+    transformers = pytest.importorskip("transformers")
+    diffusers = pytest.importorskip("diffusers")
+    from pbe_jax.convert.__main__ import main as convert_main
+    from pbe_jax.convert.load import load_pipeline
+    from pbe_jax.models import Dinov2Model
+    from tests.test_sd2 import UNET2
+    from tests.test_weights_diffusers import VAE, randomize
+
+    sd = tmp_path / "sd"
+    unet = diffusers.UNet2DConditionModel(**{**UNET2, "in_channels": 4})
+    vae = diffusers.AutoencoderKL(**VAE)
+    dino = transformers.Dinov2Model(transformers.Dinov2Config(**DINO))
+    for i, m in enumerate((unet, vae, dino)):
+        randomize(m, 60 + i)
+    unet.save_pretrained(sd / "unet")
+    vae.save_pretrained(sd / "vae")
+    dino.save_pretrained(tmp_path / "dino")
+    tower = Dinov2Model.from_pretrained(str(tmp_path / "dino"))
+    model_config = {"unet": UNET2, "vae": VAE, "image_encoder": {
+        **tower.config.to_dict(), "proj_size": 12, "reference_size": 16,
+        "architectures": ["Dinov2ImageEncoder"]}}
+    model = load_pipeline("sd-init", str(sd), clip=str(tmp_path / "dino"), model_config=model_config,
+                          seed=4, cls=PaintByExample)
+    assert type(model.image_encoder) is CONDITIONERS["dinov2"]
+    ours, ref = model.image_encoder.model.torch_state_dict(), tower.torch_state_dict()
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+        np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
+    w = model.image_encoder.torch_state_dict()["proj_out.weight"]
+    assert w.shape == (12, 16) and 0.5 * 16 ** -0.5 < np.abs(w).max() <= 16 ** -0.5
+    assert model.feature_extractor_config["image_processor_type"] == "BitImageProcessor"
+    orbax = model.save_pretrained(str(tmp_path / "orbax"), format="orbax")
+    for to, dst in (("diffusers", tmp_path / "d"), ("ldm", tmp_path / "m.safetensors")):
+        assert convert_main(["--from", "orbax", "--src", orbax, "--to", to, "--dst", str(dst),
+                             "--no-progress"]) == 2
+        assert not dst.exists() or not any(dst.iterdir())  # nothing written

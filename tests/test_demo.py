@@ -16,8 +16,8 @@ from pbe_jax import sharding as shd
 from pbe_jax.configs import load_config
 from pbe_jax.data.synthetic import PALETTE, draw_scene
 from pbe_jax.diffusion import NoiseSchedule
-from pbe_jax.evals import exemplar as ex
 from pbe_jax.evals.reconstruction import psnr, reconstruct
+from pbe_jax.evaluation import exemplar as ex
 from pbe_jax.models.paint_by_example import FROZEN, TRAINABLE, is_frozen, param_filters
 from pbe_jax.training import vae_fit
 from pbe_jax.training.state import Setup

@@ -1,8 +1,9 @@
-"""The demo's object identities (colour x shape x pattern), the out-of-style held-out triplets and
-the identity score of the exemplar eval."""
+"""The demo's `scenes=identity` (objects of colour x shape x pattern), the out-of-style held-out
+triplets and the identity score of the exemplar eval; the default 'palette' demo unchanged."""
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import cv2
 import numpy as np
@@ -10,14 +11,78 @@ import pytest
 
 from pbe_jax.configs import load_config
 from pbe_jax.data import synthetic as syn
-from pbe_jax.evals import exemplar as ex
+from pbe_jax.configs.pbe import get_config
+from pbe_jax.configs.validate import problems
+from pbe_jax.evaluation import exemplar as ex
 from pbe_jax.evals import identity as ident
 from tests.train_utils import CONFIG_FILE
 
 
 @pytest.fixture(scope="module")
 def demo():
-    return load_config(f"{CONFIG_FILE}:demo")
+    return load_config(f"{CONFIG_FILE}:demo,scenes=identity")
+
+
+def _digest(scene) -> str:
+    d = hashlib.sha256()
+    for field in ("image", "boxes", "colours", "owner"):
+        d.update(np.ascontiguousarray(getattr(scene, field)).tobytes())
+    return d.hexdigest()[:16]
+
+
+# Scenes (seed, index) at the demo's sides 72..128 as two generators drew them: 'palette' as
+# main's (before the identities, commit 61bee2a), and the identity scenes as the first
+# identity runs trained on them (commit 2b86ad4, then called 'palette').
+PALETTE_DIGESTS = {(0, 0): "41e6a0fa3f4bb6f7", (0, 1): "d09fd504331a0f63",
+                   (0, 2): "a513c3062cad2bd8", (1000, 0): "f8f3b43e0aee6ea5",
+                   (1000, 1): "c17d48325f1a9657", (1000, 2): "7c0a46635b5f64c8"}
+IDENTITY_DIGESTS = {(0, 0): "6f388b2b116509ff", (0, 1): "2084f5eac8435531",
+                    (0, 2): "a7d51fffdc25d0b4", (1000, 0): "46d248ef76844ef2",
+                    (1000, 1): "4b5252d394f744c9", (1000, 2): "f49f33cceadb293c"}
+
+
+@pytest.mark.parametrize("style,digests", [("palette", PALETTE_DIGESTS),
+                                           ("identity", IDENTITY_DIGESTS)])
+def test_scenes_are_the_same_pictures_as_before(style, digests):
+    for (seed, index), want in digests.items():
+        scene = syn.draw_scene(index, seed=seed, min_side=72, max_side=128, style=style)
+        assert _digest(scene) == want, (style, seed, index)
+        if style == "palette":  # solid objects: no shape or pattern labels
+            assert (scene.shapes == -1).all() and (scene.patterns == -1).all()
+
+
+def test_scenes_argument_picks_the_style_and_the_identity_evals(demo):
+    palette = load_config(f"{CONFIG_FILE}:demo")
+    assert palette.data.synthetic_style == "palette"
+    assert not palette.exemplar_eval.identity and palette.exemplar_eval.offstyle_triplets == 0
+    assert load_config(f"{CONFIG_FILE}:demo,scenes=palette").to_dict() == palette.to_dict()
+    assert demo.data.synthetic_style == "identity"
+    assert demo.exemplar_eval.identity and demo.exemplar_eval.offstyle_triplets == 32
+    dino = load_config(f"{CONFIG_FILE}:demo,scenes=identity,conditioner=dinov2")
+    assert dino.data.synthetic_style == "identity" and dino.exemplar_eval.identity
+    with pytest.raises(ValueError, match="scenes='radial'"):
+        get_config("demo,scenes=radial")
+    with pytest.raises(ValueError, match="scenes= picks the demo's"):
+        get_config("sd15,scenes=identity")
+    wrong = load_config(f"{CONFIG_FILE}:demo")
+    wrong.exemplar_eval.identity = True
+    assert any("config.exemplar_eval.identity=True" in p and "scenes=identity" in p
+               for p in problems(wrong))
+
+
+def test_palette_triplets_keep_the_rgb_colour_score(demo):
+    palette = load_config(f"{CONFIG_FILE}:demo")
+    t = ex.heldout_triplets(palette.data, 8, seed=1000)
+    assert not t.hue and (t.ref_identity[:, 1:] == -1).all()
+    assert ex.heldout_triplets(demo.data, 8, seed=1000, style="identity").hue
+    # red mixed 40% with the pattern grey: its hue stays red, its RGB is nearest pink. The two
+    # rules read it differently, so the 'palette' demo keeps the RGB one (its old numbers).
+    x = np.round(0.6 * syn.PALETTE[0] + 0.4 * syn.PATTERN_GREY).astype(np.uint8)[None, None, None]
+    region = np.ones((1, 1, 1), bool)
+    assert ex.painted_colours(x, region, hue=True)[0] == 0
+    assert ex.painted_colours(x, region)[0] == syn.PALETTE_NAMES.index("pink")
+    with pytest.raises(ValueError, match="style='radial'"):
+        ex.heldout_triplets(demo.data, 8, style="radial")
 
 
 def _scene(index, style, demo):
@@ -25,10 +90,10 @@ def _scene(index, style, demo):
                           max_side=demo.data.synthetic_max_side)
 
 
-def test_palette_objects_are_colour_shape_and_pattern(demo):
+def test_identity_objects_are_colour_shape_and_pattern(demo):
     seen = set()
     for i in range(40):
-        s = _scene(i, "palette", demo)
+        s = _scene(i, "identity", demo)
         assert len(s.shapes) == len(s.patterns) == len(s.colours) == len(s.boxes)
         for k in range(len(s.boxes)):
             c, shape, pattern = s.identity(k)
@@ -92,7 +157,7 @@ def test_offstyle_triplets(demo):
     # the copy scores: the colour score still reads these scenes
     copy = ex.score_edits(t.source, t)
     assert copy["self_following"] == 1.0 and copy["exemplar_following"] == 0.0
-    held = ex.heldout_triplets(demo.data, 16, seed=1000)
+    held = ex.heldout_triplets(demo.data, 16, seed=1000, style="identity")
     assert not np.array_equal(held.source[:4], t.source[:4])
 
 
@@ -109,7 +174,7 @@ def test_hue_colour_score_survives_grey_mixing(triplets_small):
 
 @pytest.fixture(scope="module")
 def triplets_small(demo):
-    return ex.heldout_triplets(demo.data, 16, seed=1000)
+    return ex.heldout_triplets(demo.data, 16, seed=1000, style="identity")
 
 
 def test_object_crops(triplets_small):
@@ -142,7 +207,7 @@ def test_identity_classifier_is_accurate_and_scores_copies_and_perfect_edits(dem
                                         seed=int(demo.exemplar_eval.identity_seed))
     assert clf.accuracy["identity"] >= 0.95, clf.accuracy
     for offstyle in (False, True):
-        t = ex.heldout_triplets(demo.data, 32, seed=1000, offstyle=offstyle)
+        t = ex.heldout_triplets(demo.data, 32, seed=1000, offstyle=offstyle, style="identity")
         copy = ex.score_edits(t.source, t, clf)  # the masked object put back
         assert copy["exemplar_identity"] <= 0.05 and copy["self_identity"] >= 0.85, copy
         perfect = ex.score_edits(_paint_identity(t, t.ref_identity), t, clf)

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from PIL import Image
 
 from pbe_jax.evals.clip_score import (
@@ -16,6 +15,7 @@ from pbe_jax.evals.clip_score import (
 )
 from pbe_jax.evals.features import clip_extractor
 from pbe_jax.models.clip import CLIPVisionModelWithProjection
+from tests.helpers import save_tiny_clip
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
@@ -24,19 +24,8 @@ BOXES = [(10, 70, 20, 90), (0, 96, 0, 112), (33, 41, 50, 97)]  # (top, bottom, l
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=224, patch_size=32,
-                                        projection_dim=16, hidden_act="quick_gelu")
-    tm = transformers.CLIPVisionModelWithProjection(cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # large random weights: embeddings that differ between images
-        for name, p in tm.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5, generator=g)
-            else:
-                p.normal_(0, 0.2, generator=g)
     d = str(tmp_path_factory.mktemp("clip_b32_tiny"))
-    tm.save_pretrained(d)
+    tm = save_tiny_clip(d, image_size=224, patch_size=32, projection_dim=16)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:96, :112]
     results, masks, refs = [], [], []

@@ -17,6 +17,7 @@ from pbe_jax.convert import safetensors_io as stio
 from pbe_jax.convert.torch_layout import CheckpointMismatchError
 from pbe_jax.evals.features import inception_extractor
 from pbe_jax.evals.inception import InceptionV3, inception_inputs
+from tests.helpers import assert_close
 
 
 def _import_torch_fidelity(*names):
@@ -86,18 +87,13 @@ def loaded(reference):
     return model, report
 
 
-def _assert_close(ours, ref):
-    err = np.abs(np.asarray(ours, np.float64) - ref).max()
-    assert err <= 1e-4 * max(1.0, np.abs(ref).max()), f"max error {err} vs max |ref| {np.abs(ref).max()}"
-
-
 def test_pool3_matches_torch_fidelity(reference, loaded):
     model, report = loaded
     ref = reference["pool3"]
     assert ref.std() > 0.1 and (ref > 0).mean() > 0.5, "random weights gave degenerate features"
     ours = inception_extractor(model, style="torch_fidelity")(reference["images"])
     assert ours.shape == (2, 2048)
-    _assert_close(ours, ref)
+    assert_close(ours, ref)
     assert {"fc.weight", "fc.bias"} <= set(report.ignored)
     used = [k for k in reference["net"].state_dict() if not k.startswith("fc.") and "num_batches" not in k]
     assert report.loaded == len(used)
@@ -107,7 +103,7 @@ def test_batch_sharded_over_mesh_equals_unsharded(reference, loaded):
     model, _ = loaded
     mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
     ours = inception_extractor(model, style="torch_fidelity", mesh=mesh)(reference["images"])
-    _assert_close(ours, reference["pool3"])
+    assert_close(ours, reference["pool3"])
 
 
 def test_safetensors_file_loads_the_same_weights(reference, loaded, tmp_path):

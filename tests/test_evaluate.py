@@ -12,12 +12,11 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
-import torch
-import transformers
 from PIL import Image
 
-from pbe_jax.evals import cocoee
 from pbe_jax.evals.qs import GaussianMixture
+from pbe_jax.evaluation import cocoee
+from tests.helpers import save_tiny_clip
 from tests.test_weights_diffusers import tiny_pipeline
 
 H = W = 32  # the tiny model's VAE x UNet factor is 4
@@ -47,18 +46,7 @@ def _make_bench(root, rng):
 
 
 def _metric_clip(path):
-    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=32, patch_size=8,
-                                        projection_dim=PROJ, hidden_act="quick_gelu")
-    tm = transformers.CLIPVisionModelWithProjection(cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # large random weights: embeddings that differ between images
-        for name, p in tm.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5, generator=g)
-            else:
-                p.normal_(0, 0.2, generator=g)
-    tm.save_pretrained(path)
+    save_tiny_clip(path, image_size=32, patch_size=8, projection_dim=PROJ)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +126,7 @@ def test_cli_rerun_resumes_and_results_mode_matches(env, tmp_path):
 
 
 def test_training_hook_returns_configured_metrics(env):
-    from pbe_jax.evals.benchmark import training_eval
+    from pbe_jax.evaluation.benchmark import training_eval
     from pbe_jax.evals.config import evals_config
     from pbe_jax.pipeline import PaintByExample
 
@@ -156,6 +144,32 @@ def test_training_hook_returns_configured_metrics(env):
     per = _metrics(env["out"])["per_image"]["clip_score"]
     cli = np.mean([per[f"{i:012d}"] for i in IDS[:3]])
     np.testing.assert_allclose(got["eval/clip_score"], cli, atol=0.05)
+
+
+def test_training_eval_samples_with_the_models_own_scheduler(monkeypatch):
+    """`config.evals.scheduler` '' (the default) samples with the model's own scheduler (the
+    demo's x0 model is DDIM-only); a name picks that one."""
+    from pbe_jax.evaluation import benchmark
+    from pbe_jax.evals.config import evals_config
+
+    class Sampled(Exception):
+        pass
+
+    seen = []
+
+    def generate(model, rows, **kw):
+        seen.append(kw["scheduler"])
+        raise Sampled
+
+    monkeypatch.setattr(benchmark.cocoee, "read_bench", lambda *a, **kw: [])
+    monkeypatch.setattr(benchmark, "generate", generate)
+    config = ml_collections.ConfigDict({"evals": evals_config()})
+    config.evals.update(every_steps=1, bench="bench")
+    for name in ("", "ddim"):
+        config.evals.scheduler = name
+        with pytest.raises(Sampled):
+            benchmark.training_eval(None, config, 1)
+    assert seen == [None, "ddim"]
 
 
 def test_result_names_and_errors(tmp_path):

@@ -2,10 +2,10 @@
 fake gcloud / srun, and a real 2-process x 2-device training run through launch/local.sh."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from tests.helpers import free_port
 from tests.train_utils import CONFIG_FILE, REPO, cli_overrides
 
 LAUNCH = os.path.join(REPO, "launch")
@@ -39,12 +40,6 @@ def main(argv):
 
 app.run(main)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shellcheck() -> str | None:
@@ -124,7 +119,7 @@ def test_multinode_runs_two_nodes_here(tmp_path):
     """Two 'nodes' on this machine (one process each, 2 CPU devices) join one jax run."""
     prog = tmp_path / "mh.py"
     prog.write_text(MH_PROGRAM)
-    port = _free_port()
+    port = free_port()
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs = [subprocess.Popen([os.path.join(LAUNCH, "gpu", "multinode.sh"), "--nnodes=2", f"--node_rank={i}",
                                "--master_addr=127.0.0.1", f"--master_port={port}", f"--logdir={tmp_path}/n{i}",
@@ -181,8 +176,8 @@ def test_slurm_script_runs_with_fake_srun(tmp_path, per_node):
     _executable(bindir / "srun", FAKE_SRUN)
     prog = tmp_path / "mh.py"
     prog.write_text(MH_PROGRAM)
-    env = _env(PATH=f"{bindir}:{os.environ['PATH']}", SLURM_JOB_ID=str(_free_port()), SLURM_NNODES="2",
-               SLURM_NTASKS_PER_NODE=str(per_node), SLURM_JOB_NODELIST="127.0.0.1", PBE_PORT=str(_free_port()),
+    env = _env(PATH=f"{bindir}:{os.environ['PATH']}", SLURM_JOB_ID=str(free_port()), SLURM_NNODES="2",
+               SLURM_NTASKS_PER_NODE=str(per_node), SLURM_JOB_NODELIST="127.0.0.1", PBE_PORT=str(free_port()),
                XLA_FLAGS="--xla_force_host_platform_device_count=2", FAKE_SRUN_LOGS=str(tmp_path))
     r = subprocess.run(["bash", os.path.join(LAUNCH, "gpu", "slurm.sbatch"), sys.executable, str(prog)],
                        capture_output=True, text=True, env=env, timeout=180)
@@ -278,7 +273,7 @@ def test_tpu_pod_run_wait_stop_with_fake_gcloud(tmp_path):
 def test_local_launcher_trains_two_processes(tmp_path):
     """The demo training, 2 processes x 2 fake CPU devices over 127.0.0.1, 3 steps."""
     workdir, logs = tmp_path / "run", tmp_path / "logs"
-    cmd = [os.path.join(LAUNCH, "local.sh"), "-n", "2", "-d", "2", "-p", str(_free_port()), "-l", str(logs), "--",
+    cmd = [os.path.join(LAUNCH, "local.sh"), "-n", "2", "-d", "2", "-p", str(free_port()), "-l", str(logs), "--",
            sys.executable, "-m", "pbe_jax.train", f"--config={CONFIG_FILE}:demo", f"--workdir={workdir}",
            *cli_overrides(**{"train.num_steps": 3, "train.batch_size": 4})]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900, cwd=REPO)
@@ -294,3 +289,97 @@ def test_local_launcher_trains_two_processes(tmp_path):
     rows = [line for line in (workdir / "metrics.jsonl").read_text().splitlines() if line]
     assert len(rows) == 3  # written once, by process 0
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
+
+
+def _fake_run(tmp_path, body: str) -> list[str]:
+    """A stand-in for `python -m pbe_jax.train` that logs a metrics row and then runs BODY."""
+    prog = tmp_path / "fake_train.py"
+    prog.write_text(
+        "import json, os, sys\n"
+        "wd = [a.split('=', 1)[1] for a in sys.argv if a.startswith('--workdir=')][0]\n"
+        "pid = int([a for a in sys.argv if a.startswith('--process_id=')][0].split('=')[1])\n"
+        "os.makedirs(wd, exist_ok=True)\n"
+        "tries = os.path.join(wd, f'tries_{pid}')\n"
+        "n = int(open(tries).read()) + 1 if os.path.exists(tries) else 1\n"
+        "open(tries, 'w').write(str(n))\n" + body)
+    return [sys.executable, str(prog), f"--workdir={tmp_path / 'run'}"]
+
+
+def test_local_restarts_a_failed_run_and_logs_it(tmp_path):
+    """--max_restarts: a run whose process 1 fails on its first try is restarted once and then
+    succeeds; restarts.jsonl records the failure (exit status, reason, last logged step)."""
+    cmd = _fake_run(tmp_path, "if pid == 0 and n == 1:\n"
+                              "    open(os.path.join(wd, 'metrics.jsonl'), 'a').write(json.dumps({'step': 3}) + '\\n')\n"
+                              "sys.exit(9 if pid == 1 and n == 1 else 0)\n")
+    r = subprocess.run([os.path.join(LAUNCH, "local.sh"), "-n", "2", "--max_restarts=2", "--restart_backoff=0",
+                        "-l", str(tmp_path / "logs"), "--", *cmd], capture_output=True, text=True, env=_env(), timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "run" / "restarts.jsonl").read_text().splitlines()]
+    assert [(x["attempt"], x["exit_code"], x["step"]) for x in rows] == [(1, 9, 3)], rows
+    assert "restart 1 of 2" in r.stderr
+    assert (tmp_path / "run" / "tries_0").read_text() == "2"
+
+
+def test_local_stops_restarting_a_deterministic_crash(tmp_path):
+    """The same failure at the same step twice in a row: two tries, then the launcher stops
+    (with restarts left) and says why."""
+    cmd = _fake_run(tmp_path, "if pid == 0:\n"
+                              "    open(os.path.join(wd, 'metrics.jsonl'), 'a').write(json.dumps({'step': 5}) + '\\n')\n"
+                              "sys.exit(3 if pid == 0 else 0)\n")
+    r = subprocess.run([os.path.join(LAUNCH, "local.sh"), "-n", "2", "--max_restarts=5", "--restart_backoff=0",
+                        "-l", str(tmp_path / "logs"), "--", *cmd], capture_output=True, text=True, env=_env(), timeout=60)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert (tmp_path / "run" / "tries_0").read_text() == "2"
+    assert "failed the same way twice in a row" in r.stderr and "step 5" in r.stderr, r.stderr
+    assert len((tmp_path / "run" / "restarts.jsonl").read_text().splitlines()) == 1
+
+
+FAKE_GCLOUD_QR = r"""#!/usr/bin/env bash
+# Fake gcloud with a queued resource whose state is the file $FAKE_QR_STATE (create: ACTIVE);
+# the set-up's installer is skipped, other remote commands run here.
+echo "gcloud $*" >> "$FAKE_GCLOUD_LOG"
+cmd=""
+for a in "$@"; do
+  case "$a" in --command=*) cmd=${a#--command=} ;; esac
+done
+if [[ "$*" == *"tpu-vm ssh"* ]]; then
+  [[ "$cmd" == *astral.sh* ]] && exit 0
+  exec bash -c "$cmd"
+elif [[ "$*" == *"queued-resources describe"* ]]; then
+  cat "$FAKE_QR_STATE"
+elif [[ "$*" == *"queued-resources create"* ]]; then
+  echo ACTIVE > "$FAKE_QR_STATE"
+fi
+"""
+
+
+def test_tpu_pod_supervise_recreates_a_preempted_slice_and_relaunches(tmp_path):
+    """`pod.sh supervise --max_restarts=1`: the run fails when its slice is preempted; the
+    queued resource is deleted, created and set up again, the run relaunched, and it ends 0."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    _executable(bindir / "gcloud", FAKE_GCLOUD_QR)
+    home = tmp_path / "home"
+    (home / "pbe_jax").mkdir(parents=True)
+    (home / "pbe_venv" / "bin").mkdir(parents=True)
+    (home / "pbe_venv" / "bin" / "activate").write_text("\n")
+    state = tmp_path / "qr_state"
+    state.write_text("ACTIVE\n")
+    log = tmp_path / "gcloud.log"
+    env = _env(PATH=f"{bindir}:{os.environ['PATH']}", HOME=str(home), FAKE_GCLOUD_LOG=str(log),
+               FAKE_QR_STATE=str(state), TPU_NAME="t", ZONE="z", TMPDIR=str(tmp_path))
+    wd = tmp_path / "run"
+    prog = ("import os, sys; wd = sys.argv[1].split('=', 1)[1]; os.makedirs(wd, exist_ok=True); "
+            "f = os.path.join(wd, 'tries'); n = len(open(f).read()) if os.path.exists(f) else 0; "
+            "open(f, 'a').write('x'); open(os.environ['FAKE_QR_STATE'], 'w').write('SUSPENDED' if n == 0 else 'ACTIVE'); "
+            "sys.exit(75 if n == 0 else 0)")
+    r = subprocess.run([os.path.join(LAUNCH, "tpu", "pod.sh"), "supervise", "--max_restarts=1", "--restart_backoff=0",
+                        "--", sys.executable, "-c", prog, f"--workdir={wd}"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (wd / "tries").read_text() == "xx"
+    calls = log.read_text()
+    assert "queued-resources delete" in calls and "queued-resources create" in calls and "tpu-vm scp" in calls, calls
+    assert "is SUSPENDED: recreating it" in r.stderr
+    rows = [json.loads(x) for x in (wd / "restarts.jsonl").read_text().splitlines()]
+    assert [(x["attempt"], x["exit_code"]) for x in rows] == [(1, 75)], rows

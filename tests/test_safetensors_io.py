@@ -11,7 +11,8 @@ import pytest
 
 from pbe_jax.convert import safetensors_io as stio
 from pbe_jax.models.unet import UNet2DConditionModel
-from tests.test_weights_diffusers import UNET, numpy_sd, randomize
+from tests.helpers import randomize_fan_in
+from tests.test_weights_diffusers import UNET, numpy_sd
 
 
 def _raw(path, header, data: bytes = b"") -> str:
@@ -86,7 +87,7 @@ def test_a_model_reads_each_tensor_once_when_placing_it(tmp_path, monkeypatch):
     import diffusers
 
     ref = diffusers.UNet2DConditionModel(**UNET)
-    randomize(ref, 1)
+    randomize_fan_in(ref, 1)
     sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in numpy_sd(ref).items()}
     (tmp_path / "config.json").write_text(json.dumps(dict(ref.config)))
     stio.write_safetensors(str(tmp_path / "diffusion_pytorch_model.safetensors"), sd)

@@ -17,7 +17,8 @@ from jax.sharding import PartitionSpec as P
 from jax.tree_util import Partial
 
 from pbe_jax.sampler import guided_sample
-from pbe_jax.schedulers import make_scheduler
+from pbe_jax.schedulers import NAMES, make_scheduler, own_scheduler_name
+from tests.helpers import assert_close
 
 B, H, W, S_TOK, D = 2, 8, 8, 1, 8
 TOL = 1e-4
@@ -99,23 +100,19 @@ def _reference(sched, inputs, guidance_scale, eta=0.0, noises=None):
     return latents.numpy().transpose(0, 2, 3, 1)
 
 
-def _assert_close(ours, ref):
-    err = np.abs(np.asarray(ours) - ref).max()
-    assert err <= TOL * max(1.0, np.abs(ref).max()), f"max|ours - torch| = {err}"
-
-
 def _run(sched, inputs, guidance_scale, rng=None, **kw):
     args = {k: jnp.asarray(v) for k, v in inputs.items()}
     return guided_sample_jit(eps_jax, sched, guidance_scale=guidance_scale, rng=rng, **args, **kw)
 
 
-@pytest.mark.parametrize("name,n", [("plms", 10), ("dpm++2m", 8), ("euler", 6), ("ddim", 6)])
-def test_matches_torch_pipeline_loop(name, n):
+@pytest.mark.parametrize("name", [own_scheduler_name({"_class_name": c}) for c in sorted(set(NAMES.values()))])
+def test_matches_torch_pipeline_loop(name):
+    n = {"plms": 10, "dpm++2m": 8}.get(name, 6)  # every registered scheduler (a new one too)
     sched = make_scheduler(name, n)
     inputs = _inputs()
     ours = _run(sched, inputs, 5.0)
     ref = _reference(sched, inputs, 5.0)
-    _assert_close(ours, ref)
+    assert_close(ours, ref)
     # Guidance matters: the unguided result is far from the guided one.
     assert np.abs(np.asarray(_run(sched, inputs, 1.0)) - ref).max() > 1e-2
 
@@ -128,7 +125,7 @@ def test_stochastic_ddim_uses_one_key_per_step():
     # guided_sample splits rng into one key per step; DDIM draws normal(key, shape) per step.
     keys = jax.random.split(rng, sched.num_steps)
     noises = [np.asarray(jax.random.normal(k, (B, H, W, 4))) for k in keys]
-    _assert_close(ours, _reference(sched, inputs, 3.0, eta=0.8, noises=noises))
+    assert_close(ours, _reference(sched, inputs, 3.0, eta=0.8, noises=noises))
     other = _run(sched, inputs, 3.0, rng=jax.random.key(8))
     assert np.abs(np.asarray(other) - np.asarray(ours)).max() > 1e-2
     with pytest.raises(ValueError, match="rng"):
@@ -147,7 +144,7 @@ def test_guidance_one_is_conditional_only_on_b_batch():
     ours = guided_sample_jit(spy, sched, guidance_scale=1.0,
                              **{k: jnp.asarray(v) for k, v in inputs.items()})
     assert batches == [(B, B, B)]  # traced once, on B samples, not 2B
-    _assert_close(ours, _reference(sched, inputs, 1.0))
+    assert_close(ours, _reference(sched, inputs, 1.0))
     guided_sample_jit(spy, sched, guidance_scale=2.0, **{k: jnp.asarray(v) for k, v in inputs.items()})
     assert batches[-1] == (2 * B, 2 * B, 2 * B)
 
@@ -163,7 +160,7 @@ def test_compiles_once_for_repeated_calls():
     outs = [_run_with(counting, sched, _inputs(seed=s), g) for s, g in [(1, 5.0), (2, 7.5), (3, 2.0)]]
     assert len(traces) == 1, f"eps_fn traced {len(traces)} times for one shape"
     assert np.abs(np.asarray(outs[0]) - np.asarray(outs[1])).max() > 1e-3  # really different calls
-    _assert_close(outs[1], _reference(sched, _inputs(seed=2), 7.5))  # traced scale used correctly
+    assert_close(outs[1], _reference(sched, _inputs(seed=2), 7.5))  # traced scale used correctly
     _run_with(counting, sched, _inputs(b=4), 5.0)  # a new batch size compiles again
     assert len(traces) == 2
 
@@ -178,7 +175,7 @@ def test_guided_sample_traces_inside_user_jit():
     sched = make_scheduler("euler", 4)
     inputs = {k: jnp.asarray(v) for k, v in _inputs().items()}
     f = jax.jit(lambda kw: guided_sample(eps_jax, sched, guidance_scale=4.0, **kw))
-    _assert_close(f(inputs), _reference(sched, _inputs(), 4.0))
+    assert_close(f(inputs), _reference(sched, _inputs(), 4.0))
 
 
 def test_batch_sharded_over_eight_devices_equals_unsharded():
@@ -195,7 +192,7 @@ def test_batch_sharded_over_eight_devices_equals_unsharded():
     assert sharded.sharding.is_equivalent_to(sharding, sharded.ndim)
     assert len(sharded.addressable_shards) == 8 and sharded.addressable_shards[0].data.shape[0] == 1
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(unsharded), rtol=1e-5, atol=1e-5)
-    _assert_close(sharded, _reference(sched, inputs, 5.0))
+    assert_close(sharded, _reference(sched, inputs, 5.0))
 
 
 def test_shape_errors_name_the_arrays():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pbe_jax import schedulers as S
+from tests.helpers import assert_close
 
 SHAPE = (2, 8, 8, 4)  # NHWC; the schedulers are elementwise, diffusers gets the same arrays
 TOL = 1e-5
@@ -29,14 +30,24 @@ PBE_HUB_CONFIG = {
     "steps_offset": 1,
     "trained_betas": None,
 }
-NAME_OF = {"ddim": "DDIMScheduler", "plms": "PNDMScheduler", "dpm++2m": "DPMSolverMultistepScheduler",
-           "euler": "EulerDiscreteScheduler"}
+# Every registered scheduler, by its first short name: each is checked against the diffusers
+# class of its `class_name`, so a newly registered one is tested (and fails without a reference).
+REGISTERED = [S.own_scheduler_name({"_class_name": c}) for c in sorted(set(S.NAMES.values()))]
+STOCHASTIC = "ddim"  # the one with eta > 0: checked with noise as well
+
+
+def _each(eta):
+    """(name, eta) cases: every registered scheduler deterministic, and DDIM with `eta`."""
+    return [(name, 0.0) for name in REGISTERED] + [(STOCHASTIC, eta)]
 
 
 def _pair(name, n, eta=0.0, **extra):
     """(diffusers scheduler after set_timesteps, ours) for one config dict."""
-    config = {**PBE_HUB_CONFIG, "_class_name": NAME_OF[name], **extra}
-    ref = getattr(diffusers, config["_class_name"]).from_config(config)
+    config = {**PBE_HUB_CONFIG, "_class_name": S.NAMES[name], **extra}
+    ref_cls = getattr(diffusers, config["_class_name"], None)
+    assert ref_cls is not None, (f"scheduler {name!r} ({config['_class_name']}) has no parity reference: "
+                                 "diffusers has no class of that name")
+    ref = ref_cls.from_config(config)
     ref.set_timesteps(n)
     return ref, S.make_scheduler(config, n, eta=eta)
 
@@ -72,11 +83,9 @@ def _run_ref(ref, x, outs, noises, eta):
     return np.stack(xs), np.stack(x_ins)
 
 
-def _assert_close(ours, ref, what):
+def _assert_steps_close(ours, ref, what):
     for i, (a, b) in enumerate(zip(ours, ref)):
-        err = np.abs(a - b).max()
-        scale = max(1.0, np.abs(b).max())
-        assert err <= TOL * scale, f"{what}: step {i}: max|ours - diffusers| = {err} (scale {scale})"
+        assert_close(a, b, f"{what}: step {i}", rel=TOL)
 
 
 def _check_against_diffusers(name, n, eta=0.0, **extra):
@@ -92,21 +101,19 @@ def _check_against_diffusers(name, n, eta=0.0, **extra):
     xs, x_ins = _run_ours(ours, jnp.asarray(x), jnp.asarray(outs), jnp.asarray(noises))
     ref_xs, ref_x_ins = _run_ref(ref, x, outs, noises, eta)
     what = f"{name} n={n} eta={eta} {extra}"
-    _assert_close(x_ins, ref_x_ins, what + " scale_model_input")
-    _assert_close(xs, ref_xs, what)
+    _assert_steps_close(x_ins, ref_x_ins, what + " scale_model_input")
+    _assert_steps_close(xs, ref_xs, what)
     # The fake outputs must actually move the sample (a scheduler that returned x would fail).
     assert np.abs(ref_xs[-1] - x).max() > 0.1
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-@pytest.mark.parametrize("name,eta", [("ddim", 0.0), ("ddim", 0.7), ("plms", 0.0),
-                                      ("dpm++2m", 0.0), ("euler", 0.0)])
+@pytest.mark.parametrize("name,eta", _each(0.7))
 def test_ten_steps_each_spacing(name, eta, spacing):
     _check_against_diffusers(name, 10, eta=eta, timestep_spacing=spacing)
 
 
-@pytest.mark.parametrize("name,eta", [("ddim", 0.0), ("ddim", 1.0), ("plms", 0.0),
-                                      ("dpm++2m", 0.0), ("euler", 0.0)])
+@pytest.mark.parametrize("name,eta", _each(1.0))
 def test_fifty_steps_pbe_default(name, eta):
     # 50 leading steps with steps_offset 1: the PbE / SD-1.x inference setting.
     _check_against_diffusers(name, 50, eta=eta)
@@ -158,7 +165,7 @@ def test_hub_config_builds_plms():
     assert not ddim.config.clip_sample and not ddim.config.set_alpha_to_one
 
 
-@pytest.mark.parametrize("name", sorted(NAME_OF))
+@pytest.mark.parametrize("name", REGISTERED)
 def test_to_dict_round_trips_through_diffusers(name):
     ours = S.make_scheduler(name, 30)
     raw = ours.config.to_dict()
@@ -219,3 +226,19 @@ def test_add_noise_jits_with_traced_timesteps():
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out[:, 0, 0, 0], np.float32), np.sqrt(ac[[0, 10, 999]]),
                                rtol=1e-2)
+
+
+def test_a_registered_scheduler_without_a_reference_fails(monkeypatch):
+    """The parity tests take their schedulers from the registry: one registered without a
+    diffusers class to compare with fails them instead of going untested."""
+    monkeypatch.setattr(S, "_REGISTRY", {**S._REGISTRY})  # registered here, gone after the test
+    monkeypatch.setattr(S, "NAMES", {**S.NAMES})
+
+    @S.register
+    class Unchecked(S.DDIM):
+        class_name = "UncheckedScheduler"
+        names = ("unchecked",)
+
+    assert "unchecked" in [S.own_scheduler_name({"_class_name": c}) for c in sorted(set(S.NAMES.values()))]
+    with pytest.raises(AssertionError, match="'unchecked' .UncheckedScheduler. has no parity reference"):
+        _check_against_diffusers("unchecked", 10)

@@ -30,6 +30,7 @@ from pbe_jax.data.pipeline import make_loader
 from pbe_jax.models.paint_by_example import parse_component_configs
 from pbe_jax.pipeline import PaintByExample
 from tests.test_sample import H, W, _diffusers, _images
+from tests.helpers import randomize_fan_in
 from tests.test_weights_diffusers import (
     IMAGE,
     VAE,
@@ -37,7 +38,6 @@ from tests.test_weights_diffusers import (
     feature_extractor,
     load_component_torch,
     numpy_sd,
-    randomize,
 )
 
 # SD 2.x in miniature: linear projections, one head count per block, upcast attention.
@@ -64,7 +64,7 @@ def sd2_repo(tmp_path_factory):
     vae = AutoencoderKL(**VAE)
     clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP2))
     for i, m in enumerate((unet, vae, clip)):
-        randomize(m, 40 + i)
+        randomize_fan_in(m, 40 + i)
     unet.save_pretrained(root / "sd" / "unet")
     vae.save_pretrained(root / "sd" / "vae")
     DDIMScheduler.from_config(SD21_SCHEDULER).save_pretrained(root / "sd" / "scheduler")
@@ -131,7 +131,7 @@ def tiny_v_pipeline(seed: int = 7) -> PaintByExamplePipeline:
     enc = PaintByExampleImageEncoder(transformers.CLIPVisionConfig(**{**CLIP2, "projection_dim": width}),
                                      proj_size=width)
     for i, m in enumerate((unet, vae, enc)):
-        randomize(m, seed + i)
+        randomize_fan_in(m, seed + i)
     sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
                           prediction_type="v_prediction")

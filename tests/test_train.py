@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 
@@ -15,6 +14,7 @@ from pbe_jax import sharding as shd
 from pbe_jax.data.pipeline import make_loader
 from pbe_jax.training.state import Setup, state_bytes_per_device
 from tests.train_utils import read_metrics, subprocess_env, tiny_config, train_cmd
+from tests.helpers import free_port
 
 
 def host_batches(cfg, n):
@@ -143,12 +143,6 @@ def test_sigterm_checkpoints_current_step_and_exits_0(tmp_path):
     assert ckpts and ckpts[-1] == last_step, (ckpts, last_step)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_sigterm_to_one_agree_without_a_collective_per_step(tmp_path):
     """Two processes (one device each, `data:2`) train like one process with two devices: the
@@ -157,7 +151,7 @@ def test_two_processes_sigterm_to_one_agree_without_a_collective_per_step(tmp_pa
     0's log counts the agreements: one per log_every_steps steps, not one per step."""
     every = 4
     wd = str(tmp_path / "multi")
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(
         train_cmd(wd, extra=[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                              f"--process_id={i}"],

@@ -12,20 +12,14 @@ from flax import nnx
 
 from pbe_jax.convert.torch_layout import CheckpointMismatchError, load_torch_state_dict
 from pbe_jax.models.transformer import BasicTransformerBlock
+from tests.helpers import randomize
 
 B, L, DIM = 2, 12, 32
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (0.0 if p.ndim > 1 else 0.1))
-
-
 def _pair(kwargs: dict, seed: int = 0):
     tb = TorchBlock(**kwargs).eval()
-    _randomize(tb, seed)
+    randomize(tb, seed)
     ours = BasicTransformerBlock(**kwargs, rngs=nnx.Rngs(seed))
     sd = {k: v.detach().numpy() for k, v in tb.state_dict().items()}
     report = load_torch_state_dict(ours, sd, source="torch block")

@@ -22,6 +22,7 @@ from pbe_jax.convert import safetensors_io as stio
 from pbe_jax.convert.torch_layout import CheckpointMismatchError
 from pbe_jax.models.hub import num_params
 from pbe_jax.models.unet import UNet2DConditionModel, UNetConfig
+from tests.helpers import randomize_fan_in
 
 # A: the PbE layout in miniature (9 input channels, 1-token context, CrossAttn+plain blocks).
 CFG_A = dict(
@@ -49,23 +50,9 @@ CFG_C = dict(
     time_embedding_dim=48, norm_num_groups=8, act_fn="silu")
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Every param random (no zero-init or unit-norm value can hide a wiring error)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:  # weights: fan-in scaled so activations stay O(1) through the net
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / fan_in ** 0.5))
-            elif name.endswith("weight"):  # norm scales
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-
-
 def _build(cfg: dict, path, seed: int = 0) -> TorchUNet:
     torch_unet = TorchUNet(**cfg).eval()
-    _randomize(torch_unet, seed)
+    randomize_fan_in(torch_unet, seed, gain=1.5, is_norm_scale=lambda name: name.endswith("weight"))
     torch_unet.save_pretrained(str(path))
     return torch_unet
 

@@ -18,7 +18,7 @@ from pbe_jax.convert import safetensors_io as stio
 from pbe_jax.convert.torch_layout import CheckpointMismatchError, param_leaves, path_to_torch_key
 from pbe_jax.models.hub import num_params
 from pbe_jax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
-from tests.test_weights_diffusers import randomize  # the shared 'every param random' helper
+from tests.helpers import assert_close, randomize_fan_in
 
 CONFIGS = {
     # 2 blocks, 1 resnet per down block, 4 groups
@@ -49,13 +49,6 @@ def _nhwc(t):
     return t.detach().numpy().transpose(0, 2, 3, 1)
 
 
-def _assert_close(ours, ref, what, rel=1e-4):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs torch {ref.shape}"
-    err, tol = np.abs(ours - ref).max(), rel * max(1.0, np.abs(ref).max())
-    assert err <= tol, f"{what}: max|ours - torch| = {err:.3e} > {tol:.3e}"
-
-
 _CASES = {}
 
 
@@ -64,7 +57,7 @@ def _build_case(name, tmp_path_factory):
     built once per config."""
     if name not in _CASES:
         torch_model = TorchAutoencoderKL(**_torch_config(name)).eval()
-        randomize(torch_model, seed=sorted(CONFIGS).index(name))
+        randomize_fan_in(torch_model, seed=sorted(CONFIGS).index(name))
         path = str(tmp_path_factory.mktemp(f"vae_{name}"))
         torch_model.save_pretrained(path)
         ours = AutoencoderKL.from_pretrained(path)
@@ -123,7 +116,7 @@ def test_encode_decode_reconstruct_match_diffusers(case, torch_outputs, ours_out
     assert np.abs(torch_outputs["logvar"]).max() < 20, name
     for what, label in (("mean", "posterior mean"), ("logvar", "posterior logvar"),
                         ("std", "posterior std"), ("decode", "decode"), ("recon", "reconstruction")):
-        _assert_close(ours_outputs[what], torch_outputs[what], f"{name} {label}")
+        assert_close(ours_outputs[what], torch_outputs[what], f"{name} {label}")
 
 
 def test_posterior_sample_mode_and_kl(case, ours_outputs, torch_outputs):
@@ -131,7 +124,7 @@ def test_posterior_sample_mode_and_kl(case, ours_outputs, torch_outputs):
     out = ours_outputs
     post = DiagonalGaussian(jnp.asarray(out["mean"]), jnp.asarray(out["logvar"]))
     np.testing.assert_array_equal(out["mode"], out["mean"])
-    _assert_close(post.kl(), torch_outputs["kl"], f"{name} KL to N(0, I)")
+    assert_close(post.kl(), torch_outputs["kl"], f"{name} KL to N(0, I)")
     assert float(jnp.abs(post.logvar).max()) > 0.5, f"{name}: std close to 1 everywhere tests nothing"
     k = 256
     samples = jax.vmap(post.sample)(jax.random.split(jax.random.key(0), k))  # [K, B, h, w, C]
@@ -153,7 +146,7 @@ def test_posterior_sample_mode_and_kl(case, ours_outputs, torch_outputs):
     # __call__(sample_posterior=True) decodes that draw (diffusers decodes the same latent), not the mode
     with torch.no_grad():
         torch_decoded = _nhwc(torch_model.decode(_nchw(out["sample"])).sample)
-    _assert_close(out["recon_sampled"], torch_decoded, f"{name} reconstruction from a posterior draw")
+    assert_close(out["recon_sampled"], torch_decoded, f"{name} reconstruction from a posterior draw")
     assert not np.allclose(out["recon_sampled"], out["recon"], atol=1e-3)
     with pytest.raises(ValueError, match="rng"):
         ours(jnp.asarray(x), sample_posterior=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,9 +22,18 @@ gr = pytest.importorskip("gradio", reason="the web demo needs gradio (pip instal
 from pbe_jax.benchmarks.model import build  # noqa: E402
 from pbe_jax.benchmarks.sizes import get_size  # noqa: E402
 from pbe_jax.pipeline import PaintByExample  # noqa: E402
-from pbe_jax.webdemo import DemoEditor, Settings, build_app, demo_examples, editor_inputs  # noqa: E402
+from pbe_jax.webdemo import (  # noqa: E402
+    SEED_MAX,
+    DemoEditor,
+    Settings,
+    build_app,
+    demo_examples,
+    editor_inputs,
+    page_seed,
+)
 from tests.test_architecture import compile_events  # noqa: E402
 from tests.train_utils import REPO, subprocess_env  # noqa: E402
+from tests.helpers import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -61,12 +69,6 @@ def _ref(seed=1):
     return np.random.default_rng(seed).integers(0, 256, (40, 40, 3), np.uint8)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_inputs_and_messages(pipe, tmp_path):
     value = _editor_value(30, 40, (5, 15, 10, 30))
     src, mask = editor_inputs(value)
@@ -94,6 +96,30 @@ def test_inputs_and_messages(pipe, tmp_path):
     Image.new("RGB", (50, 40)).save(big)
     assert "50x40" in editor.check_upload({"path": str(big)}, "source")
     assert DemoEditor(pipe).check_upload({"path": str(big)}, "source") is None
+
+
+def test_seed_field_range(pipe):
+    """0 .. 2**32 - 1 as is, -1 a random seed; anything else a message naming the range (it was
+    numpy's "out of bounds for uint32")."""
+    assert page_seed(0) == 0 and page_seed(SEED_MAX) == SEED_MAX and page_seed(7.0) == 7
+    drawn = {page_seed(-1) for _ in range(8)}
+    assert all(0 <= s <= SEED_MAX for s in drawn) and len(drawn) > 1
+    for bad, why in ((2**40, "out of range"), (-2, "out of range"), (None, "empty"), (1.5, "not a whole")):
+        with pytest.raises(gr.Error, match=f"{why}.*use 0 to {SEED_MAX}, or -1 for a random seed"):
+            page_seed(bad)
+    editor = DemoEditor(pipe, settings=Settings(steps=STEPS))
+    editor.state = "ready"  # refused before any model call
+    with pytest.raises(gr.Error, match=f"The seed {2**40} is out of range"):
+        editor(_editor_value(30, 40, (5, 15, 10, 30)), _ref(), STEPS, 5.0, 2**40, "plms", True, True, 32)
+
+
+def test_result_files_are_bounded_and_removed_on_close(pipe):
+    editor = DemoEditor(pipe, keep_results=2)
+    paths = [editor.save_result(Image.new("RGB", (4, 4), (i, 0, 0))) for i in range(4)]
+    assert sorted(os.listdir(editor.out_dir)) == sorted(os.path.basename(p) for p in paths[-2:])
+    assert Image.open(paths[-1]).getpixel((0, 0)) == (3, 0, 0)
+    editor.close()
+    assert not os.path.exists(editor.out_dir)
 
 
 def test_edits_after_startup_compile_nothing(pipe):
@@ -153,7 +179,7 @@ def test_page_in_headless_chromium(pipe, tmp_path):
     editor.lock.acquire()  # hold the start-up compilation: the page must say so, not freeze
     app = build_app(editor, examples=demo_examples(num=1))
     app.queue(default_concurrency_limit=1)
-    port = _free_port()
+    port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, show_error=True,
                quiet=True)
     profile = tempfile.mkdtemp(prefix="pbe_chromium_")
@@ -222,11 +248,13 @@ def test_page_in_headless_chromium(pipe, tmp_path):
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_cli_serves_the_page(model_dir):
-    port = _free_port()
+def test_cli_serves_the_page(model_dir, tmp_path):
+    """... and SIGTERM stops it cleanly (exit 0), removing its results folder."""
+    port = free_port()
     cmd = [sys.executable, "-m", "pbe_jax.demo", f"--model={model_dir}", f"--port={port}", "--steps=2",
            "--examples=1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**subprocess_env(), "GRADIO_ANALYTICS_ENABLED": "False"},
+    env = {**subprocess_env(), "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -240,6 +268,9 @@ def test_cli_serves_the_page(model_dir):
                 assert time.monotonic() < deadline, "the demo did not serve its page in 240 s"
                 time.sleep(1)
         assert "Paint by Example" in config and '"run"' in config
+        assert [n for n in os.listdir(tmp_path) if n.startswith("pbe_demo_")]  # the examples' files
     finally:
-        proc.terminate()
+        proc.terminate()  # SIGTERM
         proc.wait(timeout=30)
+    assert proc.returncode == 0, proc.stdout.read()[-3000:]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("pbe_demo_")]

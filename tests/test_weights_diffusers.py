@@ -21,6 +21,7 @@ from diffusers.pipelines.deprecated.paint_by_example import PaintByExampleImageE
 from pbe_jax.convert import safetensors_io as stio
 from pbe_jax.convert.torch_layout import CheckpointMismatchError, param_leaves
 from pbe_jax.pipeline import PaintByExample
+from tests.helpers import randomize_fan_in
 
 # ---------------------------------------------------------------------------- tiny pipeline
 
@@ -52,20 +53,6 @@ TORCH_CLASSES = {"unet": UNet2DConditionModel, "vae": AutoencoderKL,
                  "image_encoder": PaintByExampleImageEncoder}
 
 
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Random values in every param (norm scales and biases too), so no mapping error hides."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim > 1:
-                p.copy_(noise * (p[0].numel() ** -0.5))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            else:
-                p.copy_(0.1 * noise)
-
-
 def feature_extractor():
     cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     return cls(crop_size=IMAGE, size=IMAGE)
@@ -76,7 +63,7 @@ def tiny_pipeline(seed: int = 0) -> PaintByExamplePipeline:
     vae = AutoencoderKL(**VAE)
     enc = PaintByExampleImageEncoder(transformers.CLIPVisionConfig(**CLIP), proj_size=CLIP["projection_dim"])
     for i, m in enumerate((unet, vae, enc)):
-        randomize(m, seed + i)
+        randomize_fan_in(m, seed + i)
     sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
     return PaintByExamplePipeline(vae=vae.eval(), image_encoder=enc.eval(), unet=unet.eval(), scheduler=sched,

@@ -22,6 +22,7 @@ from pbe_jax.convert.load import load_pipeline
 from pbe_jax.convert.torch_layout import CheckpointMismatchError
 from pbe_jax.models.unet import UNetConfig
 from pbe_jax.models.vae import VAEConfig
+from tests.helpers import randomize_fan_in
 from tests.test_weights_diffusers import (
     CLIP,
     UNET,
@@ -31,7 +32,6 @@ from tests.test_weights_diffusers import (
     model_configs,
     numpy_sd,
     ours_vs_torch,
-    randomize,
     replicated_place,
     tiny_pipeline,
 )
@@ -164,7 +164,7 @@ def sd_parts(tmp_path_factory):
     clip = transformers.CLIPModel(transformers.CLIPConfig(
         text_config=text_cfg.to_dict(), vision_config=vision, projection_dim=10))
     for i, m in enumerate((unet, vae, text, clip)):
-        randomize(m, 30 + i)
+        randomize_fan_in(m, 30 + i)
     sd_dir = root / "sd"
     unet.save_pretrained(sd_dir / "unet")
     vae.save_pretrained(sd_dir / "vae")

@@ -25,6 +25,7 @@ SMALL_MODEL = {
     "model.vae.down_block_types": ("DownEncoderBlock2D",),
     "model.vae.up_block_types": ("UpDecoderBlock2D",),
     "model.vae.sample_size": 16,
+    "model.unet.sample_size": 16,  # 16 px / VAE factor 1 (the demo's link assumes factor 2)
 }
 
 # The overrides that make the demo config tiny enough for tests (as CLI flags and as a dict).

@@ -13,7 +13,14 @@
 #   launch/tpu/pod.sh delete                 # delete the queued resource and its TPU VMs
 #
 # Other subcommands: `status` (queued-resource state), `wait` (until the run ends, exit with its
-# status), `ssh -- CMD...` (any command on all workers).
+# status), `ssh -- CMD...` (any command on all workers), and
+#   launch/tpu/pod.sh supervise --max_restarts=N -- python -m pbe_jax.train ... --workdir=gs://...
+# which runs the command (`run --wait`) and, when it fails or the slice is preempted, restarts
+# it up to N times with backoff: a queued resource that is no longer ACTIVE (spot preemption,
+# maintenance) is deleted, created again, set up again, then the run relaunched; it resumes from
+# the newest checkpoint. The same failure at the same step twice in a row stops (see
+# launch/common.sh `supervise`); each restart is a row of WORKDIR/restarts.jsonl (local
+# workdirs) and of ./restarts.jsonl here.
 #
 # Environment:
 #   TPU_NAME, ZONE        required
@@ -156,6 +163,49 @@ cmd_wait() {
 for _ in \$(seq 20); do [ -s $REMOTE_RC ] && break; sleep 0.5; done; exit \$(cat $REMOTE_RC 2>/dev/null || echo 1)"
 }
 
+# One try of `supervise`: on a restart, a slice that is not ACTIVE any more is recreated and
+# set up again first; then the run, waited for.
+SUPERVISE_TRIES=0
+# shellcheck disable=SC2329 # called by supervise
+supervised_try() {
+  if ((SUPERVISE_TRIES > 0)); then
+    local state
+    state="$(qr_state 2>/dev/null || echo MISSING)"
+    if [[ "$state" != ACTIVE ]]; then
+      echo "pod: queued resource $QR_ID is ${state:-MISSING}: recreating it" >&2
+      cmd_delete || true
+      cmd_create
+      cmd_setup
+    fi
+  fi
+  SUPERVISE_TRIES=$((SUPERVISE_TRIES + 1))
+  cmd_run --wait -- "$@"
+}
+
+cmd_supervise() {
+  local max=0 backoff=60
+  while (($#)); do
+    case "$1" in
+      --max_restarts=*) max=${1#*=}; shift ;;
+      --restart_backoff=*) backoff=${1#*=}; shift ;;
+      --) shift; break ;;
+      *) break ;;
+    esac
+  done
+  (($#)) || die "supervise: give the command after --"
+  [[ "$max" =~ ^[0-9]+$ ]] || die "--max_restarts must be a count >= 0, got '$max'"
+  [[ "$backoff" =~ ^[0-9]+$ ]] || die "--restart_backoff must be whole seconds, got '$backoff'"
+  local workdir record="restarts.jsonl"
+  workdir="$(workdir_of "$@")"
+  [[ -n "$workdir" ]] || die "supervise: the command needs --workdir (the run resumes from its checkpoints)"
+  [[ "$workdir" == *://* ]] || record="$workdir/restarts.jsonl"
+  if [[ "$DRY_RUN" == 1 ]]; then
+    supervised_try "$@"
+    return 0
+  fi
+  supervise "$max" "$backoff" "$workdir" "$record" supervised_try "$@"
+}
+
 cmd_logs() {
   tpu_ssh "${1:-0}" "tail -n +1 -F $REMOTE_LOG"
 }
@@ -201,5 +251,6 @@ case "$sub" in
   delete) cmd_delete ;;
   status) cmd_status ;;
   ssh) cmd_ssh "$@" ;;
+  supervise) cmd_supervise "$@" ;;
   *) echo "unknown subcommand '$sub'" >&2; usage 2 ;;
 esac

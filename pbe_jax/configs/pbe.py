@@ -48,21 +48,26 @@ variants: the paper's openai/clip-vit-large-patch14, or laion/CLIP-ViT-H-14-laio
 `conditioner=NAME` (the exemplar encoder, models/exemplar.py CONDITIONERS: `clip`, the paper's
 CLIP class token, default; `clip_tokens`, every CLIP token through the mapper; `dinov2`, AnyDoor's
 DINOv2 class + patch tokens through a trained projection, `tower=dinov2_s14|b14|l14|g14`, default
-g14 = facebook/dinov2-giant; in the demo a small DINOv2 tower trained with the rest).
+g14 = facebook/dinov2-giant; in the demo a small DINOv2 tower trained with the rest),
+`scenes=palette|identity` (the demo's synthetic scenes, default palette).
 
 Departures from the official recipe, on purpose: the SD variants compute in bf16 by default (the
 paper trained in fp32; pass dtype=fp32 for the exact recipe). The `demo` has no pretrained weights and
 minutes of two CPU cores, so it earns its priors itself: it fits its own VAE first
 (`vae_fit`), trains the CLIP tower with the rest (`train.train_image_tower`), predicts the clean
 latent instead of the noise (`model.scheduler.prediction_type='sample'`, DDIM sampling), and
-trains on 'palette' scenes (`data.synthetic_style`: objects of 8 saturated colours x 4 shapes x
-5 patterns on muted or plain backgrounds) through the paper's box filter, crops, Bezier masks and reference augmentation.
+trains on 'palette' scenes (`data.synthetic_style`: 8 saturated object colours on muted
+backgrounds) through the paper's box filter, crops, Bezier masks and reference augmentation.
+`demo,scenes=identity` trains on 'identity' scenes instead (objects of 8 colours x 4 shapes x 5
+patterns on muted or plain backgrounds) and adds the identity score and the out-of-style
+triplets to the exemplar eval (`exemplar_eval.identity`, `.offstyle_triplets`).
 The SD variants keep the paper's frozen SD VAE and CLIP tower and their released schedules.
 """
 from __future__ import annotations
 
 import ml_collections
 
+from pbe_jax.configs.validate import validate, vae_factor
 from pbe_jax.data.config import data_config
 from pbe_jax.evals.config import evals_config
 from pbe_jax.models import conditioner_class
@@ -71,7 +76,8 @@ from pbe_jax.sharding import DEFAULT_RULES
 
 VARIANTS = ("demo", "sd15", "sd21", "sd21_768")
 _TYPES = {"mesh": str, "dtype": str, "res": int, "batch": int, "steps": int, "tower": str,
-          "conditioner": str}
+          "conditioner": str, "scenes": str}
+DEMO_SCENES = ("palette", "identity")  # scenes=: the demo's data.synthetic_style
 
 
 def parse_arg(arg: str | None) -> tuple[str, dict]:
@@ -216,6 +222,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     demo = variant == "demo"
     if demo and "tower" in kw:
         raise ValueError("tower= picks the image tower of the SD variants, not of the demo")
+    if not demo and "scenes" in kw:
+        raise ValueError("scenes= picks the demo's synthetic scenes, not the SD variants' data")
+    scenes = kw.get("scenes", "palette")
+    if scenes not in DEMO_SCENES:
+        raise ValueError(f"config argument scenes={scenes!r}; expected one of {DEMO_SCENES}")
+    identity = demo and scenes == "identity"
     conditioner = kw.get("conditioner", "clip")
     encoder_cls = conditioner_class(conditioner)
     tower = kw.get("tower", getattr(encoder_cls, "DEFAULT_TOWER", "vit_l14"))
@@ -281,12 +293,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # CLIP to freeze: a random tower carries a reference's colour only roughly.
     t.train_image_tower = demo
     # The noise schedule (betas, num_train_timesteps, prediction_type) is config.model.scheduler.
+    # LoRA fine-tuning (pbe_jax/training/lora.py): rank > 0 trains adapters on the Linears named
+    # by `targets` (PEFT target_modules; also ff.net.0.proj, ff.net.2, proj_in, proj_out where
+    # Linear) with the base frozen, plus the `also_train` parts (path patterns); 0 = full.
+    t.lora = ml_collections.ConfigDict({
+        "rank": 0, "alpha": 0.0,  # alpha 0 = rank (multiplier 1)
+        "targets": ("to_q", "to_k", "to_v", "to_out.0"), "components": ("unet",),
+        "also_train": ("image_encoder.uncond_vector", "image_encoder.final_layer_norm",
+                       "image_encoder.proj_out"),
+        "base_dtype": "",  # '' = the config's param dtype; 'bfloat16' holds the frozen base in bf16
+    })
 
     c.data = data_config("demo" if demo else "paper")
     if demo:  # 32 px 'palette' scenes: what a 2-level VAE and minutes of CPU can learn
         c.data.resolution = 32
-        c.data.synthetic_style = "palette"
+        c.data.synthetic_style = scenes
     c.data.resolution = kw.get("res", 768 if variant == "sd21_768" else c.data.resolution)
+    # One source for the image side: the UNet's sample_size (latent side, stated in an exported
+    # model's config) follows config.data.resolution, through res= and through
+    # --config.data.resolution / sweeps alike. Setting sample_size itself unlinks it; a pair
+    # that disagrees is refused at start (pbe_jax/configs/validate.py).
+    c.model.unet.sample_size = c.data.get_ref("resolution") // vae_factor(c.model)
     # The reference side the conditioner's tower takes (its preprocessing config).
     c.data.reference_size = encoder_cls.config_reference_size(c.model.image_encoder.to_dict())
     # A paper variant left on the synthetic default would train a real model on demo scenes:
@@ -300,6 +327,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample_steps = 20 if demo else 50
     c.sample_guidance = 5.0
     c.sample_num = 4
+    # Pod robustness (pbe_jax/training/watchdog.py): a multi-process run whose peer died or hangs
+    # exits (75 / 76, Python stacks in the log) instead of hanging; the launchers restart it.
+    c.watchdog = ml_collections.ConfigDict({
+        # no step finished for this long (the first step's compile not counted) -> exit 76;
+        # above the longest eval / sample / checkpoint section; 0 = off
+        "stall_minutes": 15.0,
+        # jax.distributed heartbeat: a silent (hung, not exited) process is declared dead after
+        # this; an exited or killed one at once
+        "heartbeat_seconds": 100,
+    })
     c.peak_flops = 0.0  # per device, for MFU; 0 = look up the device kind (or CPU estimate)
     # COCOEE metrics during training (off by default): set every_steps, bench and the metric
     # weights (clip_model / inception / fid_ref / gmm), see pbe_jax/evaluate.py.
@@ -319,15 +356,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "heldout_data": "synthetic_seed=1000",  # config.data overrides for the held-out images
         "heldout_images": 64,
     })
-    # Held-out exemplar-following eval (pbe_jax/evals/exemplar.py) at every sample_every_steps
-    # and at the end: num_triplets self + as many cross-reference edits of 'palette' scenes of
-    # synthetic seed `seed`; 0 = off (sd15: it scores the demo's synthetic domain only).
-    # offstyle_triplets: as many again of a style the demo never trains on ('radial' scenes,
-    # rectangular holes, references drawn on a plain backdrop); identity: fit the attribute
-    # classifier (pbe_jax/evals/identity.py, seed identity_seed) and score identity too.
+    # Held-out exemplar-following eval (pbe_jax/evaluation/exemplar.py) at every sample_every_steps
+    # and at the end: num_triplets self + as many cross-reference edits of the demo's scenes
+    # ('palette', or 'identity' with scenes=identity) of synthetic seed `seed`; 0 = off (sd15:
+    # it scores the demo's synthetic domain only). offstyle_triplets: as many again of a style
+    # the demo never trains on ('radial' scenes, rectangular holes, references drawn on a plain
+    # backdrop); identity: fit the attribute classifier (pbe_jax/evals/identity.py, seed
+    # identity_seed) and score identity too (both: scenes=identity only).
     c.exemplar_eval = ml_collections.ConfigDict({
         "num_triplets": 64 if demo else 0, "seed": 1000, "grid_rows": 4, "scheduler": "",
-        "offstyle_triplets": 32 if demo else 0, "identity": demo, "identity_seed": 2000})
+        "offstyle_triplets": 32 if identity else 0, "identity": identity, "identity_seed": 2000})
+    validate(c, where=f"get_config({arg!r})")  # overrides are checked again where a run starts
     return c
 
 

@@ -57,14 +57,15 @@ def _check_ldm_missing(comp: str, config, sd: Mapping, allow: list[str], source:
 
 
 def load_ldm(path: str, *, model_config: Mapping | None = None, allow_missing: Iterable[str] = (),
-             place: Place | None = None, seed: int = 0, use_ema: bool = False,
+             place: Place | None = None, seed: int = 0, use_ema: bool | None = None,
              progress: bool = False, cls: type = PaintByExampleModel, **runtime):
     """The original `model.ckpt` -> (model, report). The architecture comes from
     `model_config` (default: the released model); the scheduler is the released model's."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file (an LDM checkpoint is one .ckpt / "
                                 ".safetensors file)")
-    report = PipelineReport(source=path, format="ldm")
+    use_ema = bool(use_ema)  # None: the raw UNet, the weights an LDM file is used with
+    report = PipelineReport(source=path, format="ldm", ema=use_ema)
     if model_config is None and path.endswith(".safetensors"):
         saved = stio.read_metadata(path).get(CONFIGS_KEY)
         if saved:

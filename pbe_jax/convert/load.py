@@ -34,7 +34,7 @@ FORMATS = ("diffusers", "ldm", "sd-init", "orbax")
 
 def load_pipeline(fmt: str, path: str, *, clip: str | None = None, model_config: Mapping | None = None,
                   place: Place | None = None, seed: int = 0, variant: str | None = None,
-                  allow_missing: Iterable[str] = (), use_ema: bool = False, progress: bool = False,
+                  allow_missing: Iterable[str] = (), use_ema: bool | None = None, progress: bool = False,
                   return_report: bool = False, cls: type = PaintByExampleModel,
                   use_safetensors: bool | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
                   attention_impl: str = "xla", remat: bool = False, remat_policy: str | None = None,
@@ -46,7 +46,8 @@ def load_pipeline(fmt: str, path: str, *, clip: str | None = None, model_config:
         a ValueError lists the differing fields). For `ldm` it *is* the architecture.
     place: `place((component, *nnx_path), host_array) -> jax.Array` puts every param on devices.
     seed: random init of what the checkpoint does not hold (sd-init's mapper etc.).
-    use_ema: load EMA weights (orbax training checkpoints; LDM `model_ema.*`).
+    use_ema: load EMA weights (orbax training checkpoints; LDM `model_ema.*`); None: a training
+        checkpoint's EMA params when it has them (logged), raw weights otherwise.
     hub: `revision`, `cache_dir`, `local_files_only`, `token`, `force_download` (diffusers'
         names; Hub ids only), `use_safetensors`.
     Returns the model, or (model, PipelineReport) with `return_report`.

@@ -20,6 +20,7 @@ from etils import epath
 
 from pbe_jax import checkpoint as ckpt
 from pbe_jax.convert import orbax_io
+from pbe_jax.metrics import METRICS_FILE
 from pbe_jax.models.hub import is_hub_id, num_params
 from pbe_jax.models.registry import COMPONENTS
 
@@ -36,6 +37,14 @@ SUMMARY_FIELDS = ("seed", "dtype", "mesh", "init_from.format", "init_from.path",
                   "data.reference_size")
 # Metric names as pbe_jax reports them -> how the card (and the Hub's model-index) names them.
 METRIC_NAMES = {"fid": "FID", "qs": "QS", "clip_score": "CLIP score"}
+COCOEE_METRICS = ("fid", "qs", "clip_score")  # `config.evals` / `pbe_jax.evaluate`; the rest
+# (exemplar_following, vae_psnr, ...) score held-out synthetic 'palette' scenes (evals/exemplar.py)
+SYNTHETIC_DATASET = ("pbe-jax-synthetic-palette", "pbe_jax synthetic palette scenes (held out)")
+
+
+def metric_dataset(metric: str) -> tuple[str, str]:
+    """(dataset_type, dataset_name) a training/eval metric was measured on, for the card."""
+    return ("cocoee", "COCOEE") if metric in COCOEE_METRICS else SYNTHETIC_DATASET
 
 
 @dataclasses.dataclass
@@ -65,7 +74,7 @@ def read_metrics(workdir: str) -> tuple[dict[str, float], str | None]:
     `metrics.jsonl` row with `eval/*` values (training's `config.evals`), else a `metrics.json`
     of `python -m pbe_jax.evaluate` in the workdir or one level below; ({}, None) if none."""
     root = epath.Path(workdir)
-    jsonl = root / "metrics.jsonl"
+    jsonl = root / METRICS_FILE
     if jsonl.exists():
         found = None
         for line in jsonl.read_text().splitlines():
@@ -136,9 +145,10 @@ def _training(info: CardInfo) -> list[str]:
 def _evaluation(info: CardInfo) -> list[str]:
     if not info.metrics:
         return []
-    out = ["## Evaluation", "", f"COCOEE metrics from `{info.metrics_source}`:", "",
-           "| metric | value |", "|---|---:|"]
-    out += [f"| {METRIC_NAMES.get(k, k)} | {v:.4g} |" for k, v in sorted(info.metrics.items())]
+    out = ["## Evaluation", "", f"Metrics from `{info.metrics_source}` (on COCOEE unless the row "
+           "names another dataset):", "", "| metric | value |", "|---|---:|"]
+    out += [f"| {METRIC_NAMES.get(k, k)}{'' if k in COCOEE_METRICS else f' ({metric_dataset(k)[1]})'} | {v:.4g} |"
+            for k, v in sorted(info.metrics.items())]
     return out + [""]
 
 
@@ -174,8 +184,8 @@ def make_model_card(model, info: CardInfo | None = None, *, repo_id: str | None 
     where = repo_id or path or "PATH"
     name = repo_id.split("/")[-1] if repo_id else "Paint-by-Example (pbe_jax export)"
     eval_results = [
-        huggingface_hub.EvalResult(task_type=PIPELINE_TAG, dataset_type="cocoee", dataset_name="COCOEE",
-                                   metric_type=k, metric_name=METRIC_NAMES.get(k, k), metric_value=v)
+        huggingface_hub.EvalResult(task_type=PIPELINE_TAG, dataset_type=metric_dataset(k)[0],
+                                   dataset_name=metric_dataset(k)[1], metric_type=k, metric_name=METRIC_NAMES.get(k, k), metric_value=v)
         for k, v in sorted(info.metrics.items())] or None
     data = huggingface_hub.ModelCardData(
         base_model=info.base_model, pipeline_tag=PIPELINE_TAG, tags=list(TAGS),

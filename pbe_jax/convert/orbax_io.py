@@ -120,9 +120,10 @@ def scheduler_of_run(config: Mapping) -> dict:
     return sched
 
 
-def _read_train(step_dir: epath.Path, use_ema: bool, report: PipelineReport):
+def _read_train(step_dir: epath.Path, use_ema: bool | None, report: PipelineReport):
     """(flat params, configs) of a training checkpoint step; `report` gets notes only once
-    the step has been read."""
+    the step has been read. `use_ema=None`: the EMA params when the run kept them (what its
+    sample grids and scores used), else the raw ones."""
     config = ckpt.read_config(step_dir)
     if "model" not in config:
         raise ValueError(f"{step_dir}/config: no 'model' field (not a pbe_jax training config)")
@@ -131,9 +132,12 @@ def _read_train(step_dir: epath.Path, use_ema: bool, report: PipelineReport):
     if use_ema and not has_ema:
         raise ValueError(f"{step_dir}: use_ema asked, but the train state has no 'ema' params "
                          "(the run had train.ema_decay = 0)")
+    if use_ema is None:
+        use_ema = has_ema
     notes = []
     if has_ema and not use_ema:
-        notes.append("the checkpoint also holds EMA params; pass use_ema=True / --use-ema to load them")
+        notes.append("the checkpoint also holds EMA params (what its sample grids and scores used); "
+                     "they load by default (use_ema=None / no --nouse_ema)")
     item = "ema" if use_ema else "params"
     trained = ckpt.restore_numpy(step_dir / ckpt.STATE, [item])[item]
     frozen = ckpt.restore_numpy(step_dir / ckpt.FROZEN)
@@ -146,6 +150,10 @@ def _read_train(step_dir: epath.Path, use_ema: bool, report: PipelineReport):
     configs["scheduler"] = scheduler_of_run(config)
     notes.append(f"training checkpoint at step {step_dir.name}, {'EMA' if use_ema else 'raw'} params")
     report.notes += notes
+    report.ema = bool(use_ema)
+    log.warning("loaded the %s params of %s (step %s)%s", "EMA" if use_ema else "raw", step_dir.parent,
+                step_dir.name, "; use_ema=False / --nouse_ema loads the raw ones" if use_ema else
+                "; use_ema=True / --use_ema loads the EMA ones" if has_ema else ", the run kept no EMA copy")
     return flat, configs
 
 
@@ -203,7 +211,7 @@ def read_configs(path: str) -> dict:
     return json.loads((d / CONFIG_FILE).read_text())["configs"]
 
 
-def _read(kind: str, path: str, d: epath.Path, use_ema: bool, report: PipelineReport):
+def _read(kind: str, path: str, d: epath.Path, use_ema: bool | None, report: PipelineReport):
     """(directory read, flat params, configs) of a params or training checkpoint."""
     if kind == "train":
         d, (flat, configs) = _newest(path, d, lambda step: _read_train(step, use_ema, report))
@@ -217,7 +225,7 @@ def _read(kind: str, path: str, d: epath.Path, use_ema: bool, report: PipelineRe
 
 
 def load_orbax(path: str, *, model_config: Mapping | None = None, allow_missing: Iterable[str] = (),
-               place=None, seed: int = 0, use_ema: bool = False, progress: bool = False,
+               place=None, seed: int = 0, use_ema: bool | None = None, progress: bool = False,
                cls: type = PaintByExampleModel, **runtime):
     """A params or training checkpoint -> (model, report). Strict: every param of the
     model must be in the checkpoint with its shape and a float dtype, and nothing else."""

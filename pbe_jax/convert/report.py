@@ -24,6 +24,7 @@ class PipelineReport:
     initialised: dict[str, list[str]] = field(default_factory=dict)  # how -> keys
     missing_allowed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    ema: bool = False  # the weights loaded are an EMA copy (training checkpoint / LDM model_ema.*)
 
     def ignore(self, reason: str, keys: Iterable[str]) -> None:
         keys = list(keys)

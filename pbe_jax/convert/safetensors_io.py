@@ -178,6 +178,14 @@ def _entry_problem(info, avail: int) -> str | None:
     return None
 
 
+def honour_umask(path: str) -> None:
+    """Give a file written by a library the mode a plain `open(path, "w")` would (0644 under
+    umask 022): safetensors creates its files 0600, which other users and services cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: dict | None = None):
     """Write tensors (numpy or LazyTensor, any `_DTYPES` dtype) as a safetensors file, through a
     temp file renamed into place (a crash never leaves a half-written file under `path`)."""
@@ -191,9 +199,22 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: di
     tmp = path + ".tmp"
     try:
         save_file(arrays, tmp, metadata=meta)
+        honour_umask(tmp)
+        os.replace(tmp, path)
     except (SafetensorError, ValueError) as e:
+        _unlink(tmp)
         raise CheckpointFormatError(f"{path}: cannot write safetensors ({e})") from None
-    os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(path: str) -> None:
+    """Remove a cut temporary file (a failed write leaves nothing behind)."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def read_torch_bin(path: str) -> dict[str, np.ndarray]:
@@ -236,8 +257,13 @@ def write_torch_ckpt(path: str, tensors: Mapping[str, np.ndarray]) -> None:
         sd[k] = (torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
                  if arr.dtype == ml_dtypes.bfloat16 else torch.from_numpy(arr))
     tmp = path + ".tmp"
-    torch.save({"state_dict": sd}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"state_dict": sd}, tmp)
+        honour_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
 
 
 def read_checkpoint(path: str) -> dict[str, np.ndarray | LazyTensor]:

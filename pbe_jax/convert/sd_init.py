@@ -127,7 +127,7 @@ def load_sd_init(path: str, *, clip: str | None, model_config: Mapping | None = 
     enc_cls = slot_class("image_encoder", expected["image_encoder"] if expected else None)
     tower_cfg, enc_sd = _pretrained_tower(enc_cls.TOWER_CLASS, clip, hub, report)
     proj = expected["image_encoder"].proj_size if expected else _cross_dim(unet_cfg)
-    enc_cfg = enc_cls.with_tower(tower_cfg, proj)
+    enc_cfg = enc_cls.with_tower(tower_cfg, proj, expected["image_encoder"] if expected else None)
     found = {"unet": unet_cfg, "vae": vae_cfg, "image_encoder": enc_cfg}
     # The CLIP repo's projection_dim is its visual_projection width, which PbE does not use.
     check_architecture(found, expected, report.source)

@@ -212,6 +212,19 @@ def _check_process_rows(sharding, global_batch_size: int, local_batch: int) -> N
             "outermost in the device order)")
 
 
+# What a count means when it is not a data fault: the box filter at work, e.g. the synthetic
+# scenes' small objects under data.min_box_area.
+EXPECTED = {"no_valid_box": "samples whose boxes the box filter (data.min_box_area / max_box_area) dropped"}
+
+
+def describe_counts(counts: dict[str, int]) -> str:
+    """`{'no_valid_box': 7, 'undecodable': 1}` -> '7 samples whose boxes the box filter ...
+    dropped (no_valid_box), undecodable: 1', or 'none'."""
+    if not counts:
+        return "none"
+    return ", ".join(f"{n} {EXPECTED[k]} ({k})" if k in EXPECTED else f"{k}: {n}" for k, n in counts.items())
+
+
 class Loader:
     """Iterator of batches: dicts `image`, `mask`, `reference` (batch.py), global `jax.Array`s
     sharded over the mesh's batch axes, or numpy host batches when there is no mesh.
@@ -251,7 +264,8 @@ class Loader:
         self._batches += 1
         if self._batches % self._log_every == 0 and (self._counts != self._logged).any():
             self._logged = self._counts.copy()
-            log.info("bad data after %d batches: %s", self._batches, self.bad_data_counts())
+            log.info("records skipped or fixed after %d batches: %s", self._batches,
+                     describe_counts(self.bad_data_counts()))
         if self._sharding is None:
             return batch
         return {k: jax.make_array_from_process_local_data(
@@ -286,7 +300,7 @@ class Loader:
         if close is not None:
             close()
         self._it = None
-        log.info("bad data at close: %s", self.bad_data_counts())
+        log.info("records skipped or fixed, at close: %s", describe_counts(self.bad_data_counts()))
 
     def __enter__(self):
         return self

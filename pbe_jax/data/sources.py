@@ -494,13 +494,16 @@ class SyntheticSource:
         return Record(key=f"synthetic/{i}", boxes=boxes, pixels=img)
 
 
+# config.data.source -> the builder of that source (taking config.data).
+SOURCES = {"coco": coco_source, "openimages": openimages_source, "tfds": TfdsSource,
+           "synthetic": SyntheticSource, "folder": folder_source}
+
+
 def make_source(cfg):
     """The source named by `cfg.source`."""
-    builders = {"coco": coco_source, "openimages": openimages_source, "tfds": TfdsSource,
-                "synthetic": SyntheticSource, "folder": folder_source}
-    if cfg.source not in builders:
-        raise ValueError(f"config.data.source={cfg.source!r}; expected one of {sorted(builders)}")
+    if cfg.source not in SOURCES:
+        raise ValueError(f"config.data.source={cfg.source!r}; expected one of {sorted(SOURCES)}")
     if cfg.use_given_masks and cfg.source != "folder":
         raise ValueError(f"config.data.use_given_masks needs object masks, which only the 'folder' "
                          f"source reads; config.data.source={cfg.source!r}")
-    return builders[cfg.source](cfg)
+    return SOURCES[cfg.source](cfg)

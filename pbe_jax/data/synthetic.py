@@ -1,21 +1,25 @@
 """Procedural scenes with boxes: the default data for the demo, the tests and the benchmarks.
 
-Scene `index` of `seed` and `style` is always the same picture. Two styles:
+Scene `index` of `seed` and `style` is always the same picture. Styles:
 
 - 'varied' (the paper profile, the tests, the benchmarks): a textured background (gradient,
   stripes, checkerboard or smooth noise, plus grain) with 1-4 objects (rectangle, ellipse,
   triangle, star, polygon) of varied sizes, colours and textures (solid, stripes, dots,
   gradient, noise, shaded) that may overlap.
-- 'palette' (the demo profile): muted, low-saturation backgrounds (the same patterns, or one
-  plain tone) with 1-3 large objects. An object's identity is three attributes: one of the 8
-  saturated `PALETTE` colours (jittered by a few levels), one of `PALETTE_SHAPES` and one of
-  `PATTERNS` (the colour and a light grey in stripes, checks, dots or rings, or solid), coarse
-  enough to read at the demo's 32 px. 8 x 4 x 5 = 160 identities, each made of parts a tiny
-  model can learn to carry from the reference to the hole in minutes on a CPU, and which
-  `pbe_jax.evals.exemplar` / `pbe_jax.evals.identity` can score (an object pixel's palette
-  colour is unambiguous: the backgrounds' and the pattern grey's chroma stay far below any
-  palette colour's).
-- 'radial' (held out: no config trains on it): the 'palette' objects on a smooth radial
+- 'palette' (the demo profile): the same background patterns in muted, low-saturation colours,
+  with 1-3 large solid objects, each of one of the 8 saturated `PALETTE` colours (jittered by a
+  few levels). An object's appearance is then its colour and its shape, which a tiny model can
+  learn to carry from the reference to the hole in minutes on a CPU, and which
+  `pbe_jax.evaluation.exemplar` can score (an object pixel's palette colour is unambiguous: the
+  background's chroma stays far below any palette colour's).
+- 'identity' (the demo's `scenes=identity`): muted, low-saturation backgrounds (the same
+  patterns, or one plain tone) with 1-3 large objects. An object's identity is three
+  attributes: one of the 8 `PALETTE` colours (jittered by a few levels), one of
+  `PALETTE_SHAPES` and one of `PATTERNS` (the colour and a light grey in stripes, checks, dots
+  or rings, or solid), coarse enough to read at the demo's 32 px. 8 x 4 x 5 = 160 identities,
+  which `pbe_jax.evaluation.exemplar` / `pbe_jax.evals.identity` can score (the backgrounds'
+  and the pattern grey's chroma stay far below any palette colour's).
+- 'radial' (held out: no config trains on it): the 'identity' objects on a smooth radial
   gradient between a dark and a light muted tone, a background the demo never sees.
   `draw_object` draws one such object large on a plain light backdrop (an out-of-style
   reference).
@@ -33,8 +37,8 @@ import numpy as np
 
 SHAPES = ("rectangle", "ellipse", "triangle", "star", "polygon")
 TEXTURES = ("solid", "stripes", "dots", "gradient", "noise", "shaded")
-STYLES = ("varied", "palette", "radial")
-# The 'palette' / 'radial' objects' identity: PALETTE colour x PALETTE_SHAPES x PATTERNS.
+STYLES = ("varied", "palette", "identity", "radial")
+# The 'identity' / 'radial' objects' identity: PALETTE colour x PALETTE_SHAPES x PATTERNS.
 PALETTE_SHAPES = ("rectangle", "ellipse", "triangle", "diamond")
 PATTERNS = ("solid", "stripes", "checks", "dots", "rings")
 PATTERN_GREY = 205.0  # the second tone of a pattern: light, chroma ~0 (never a palette colour)
@@ -52,8 +56,9 @@ _MUTED_TINT = 15
 @dataclasses.dataclass
 class Scene:
     """One procedural scene. `image` `[H, W, 3]` uint8; `boxes` `[N, 4]` float32 normalised
-    (x0, y0, x1, y1); `colours` `[N]` int32 index into `PALETTE`, `shapes` `[N]` into
-    `PALETTE_SHAPES`, `patterns` `[N]` into `PATTERNS` (all -1 for the 'varied' style);
+    (x0, y0, x1, y1); `colours` `[N]` int32 index into `PALETTE` (-1 for the 'varied' style),
+    `shapes` `[N]` into `PALETTE_SHAPES`, `patterns` `[N]` into `PATTERNS` (-1 but for the
+    'identity' and 'radial' styles);
     `visible` `[N]` float32, the share of each object's drawn pixels that no later object
     covers; `owner` `[H, W]` int16, the object each pixel shows (-1: background)."""
 
@@ -105,11 +110,12 @@ def _radial(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return _lerp(t, light.astype(np.float32), dark.astype(np.float32))
 
 
-def _background(rng: np.random.Generator, h: int, w: int, muted: bool = False) -> np.ndarray:
+def _background(rng: np.random.Generator, h: int, w: int, muted: bool = False,
+                plain: bool = False) -> np.ndarray:
     """`[H, W, 3]` float32 in 0..255. `muted`: low-saturation colours and coarser stripes and
-    checks (a few per image: at the demo's 32 px, finer ones alias into noise), or one plain
-    tone (a fifth of the scenes: their references show the object on a plain backdrop)."""
-    kind = int(rng.integers(5 if muted else 4))
+    checks (a few per image: at the demo's 32 px, finer ones alias into noise); `plain`: or one
+    plain tone (a fifth of the scenes: their references show the object on a plain backdrop)."""
+    kind = int(rng.integers(5 if plain else 4))
     colour = _muted if muted else _colour
     c0, c1 = colour(rng), colour(rng)
     if kind == 4:  # plain
@@ -240,7 +246,7 @@ def _paint_object(region: np.ndarray, m: np.ndarray, colour: int, pattern: int,
 
 def draw_object(colour: int, shape: int, pattern: int, size: int, *, seed: int = 0,
                 fill: float = 0.8) -> np.ndarray:
-    """One 'palette' object drawn large (`fill` of the side) and centred on a plain light
+    """One 'identity' object drawn large (`fill` of the side) and centred on a plain light
     backdrop (an out-of-style reference): `[size, size, 3]` uint8."""
     rng = np.random.default_rng([seed, colour, shape, pattern])
     img = np.empty((size, size, 3), np.float32)
@@ -266,10 +272,12 @@ def draw_scene(index: int, *, seed: int = 0, min_side: int = 400, max_side: int 
     if style not in STYLES:
         raise ValueError(f"synthetic style {style!r}; expected one of {STYLES} "
                          "(config.data.synthetic_style)")
-    palette = style in ("palette", "radial")
+    palette = style != "varied"  # muted backgrounds, fewer and larger objects of PALETTE colours
+    identities = style in ("identity", "radial")  # objects of colour x shape x pattern
     rng = np.random.default_rng([seed, index])
     w, h = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
-    img = _radial(rng, h, w) if style == "radial" else _background(rng, h, w, muted=palette)
+    img = (_radial(rng, h, w) if style == "radial"
+           else _background(rng, h, w, muted=palette, plain=identities))
     owner = np.full((h, w), -1, np.int16)
     boxes, colours, shapes, patterns, sizes = [], [], [], [], []
     # 'varied': object sides between 18% and 65% of the short side, so most boxes pass the area
@@ -281,15 +289,20 @@ def draw_scene(index: int, *, seed: int = 0, min_side: int = 400, max_side: int 
         oh = max(4, int(rng.uniform(lo, hi) * min(h, w)))
         x0, y0 = int(rng.integers(0, w - ow + 1)), int(rng.integers(0, h - oh + 1))
         region = img[y0:y0 + oh, x0:x0 + ow]
-        if palette:
+        s = p = -1
+        if identities:
             k, s, p = (int(rng.integers(n)) for n in (len(PALETTE), len(PALETTE_SHAPES),
                                                         len(PATTERNS)))
             m = identity_mask(s, oh, ow)
             _paint_object(region, m, k, p, rng)
+        elif palette:
+            m = _shape_mask(rng, oh, ow).astype(bool)
+            k = int(rng.integers(len(PALETTE)))
+            region[m] = np.clip(PALETTE[k] + rng.uniform(-8, 8, 3), 0, 255)
         else:
             m = _shape_mask(rng, oh, ow).astype(bool)
             region[m] = _texture(rng, oh, ow)[m]
-            k = s = p = -1
+            k = -1
         colours.append(k)
         shapes.append(s)
         patterns.append(p)

@@ -23,9 +23,12 @@ from typing import Callable, Iterable
 
 import numpy as np
 import scipy.linalg
+from PIL import Image
 
 from pbe_jax.evals.extract import iterate_features
 from pbe_jax.outputs import atomic_write
+
+FID_REF_SIZE = 512  # scripts/create_square_gt_for_fid.py: Resize(512) + CenterCrop(512)
 
 METHODS = ("eigh", "sqrtm")
 
@@ -207,3 +210,22 @@ def fid_from_features(features1: np.ndarray, features2: np.ndarray, **kw) -> flo
     mu1, s1 = statistics_from_features(features1)
     mu2, s2 = statistics_from_features(features2)
     return frechet_distance(mu1, s1, mu2, s2, **kw)
+
+
+def fid_reference_image(path: str, size: int = FID_REF_SIZE) -> Image.Image:
+    """One FID reference image as `scripts/create_square_gt_for_fid.py` makes it: torchvision
+    `Resize(size)` on the PIL image (short side to `size` with PIL's antialiased *bilinear*, the
+    long side truncated; untouched when the short side already is `size`), then
+    `CenterCrop(size)`. Idempotent: a prepared 512 x 512 image comes back unchanged, so a folder
+    of raw COCO test2017 images and a prepared folder give the same statistics.
+    (We convert to RGB first; the official script keeps grey images grey, which the FID loaders
+    then replicate to RGB: the same pixels.)"""
+    with Image.open(path) as raw:
+        img = raw.convert("RGB")
+    w, h = img.size
+    if min(w, h) != size:
+        new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+        img = img.resize((new_w, new_h), Image.BILINEAR)
+    w, h = img.size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))  # torchvision center_crop
+    return img.crop((left, top, left + size, top + size))

@@ -20,11 +20,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from pbe_jax.evals import cocoee
 from pbe_jax.evals.clip_score import cosine_scores, region_clip_file_inputs, region_clip_inputs
 from pbe_jax.evals.extract import iterate_features
 from pbe_jax.evals.features import clip_extractor, inception_extractor
-from pbe_jax.evals.fid import frechet_distance, load_statistics, save_statistics, statistics_from_features
+from pbe_jax.evals.fid import (FID_REF_SIZE, fid_reference_image, frechet_distance, load_statistics,
+                               save_statistics, statistics_from_features)
 from pbe_jax.evals.images import Batches, clip_file_preprocess, clip_pil_resize_crop, list_images, load_rgb_uint8
 from pbe_jax.evals.inception import INPUT_SIZE, InceptionV3
 from pbe_jax.evals.qs import GaussianMixture, quality_score
@@ -187,12 +187,12 @@ def _reference_statistics(spec: MetricSpec, extract, load, weights: str, cache_d
     cache = spec.fid_ref_cache
     if not cache and cache_dir:
         key = json.dumps([spec.fid_features, os.path.abspath(spec.fid_ref), [os.path.basename(f) for f in files],
-                          weights, cocoee.FID_REF_SIZE])
+                          weights, FID_REF_SIZE])
         digest = hashlib.sha1(key.encode()).hexdigest()[:10]
         cache = os.path.join(cache_dir, f"fid_ref_{spec.fid_features}_{digest}.npz")
     if cache and os.path.exists(cache):
         return load_statistics(cache), cache
-    feats = _features(files, lambda p: load(cocoee.fid_reference_image(p)), extract, spec.batch_size,
+    feats = _features(files, lambda p: load(fid_reference_image(p)), extract, spec.batch_size,
                       "FID reference", spec.progress)
     mu, sigma = statistics_from_features(feats)
     if cache and jax.process_index() == 0:

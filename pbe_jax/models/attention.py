@@ -31,6 +31,11 @@ def register_attention(name: str, fn: AttentionFn) -> None:
     _REGISTRY[name] = fn
 
 
+def attention_impls() -> tuple[str, ...]:
+    """The registered kernel names (`config.attention_impl`, `impl=`)."""
+    return tuple(sorted(_REGISTRY))
+
+
 def _scores(q, k, scale):
     return jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale  # [B, H, Lq, Lk]
 

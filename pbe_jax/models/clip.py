@@ -32,6 +32,7 @@ from flax import nnx
 from pbe_jax.models import axes as ax
 from pbe_jax.models import layers
 from pbe_jax.models.attention import dot_product_attention
+from pbe_jax.models.exemplar import normalize
 from pbe_jax.models.hub import PretrainedMixin
 from pbe_jax.models.registry import register
 
@@ -416,5 +417,4 @@ def clip_preprocess(images: jax.Array, size: int = 224, mode: str = "squash",
         raise ValueError(f"clip_preprocess: mode {mode!r}, expected 'squash' or 'center_crop'")
     # PIL output is uint8, so in-range; clip the cubic overshoot the same way.
     x = jnp.clip(x, 0.0, 1.0)
-    mean, std = jnp.asarray(CLIP_MEAN, jnp.float32), jnp.asarray(CLIP_STD, jnp.float32)
-    return (x - mean) / std
+    return normalize(x, CLIP_MEAN, CLIP_STD)

@@ -164,7 +164,7 @@ class PaintByExampleImageEncoder(ExemplarEncoder, PretrainedMixin, nnx.Module):
         return ReferencePreprocess(size=size, mean=CLIP_MEAN, std=CLIP_STD, shortest_edge=size)
 
     @classmethod
-    def with_tower(cls, tower_config: CLIPVisionConfig, proj_size: int):
+    def with_tower(cls, tower_config: CLIPVisionConfig, proj_size: int, expected=None):
         return cls.config_class(vision=tower_config, proj_size=proj_size)
 
     @classmethod

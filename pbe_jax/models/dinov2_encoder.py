@@ -119,8 +119,9 @@ class Dinov2ImageEncoder(ExemplarEncoder, PretrainedMixin, nnx.Module):
                                    processor_type="BitImageProcessor", shortest_edge=edge)
 
     @classmethod
-    def with_tower(cls, tower_config: Dinov2Config, proj_size: int) -> Dinov2EncoderConfig:
-        return Dinov2EncoderConfig(tower=tower_config, proj_size=proj_size)
+    def with_tower(cls, tower_config: Dinov2Config, proj_size: int, expected=None) -> Dinov2EncoderConfig:
+        size = expected.reference_size if expected is not None else DINOV2_CROP
+        return Dinov2EncoderConfig(tower=tower_config, proj_size=proj_size, reference_size=size)
 
     @classmethod
     def config_entry(cls, base: dict, proj_size: int) -> dict:

@@ -153,8 +153,9 @@ class ExemplarEncoder:
         raise NotImplementedError
 
     @classmethod
-    def with_tower(cls, tower_config, proj_size: int):
-        """This conditioner's config around a pretrained tower's config (sd-init)."""
+    def with_tower(cls, tower_config, proj_size: int, expected=None):
+        """This conditioner's config around a pretrained tower's config (sd-init); `expected`
+        (the model config's, or None) gives the fields that are not the tower's."""
         raise NotImplementedError
 
     @classmethod

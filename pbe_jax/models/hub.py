@@ -45,9 +45,24 @@ HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_downl
 
 
 def is_hub_id(path: str) -> bool:
-    """'org/name' that is not a local path."""
+    """'org/name' that is not a local path (nor a mistyped one: `_local_part` is None)."""
     return (not os.path.exists(path) and not path.startswith((".", "/", "~"))
-            and path.count("/") == 1 and "://" not in path)
+            and path.count("/") == 1 and "://" not in path and _local_part(path) is None)
+
+
+def _local_part(path: str) -> str | None:
+    """The longest leading part of `path` that is an existing local folder (`runs` of
+    `runs/wrkdir` when `runs/` is here), or None."""
+    parts = os.path.normpath(os.path.expanduser(path)).split(os.sep)
+    for n in range(len(parts) - 1, 0, -1):
+        head = os.sep.join(parts[:n]) or os.sep
+        if os.path.isdir(head):
+            return head
+    return None
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or _local_part(path) is not None
 
 
 def weight_patterns(stems: Iterable[str], ext: str, variant: str | None) -> list[str]:
@@ -87,6 +102,13 @@ def resolve(path: str, components: Mapping[str, Iterable[str]], *, extra_pattern
     if os.path.isdir(path):
         return path
     if not is_hub_id(path):
+        if _looks_local(path):
+            found = _local_part(path)
+            full = os.path.expanduser(path)
+            where = (f"{found} exists, {os.path.relpath(full, found)} in it does not" if found
+                     else "none of it exists" if os.path.isabs(full) else f"looked for in {os.getcwd()}")
+            raise FileNotFoundError(f"{path}: no such folder ({where}); a local path (not a directory), so "
+                                    "the Hub was not asked: check the spelling (a Hub repo id is 'org/name')")
         raise FileNotFoundError(f"{path}: not a directory, and not a Hub repo id of the form 'org/name'")
     kw = dict(repo_id=path, revision=revision, cache_dir=cache_dir, token=token,
               local_files_only=local_files_only, force_download=force_download)

@@ -35,8 +35,9 @@ def host_init(path: Path, shape: tuple[int, ...], seed: int, *, bias_fan_in: int
     kernels U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch Linear / Conv weights: kaiming_uniform
     with a=sqrt(5) has exactly that bound); norms: scale 1, bias 0; biases 0, or with
     `bias_fan_in` U(-1/sqrt(bias_fan_in), 1/sqrt(bias_fan_in)) as torch Linear / Conv biases;
-    embeddings and DINOv2's tokens N(0, 0.02), its layer scales 1, its mask token 0; other
-    vectors (`uncond_vector`, `class_embedding`) N(0, 1)."""
+    embeddings and DINOv2's tokens N(0, 0.02), its layer scales 1, its mask token 0; LoRA factors
+    as PEFT's (`lora_a` as a kernel, `lora_b` 0); other vectors (`uncond_vector`,
+    `class_embedding`) N(0, 1)."""
     name = path[-1]
     rng = _rng(path, seed)
     if name in ("scale", "lambda1"):  # norm scales; DINOv2's layer scales (layerscale_value 1.0)
@@ -48,7 +49,9 @@ def host_init(path: Path, shape: tuple[int, ...], seed: int, *, bias_fan_in: int
             return np.zeros(shape, np.float32)
         bound = 1.0 / np.sqrt(bias_fan_in)
         return rng.uniform(-bound, bound, shape).astype(np.float32)
-    if name == "kernel":
+    if name == "lora_b":  # a LoRA adapter starts at zero effect (models/lora.py)
+        return np.zeros(shape, np.float32)
+    if name in ("kernel", "lora_a"):
         bound = 1.0 / np.sqrt(kernel_fan_in(shape))
         return rng.uniform(-bound, bound, shape).astype(np.float32)
     if name in ("embedding", "position_embeddings", "cls_token", "register_tokens"):

@@ -40,6 +40,7 @@ from ml_collections import config_flags
 
 from pbe_jax import runtime
 from pbe_jax import sharding as shd
+from pbe_jax.configs.validate import check_or_exit
 from pbe_jax.training.state import Setup, state_bytes_per_device, step_flops
 
 GiB = 2**30
@@ -243,6 +244,7 @@ def _define_flags():
 def main(argv) -> int:
     del argv
     f = _FLAGS
+    check_or_exit(f.config)  # every field, with the command line's overrides
     runtime.configure_from_flags()  # before the platform is pinned: XLA:CPU flags only without libtpu
     # Compile-only: keep JAX off any accelerator of this host (a TPU target is compiled by
     # libtpu's compile-only client, which needs no TPU here). Env vars are read at jax import,

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pbe_jax.training.hparams import lr_at
+
 
 def make_schedule(tcfg) -> optax.Schedule:
     """LambdaLinearScheduler of the official config: the multiplier rises linearly from
@@ -67,10 +69,15 @@ def torch_adamw(learning_rate: optax.Schedule, *, b1: float, b2: float, eps: flo
         return TorchAdamWState(jnp.zeros((), jnp.int32), jnp.zeros((n,), jnp.int32),
                                mu, jax.tree.map(jnp.zeros_like, params))
 
-    def update(grads, state, params, ok=None, **_):
+    def update(grads, state, params, ok=None, hparams=None, **_):
         """`ok` (bool scalar, optional): False leaves the params (updates 0) and the whole
-        state unchanged: the train step's skip of a non-finite loss or gradient."""
-        lr = learning_rate(state.count)
+        state unchanged: the train step's skip of a non-finite loss or gradient. `hparams`
+        (`training.hparams`, optional): the lr schedule and weight decay as step inputs, in
+        place of `learning_rate` and `weight_decay`."""
+        if hparams is None:
+            lr, wd = learning_rate(state.count), weight_decay
+        else:
+            lr, wd = lr_at(state.count, hparams), hparams["weight_decay"]
         g_leaves, treedef = jax.tree.flatten(grads)
         mask = decay_mask(params) if callable(decay_mask) else decay_mask
         decays = jax.tree.leaves(mask) if mask is not None else [True] * len(g_leaves)
@@ -110,8 +117,8 @@ def torch_adamw(learning_rate: optax.Schedule, *, b1: float, b2: float, eps: flo
                 m_out, v_new = jax.lax.optimization_barrier((m_out, v_new))
                 m_new = m_out
             u = -step_size * m_new / (jnp.sqrt(v_new) / bc2_sqrt + eps)
-            if decays[i] and weight_decay:
-                u = u - lr * weight_decay * p  # torch: p *= 1 - lr * weight_decay, first
+            if decays[i] and (weight_decay or hparams is not None):
+                u = u - lr * wd * p  # torch: p *= 1 - lr * weight_decay, first
             if gated:
                 u = jnp.where(on, u, 0)
             for lst, x in zip(out, (u.astype(p.dtype), m_out, v_new)):
@@ -143,11 +150,28 @@ def _decay_mask(params):
                               ["uncond_vector" not in p for p in _paths(params)])
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """optax.clip_by_global_norm (same formula and empty state), whose norm can come from the
+    step's `hparams['grad_clip']` instead of the constant."""
+    def update(updates, state, params=None, hparams=None, **_):
+        limit = max_norm if hparams is None else hparams["grad_clip"]
+        g_norm = optax.global_norm(updates)
+        keep = g_norm < limit
+
+        def clip(t):
+            scale = limit if hparams is None else limit.astype(t.dtype)
+            return jax.lax.select(keep, t, (t / g_norm.astype(t.dtype)) * scale)
+
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = make_schedule(tcfg)
     parts = []
     if tcfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(tcfg.grad_clip))
+        parts.append(clip_by_global_norm(tcfg.grad_clip))
     # One parameter group, as the official configure_optimizers passes all trained params.
     parts.append(torch_adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
                              weight_decay=tcfg.weight_decay,

@@ -20,6 +20,11 @@ from jax.experimental import multihost_utils
 log = logging.getLogger("pbe_jax")
 
 
+class Preempted(Exception):
+    """A SIGTERM stopped a stage that has no checkpoint of its own (the VAE stage) cleanly; the
+    message says what was kept. The command lines log it and exit 0, as after a checkpoint."""
+
+
 class Preemption:
     def __init__(self, every: int = 1):
         self.every = max(int(every), 1)

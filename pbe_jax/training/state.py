@@ -16,7 +16,9 @@ from pbe_jax.diffusion import NoiseSchedule
 from pbe_jax.models.abstract import eval_shape
 from pbe_jax.models.hub import cast_dtype
 from pbe_jax.models.init import host_init
-from pbe_jax.models.paint_by_example import PaintByExampleModel, param_filters
+from pbe_jax.models.paint_by_example import PaintByExampleModel
+from pbe_jax.training.hparams import BoundStep, hparams_of
+from pbe_jax.training.lora import cast_base, training_filters, with_lora, with_lora_scales
 from pbe_jax.training.optim import make_optimizer
 from pbe_jax.training.step import make_train_step
 
@@ -28,8 +30,8 @@ def config_runtime(config) -> dict:
 
 
 def abstract_model(config) -> PaintByExampleModel:
-    return eval_shape(lambda: PaintByExampleModel.from_model_config(
-        config.model, seed=config.seed, **config_runtime(config)))
+    return eval_shape(lambda: with_lora(PaintByExampleModel.from_model_config(
+        config.model, seed=config.seed, **config_runtime(config)), config))
 
 
 class Setup:
@@ -41,7 +43,8 @@ class Setup:
         rules = tuple(tuple(r) for r in config.sharding_rules)
         self.abstract = abstract_model(config)
         # What trains and what is a frozen step input (the paper: VAE and CLIP tower frozen).
-        self.trainable, self.frozen = param_filters(bool(config.train.train_image_tower))
+        # LoRA (`config.train.lora.rank`): adapters + named parts train, the rest is frozen.
+        self.trainable, self.frozen = training_filters(config)
         self.graphdef, p_abs, f_abs, rest = nnx.split(self.abstract, self.trainable, self.frozen, ...)
         if jax.tree.leaves(rest):
             raise ValueError(f"model has state that is neither trainable nor frozen: {rest}")
@@ -80,7 +83,8 @@ class Setup:
                 leaves.append(place(key, host_init(key, x.shape, seed)))
             return jax.tree.unflatten(treedef, leaves)
 
-        return make(self.abstract_params()), make(self.abstract_frozen())
+        return make(self.abstract_params()), cast_base(with_lora_scales(make(self.abstract_frozen()), self.config),
+                                                       self.config)
 
     def place_fn(self) -> Callable[[tuple, np.ndarray], jax.Array]:
         """For checkpoint loaders: put a host array straight into its sharding. Each process
@@ -112,13 +116,23 @@ class Setup:
                                    out_shardings=self.state_sharding["ema"])(params)
         return state
 
-    def jit_step(self) -> Callable:
-        step = make_train_step(self.graphdef, self.rest, self.config.train, self.tx, self.schedule,
+    def jit_step(self, hparams: dict | None = None) -> BoundStep:
+        """The jitted step over (state, frozen, batch) with the hyperparameters of
+        `training.hparams` as a bound input (this config's, or `hparams`): runs that differ
+        only in them share one compiled program."""
+        pure = make_train_step(self.graphdef, self.rest, self.config.train, self.tx, self.schedule,
                                self.noise)
+
+        def train_step(state, frozen, batch, hparams):
+            return pure(state, frozen, batch, hparams=hparams)
+
         batch_sh = {k: shd.batch_sharding(self.mesh, 4) for k in HOST_KEYS}
-        return jax.jit(step, in_shardings=(self.state_sharding, self.frozen_sharding, batch_sh),
-                       out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
-                       donate_argnums=(0,))
+        rep = shd.replicated(self.mesh)
+        hp = hparams_of(self.config.train) if hparams is None else hparams
+        in_sh = (self.state_sharding, self.frozen_sharding, batch_sh, {k: rep for k in hp})
+        jitted = jax.jit(train_step, in_shardings=in_sh, out_shardings=(self.state_sharding, rep),
+                         donate_argnums=(0,))
+        return BoundStep(jitted, hp, self.mesh)
 
     def abstract_batch(self) -> dict:
         c = self.config
@@ -135,7 +149,7 @@ class Setup:
 
     def abstract_frozen(self) -> dict:
         shapes = nnx.to_pure_dict(nnx.split(self.abstract, self.frozen, ...)[1])
-        return self._with_sharding(shapes, self.frozen_sharding)
+        return cast_base(self._with_sharding(shapes, self.frozen_sharding), self.config)
 
     def abstract_state(self) -> dict:
         """The train state's shapes with shardings: restore targets and AOT-compile inputs."""

@@ -22,6 +22,8 @@ from typing import Any, Sequence
 from etils import epath
 
 from pbe_jax.configs import load_config, load_module
+from pbe_jax.configs.validate import check_run
+from pbe_jax.metrics import METRICS_FILE
 from pbe_jax.outputs import atomic_write
 
 MAX_NAME = 100
@@ -148,6 +150,8 @@ def expand(spec: str, root: str, extra_flags: Sequence[str] = ()) -> list[Run]:
         args = (base, f"--workdir={workdir}",
                 *(f"--config.{k}={flag_value(v)}" for k, v in point.items()), *extra_flags)
         runs.append(Run(name, point, workdir, args))
+    for run in runs:  # each run's config as its command line will see it, before any starts
+        check_run(f"{path}:{run_arg}", run.train_args[2:], where=f"sweep run {run.name}")
     return runs
 
 
@@ -272,7 +276,7 @@ def collect(root: str) -> list[dict[str, Any]]:
     {'run', 'status', 'overrides', **final metrics, 'loss_last5'}."""
     rows = []
     for d in sorted(epath.Path(root).iterdir(), key=lambda p: p.name):
-        metrics, point = d / "metrics.jsonl", d / "sweep_point.json"
+        metrics, point = d / METRICS_FILE, d / "sweep_point.json"
         if not d.is_dir() or not (metrics.exists() or point.exists()):
             continue
         overrides = json.loads(point.read_text())["overrides"] if point.exists() else {}
@@ -302,7 +306,7 @@ def summarize(root: str) -> tuple[str, str]:
     their texts. Rows are sorted by final loss (runs without metrics last)."""
     rows = collect(root)
     if not rows:
-        raise FileNotFoundError(f"no runs under {root} (no */metrics.jsonl or */sweep_point.json)")
+        raise FileNotFoundError(f"no runs under {root} (no */{METRICS_FILE} or */sweep_point.json)")
     rows.sort(key=lambda r: (r.get("loss") is None, r.get("loss", 0.0), r["run"]))
     okeys = sorted({k for r in rows for k in r["overrides"]})
     mkeys = [k for k in SUMMARY_KEYS if any(k in r for r in rows)]

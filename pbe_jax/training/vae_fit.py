@@ -30,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import time
 from typing import Callable
 
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import safetensors
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -50,6 +53,7 @@ from pbe_jax.evals.reconstruction import vae_psnr
 from pbe_jax.models.init import host_init
 from pbe_jax.models.paint_by_example import component_kwargs
 from pbe_jax.models.registry import slot_class
+from pbe_jax.training.preemption import Preempted, Preemption
 from pbe_jax.training.state import config_runtime
 
 log = logging.getLogger("pbe_jax")
@@ -173,9 +177,11 @@ def random_vae(config, mesh: jax.sharding.Mesh):
     return nnx.merge(graphdef, state), shardings
 
 
-def fit_vae(config, mesh: jax.sharding.Mesh) -> FittedVAE:
+def fit_vae(config, mesh: jax.sharding.Mesh, stop: Preemption | None = None) -> FittedVAE:
     """Fit `config.model.vae` on `config.data` for `config.vae_fit.steps` steps (see the module
-    docstring); the losses go to the console and `FittedVAE.info['history']`."""
+    docstring); the losses go to the console and `FittedVAE.info['history']`. `stop`: asked
+    after every step; when it says stop (SIGTERM), raises `Preempted` (nothing is saved: the
+    fit is not checkpointed, the next run fits again from the start)."""
     fc = config.vae_fit
     shd.check_batch_size(fc.batch_size, mesh, jax.process_count(), what="config.vae_fit.batch_size")
     vae, p_sh = random_vae(config, mesh)
@@ -204,6 +210,11 @@ def fit_vae(config, mesh: jax.sharding.Mesh) -> FittedVAE:
                 history.append({"step": i + 1, **last})
                 log.info("vae fit step %d/%d loss %.4g recon %.4g kl %.3g (%.1fs)", i + 1, fc.steps,
                          last["loss"], last["recon"], last["kl"], time.perf_counter() - t0)
+            if stop is not None and stop.should_stop(i + 1):
+                raise Preempted(f"SIGTERM during the VAE stage (step {i + 1}/{fc.steps} of the "
+                                "fit): stopped without saving it (the VAE fit has no checkpoints); "
+                                "the next run with this --workdir fits the VAE again from the "
+                                "start, then trains")
     finally:
         loader.close()
     nnx.update(vae, _as_state(vae, state["params"]))
@@ -228,11 +239,59 @@ def _as_state(module, params: dict) -> nnx.State:
 
 
 def save_vae(fitted: FittedVAE, directory: str) -> str:
-    """Write the fitted VAE as a diffusers `AutoencoderKL` folder (+ `fit.json`); process 0."""
+    """Write the fitted VAE as a diffusers `AutoencoderKL` folder (+ `fit.json`); process 0.
+    Atomic: the folder is written as a temporary sibling (`<name>.tmp-<pid>`) and renamed into
+    place when complete (replacing an older one), so a save cut short (a full disk, a kill)
+    leaves no `directory` that a later run would take for a fitted VAE."""
     if jax.process_index() == 0:
-        fitted.vae.save_pretrained(directory)
-        (epath.Path(directory) / FIT_FILE).write_text(json.dumps(fitted.info, indent=2, sort_keys=True))
+        final = epath.Path(directory)
+        tmp = final.parent / f"{final.name}{_TMP}{os.getpid()}"
+        try:
+            fitted.vae.save_pretrained(os.fspath(tmp))
+            (tmp / FIT_FILE).write_text(json.dumps(fitted.info, indent=2, sort_keys=True))
+            _replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return directory
+
+
+_TMP = ".tmp-"  # WORKDIR/vae.tmp-<pid>: a VAE folder being written
+_INCOMPLETE = ".incomplete-"  # WORKDIR/vae.incomplete-<UTC time>: an incomplete one, moved aside
+
+
+def _replace_dir(new: epath.Path, final: epath.Path) -> None:
+    """Rename the folder `new` to `final`; an existing `final` is renamed away first and
+    deleted after (a crash in between leaves both siblings, never a mix)."""
+    if not final.exists():
+        new.rename(final)
+        return
+    old = final.parent / f"{final.name}.replaced-{os.getpid()}"
+    final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def vae_folder_problem(directory: str) -> str | None:
+    """Why `directory` is not a complete VAE folder (`config.json` and readable safetensors
+    weights, as `save_vae` writes them), or None when it is one. Header checks only: the
+    weights are read when a run loads them."""
+    d = epath.Path(directory)
+    try:
+        json.loads((d / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"its config.json is missing or unreadable ({type(e).__name__})"
+    weights = sorted(p for p in d.iterdir() if p.name.endswith((".safetensors", ".bin")))
+    if not weights:
+        return "it has no weights file (*.safetensors)"
+    for w in weights:
+        if w.name.endswith(".safetensors"):
+            try:
+                with safetensors.safe_open(os.fspath(w), "np") as f:
+                    f.keys()
+            except Exception as e:  # noqa: BLE001 (a cut file: safetensors' own error types)
+                return f"its weights file {w.name} is incomplete ({e})"
+    return None
 
 
 def load_vae(directory: str, place: Callable[[tuple, np.ndarray], jax.Array] | None = None,
@@ -245,7 +304,7 @@ def load_vae(directory: str, place: Callable[[tuple, np.ndarray], jax.Array] | N
 
 def _checkpoint_scaling(ckpt) -> float | None:
     """The VAE scaling factor the newest checkpoint of a run trained with (None: unreadable)."""
-    step_dir = epath.Path(ckpt.directory) / str(ckpt.steps()[-1])
+    step_dir = checkpoint.step_dir(ckpt.directory, ckpt.steps()[-1])
     try:
         return float(checkpoint.read_config(step_dir)["model"]["vae"]["scaling_factor"])
     except Exception as e:  # noqa: BLE001 (a corrupt step: restore falls back and says so)
@@ -268,6 +327,45 @@ def _check_saved(directory: str, model_vae: dict) -> float:
     return float(saved["scaling_factor"])
 
 
+def _set_aside_incomplete(directory: str, problem: str, has_ckpt: bool) -> None:
+    """An incomplete `WORKDIR/vae` (a stage cut mid-save by an older version, or a folder put
+    there by hand) is never reused: it is renamed to `vae.incomplete-<UTC time>` (process 0;
+    never deleted) and the stage fits again (a run with checkpoints takes its VAE from them)."""
+    d = epath.Path(directory)
+    dest = d.parent / f"{d.name}{_INCOMPLETE}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    if jax.process_index() == 0:
+        d.rename(dest)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("pbe_jax vae set aside")
+    log.warning("vae: %s is incomplete (%s): moved aside to %s (delete it once you no longer "
+                "need it); %s", directory, problem, dest,
+                "the run's checkpoint holds its VAE" if has_ckpt else "fitting the VAE again")
+
+
+def _fit_and_save(config, mesh: jax.sharding.Mesh, directory: str) -> float:
+    """Fit the VAE and save it to `directory`; returns its scaling factor. A SIGTERM during the
+    fit stops the stage without saving, one after it once the folder is written: `Preempted`
+    either way (the command lines exit 0 with its message)."""
+    d = epath.Path(directory)
+    if jax.process_index() == 0:  # the workdir's lock is held: these are from a dead run
+        for stale in d.parent.glob(f"{d.name}{_TMP}*"):
+            log.info("vae: removing %s, left by a stage that was stopped mid-save", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    stop = Preemption(every=int(config.log_every_steps))
+    try:
+        fitted = fit_vae(config, mesh, stop=stop)
+        save_vae(fitted, directory)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("pbe_jax vae saved")
+        if stop.should_stop(0):  # step 0: every process asks, so they agree
+            raise Preempted(f"SIGTERM during the VAE stage: {directory} is written; stopping "
+                            "before training (the next run with this --workdir reuses it and "
+                            "trains)")
+    finally:
+        stop.restore()
+    return fitted.vae.config.scaling_factor
+
+
 def frozen_with_vae(frozen: dict, directory: str, place: Callable[[tuple, np.ndarray], jax.Array]
                     ) -> dict:
     """The frozen params of a Paint-by-Example model with its VAE's taken from `directory`;
@@ -278,8 +376,9 @@ def frozen_with_vae(frozen: dict, directory: str, place: Callable[[tuple, np.nda
 
 def run_vae_stage(config, workdir: str, mesh: jax.sharding.Mesh, ckpt) -> str | None:
     """The autoencoder stage of `train_and_evaluate`, before the model is built. With
-    `config.vae_fit.steps > 0`: reuse `WORKDIR/vae` when it exists, else fit and save it there
-    when the workdir has no checkpoint yet; then set `config.model.vae.scaling_factor` to the
+    `config.vae_fit.steps > 0`: reuse `WORKDIR/vae` when it exists (an incomplete one is moved
+    aside, `vae_folder_problem`), else fit and save it there (atomically, `save_vae`) when the
+    workdir has no checkpoint yet (SIGTERM: `Preempted`, see `_fit_and_save`); then set `config.model.vae.scaling_factor` to the
     fitted one (a run resumed without `WORKDIR/vae` keeps its checkpoint's). Returns the VAE
     folder whose params a new run's frozen VAE takes (`load_vae`), or None (stage off; or a
     resumed run, whose checkpoint holds the frozen params)."""
@@ -287,18 +386,17 @@ def run_vae_stage(config, workdir: str, mesh: jax.sharding.Mesh, ckpt) -> str | 
         return None
     directory = str(epath.Path(workdir) / VAE_DIR)
     has_ckpt = bool(ckpt.steps())
-    if (epath.Path(directory) / "config.json").exists():
+    problem = vae_folder_problem(directory) if epath.Path(directory).exists() else None
+    if problem:
+        _set_aside_incomplete(directory, problem, has_ckpt)
+    if epath.Path(directory).exists():
         scaling = _check_saved(directory, config.model.vae.to_dict())
         log.info("vae: reusing %s (scaling_factor %.4g)", directory, scaling)
     elif has_ckpt:
         scaling = _checkpoint_scaling(ckpt)
         directory = None
     else:
-        fitted = fit_vae(config, mesh)
-        save_vae(fitted, directory)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("pbe_jax vae saved")
-        scaling = fitted.vae.config.scaling_factor
+        scaling = _fit_and_save(config, mesh, directory)
     if scaling is not None:
         with config.unlocked():
             config.model.vae.scaling_factor = float(scaling)

@@ -20,14 +20,13 @@ import os
 import re
 
 import numpy as np
-from PIL import Image
 
 from pbe_jax.batch_edit import Row, read_manifest
+from pbe_jax.evals.fid import FID_REF_SIZE, fid_reference_image
 from pbe_jax.evals.images import IMAGE_EXTENSIONS, list_images
 from pbe_jax.outputs import decodes, write_png
 
 GT_DIR, REF_DIR, MASK_DIR = "GT_3500", "Ref_3500", "Mask_bbox_3500"
-FID_REF_SIZE = 512  # scripts/create_square_gt_for_fid.py: Resize(512) + CenterCrop(512)
 # Result names: `<id>.<ext>`, `<id>_<k>.<ext>` (sample k) and `<id>_<tag>.<ext>` for these tags
 # (e.g. scoring the GT_3500 sources themselves as a reference point).
 RESULT_TAGS = ("GT", "result", "output", "out", "pred", "sample")
@@ -131,25 +130,6 @@ def match_results(results_dir: str, ids: list[str], *, sample_index: int = 0) ->
                              f"and {f}; keep one")
         found[bench_id] = path
     return found
-
-
-def fid_reference_image(path: str, size: int = FID_REF_SIZE) -> Image.Image:
-    """One FID reference image as `scripts/create_square_gt_for_fid.py` makes it: torchvision
-    `Resize(size)` on the PIL image (short side to `size` with PIL's antialiased *bilinear*, the
-    long side truncated; untouched when the short side already is `size`), then
-    `CenterCrop(size)`. Idempotent: a prepared 512 x 512 image comes back unchanged, so a folder
-    of raw COCO test2017 images and a prepared folder give the same statistics.
-    (We convert to RGB first; the official script keeps grey images grey, which the FID loaders
-    then replicate to RGB: the same pixels.)"""
-    with Image.open(path) as raw:
-        img = raw.convert("RGB")
-    w, h = img.size
-    if min(w, h) != size:
-        new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-        img = img.resize((new_w, new_h), Image.BILINEAR)
-    w, h = img.size
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))  # torchvision center_crop
-    return img.crop((left, top, left + size, top + size))
 
 
 def prepare_fid_reference(src_dir: str, out_dir: str, size: int = FID_REF_SIZE) -> int:

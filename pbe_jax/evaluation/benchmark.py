@@ -15,9 +15,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from pbe_jax.batch_edit import check_settings, edit_rows, validate, write_results, write_settings
-from pbe_jax.evals import cocoee
+from pbe_jax.batch_edit import check_settings, check_weights, edit_rows, validate, write_results
 from pbe_jax.evals.scoring import Item, MetricSpec, score
+from pbe_jax.evaluation import cocoee
 from pbe_jax.outputs import atomic_write
 from pbe_jax.sharding import make_mesh
 
@@ -63,25 +63,29 @@ def score_results(results_dir: str, rows, spec: MetricSpec, *, out_dir: str, sam
     return report
 
 
-def sample_bench(load_pipe: Callable[[], Any], rows, results_dir: str, *, model: str, steps: int,
-                 guidance: float, scheduler: str, seed: int, dtype: str, batch_size: int) -> dict[str, str]:
-    """Sample the bench `rows` with the pipeline `load_pipe()` returns into `results_dir`
-    (`batch_edit.write_results`: one sample, no paste-back, squashed reference; finished images
-    are kept); refuses to mix settings with earlier results before loading anything. Returns
-    {row id: failure reason}."""
+def sample_bench(load_pipe: Callable[[], tuple[Any, dict | None]], rows, results_dir: str, *, model: str,
+                 steps: int, guidance: float, scheduler: str, seed: int, dtype: str,
+                 batch_size: int) -> dict[str, str]:
+    """Sample the bench `rows` with the pipeline `load_pipe()` returns (with which weights it
+    is: `batch_edit.loaded_weights`, or None) into `results_dir` (`batch_edit.write_results`:
+    one sample, no paste-back, squashed reference; finished images are kept); refuses to mix
+    settings with earlier results before loading anything, and weights (another training step)
+    once loaded. Returns {row id: failure reason}."""
     settings = {"model": model, "steps": steps, "guidance": guidance, "scheduler": scheduler,
                 "seed": seed, "dtype": dtype, "num_samples": 1, "paste_back": False,
                 "reference_preprocess": "squash"}
     try:
         check_settings(results_dir, settings, remedy="use another --out or delete it")
+        pipe, weights = load_pipe()
+        if weights is not None:
+            check_weights(results_dir, weights)
+            settings["weights"] = weights
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    pipe = load_pipe()
     mesh = make_mesh("data:-1") if jax.device_count() > 1 else None
-    write_settings(results_dir, settings)
     written, failed = write_results(pipe, rows, results_dir, batch_size=batch_size, steps=steps,
                                     guidance=guidance, scheduler=scheduler, num_samples=1, paste_back=False,
-                                    reference_preprocess="squash", mesh=mesh, log=log)
+                                    reference_preprocess="squash", mesh=mesh, log=log, settings=settings)
     print(f"sampling: {written} images written, {len(rows) - written - len(failed)} already there, "
           f"{len(failed)} failed")
     if jax.process_count() > 1:  # process 0 wrote the files; all processes read them next
@@ -89,11 +93,12 @@ def sample_bench(load_pipe: Callable[[], Any], rows, results_dir: str, *, model:
     return failed
 
 
-def generate(model, rows, *, steps: int, guidance: float, scheduler: str, batch_size: int) -> list[np.ndarray]:
+def generate(model, rows, *, steps: int, guidance: float, scheduler: str | None,
+             batch_size: int) -> list[np.ndarray]:
     """Sample `rows` (validated `batch_edit.Row`s) with a `PaintByExampleModel` whose params may
     be sharded over a mesh (training) -> uint8 `[H, W, 3]` per row, on every process. Same
     inputs, seeds and quantisation as the batch CLI (one sample, no paste-back, squashed
-    reference)."""
+    reference). `scheduler` None: the model's own."""
     out = dict((row.id, images[0]) for row, images in edit_rows(
         model, rows, batch_size=batch_size, steps=steps, guidance=guidance, scheduler=scheduler))
     return [out[row.id] for row in rows]
@@ -119,7 +124,7 @@ def training_eval(model, config, step: int) -> dict[str, float]:
             log.warning("eval row %s skipped: %s", row.id, reason)
         else:
             rows.append(row)
-    images = generate(model, rows, steps=ev.steps, guidance=ev.guidance, scheduler=ev.scheduler,
+    images = generate(model, rows, steps=ev.steps, guidance=ev.guidance, scheduler=ev.scheduler or None,
                       batch_size=ev.batch_size)
     items = [Item(row.id, img, row.mask, row.reference) for row, img in zip(rows, images)]
     report = score(items, spec)  # reference statistics: ev.fid_ref_cache, and memoised per process

@@ -13,13 +13,15 @@ padded reference box), so the mask looks like the masks the model trained on. Tw
 - cross: the reference is the object of another held-out scene of a *different* colour (and,
   where one exists, shape and pattern: the paper's setting: paint this other object here).
 
-`heldout_triplets(..., offstyle=True)` builds them in a style the demo never trains on: 'radial'
+`heldout_triplets(..., style='identity')` builds them from the 'identity' scenes (objects of
+colour x shape x pattern, the demo's `scenes=identity`); `offstyle=True` builds them in a style the demo never trains on: 'radial'
 scenes, a plain rectangular hole around the object, and the reference drawn large on a plain
 light backdrop (`pbe_jax.data.synthetic.draw_object`).
 
-The painted colour of an edit is the palette colour whose hue (`_hue`: the colour minus its
-grey part, unit length) most of its object-coloured pixels (chroma = max - min channel >=
-`CHROMA_MIN`) are nearest to, counted inside the region where
+The painted colour of an edit is the palette colour that most of its object-coloured pixels
+(chroma = max - min channel >= `CHROMA_MIN`) are nearest to (in RGB on the 'palette' scenes; on
+the 'identity' and 'radial' ones by hue, `_hue`: the colour minus its grey part, unit length, so
+a pattern's grey blurred into a colour keeps the colour), counted inside the region where
 the masked object was (its tight box, within the hole); an edit with object-coloured pixels on
 less than `MIN_OBJECT_SHARE` of that region painted no object (-1).
 
@@ -74,7 +76,9 @@ class Triplets:
     the mask keeps fully); reference [N, r, r, 3] uint8; region [N, R, R] bool (where the masked
     object was, inside the hole); ref_colour / src_colour [N] int (PALETTE indices);
     cross [N] bool (the reference is another scene's object); ref_identity / src_identity
-    [N, 3] int (colour, shape, pattern: `pbe_jax.data.synthetic.Scene.identity`).
+    [N, 3] int (colour, shape, pattern: `pbe_jax.data.synthetic.Scene.identity`; -1 for the
+    'palette' style's shape and pattern); hue: the colour scores compare hues (the 'identity'
+    and 'radial' styles), not RGB ('palette').
     """
 
     source: np.ndarray
@@ -87,6 +91,7 @@ class Triplets:
     cross: np.ndarray
     ref_identity: np.ndarray
     src_identity: np.ndarray
+    hue: bool = False
 
     def __len__(self) -> int:
         return len(self.source)
@@ -126,18 +131,18 @@ def _offstyle_geometry(size: tuple[int, int], box: np.ndarray, rng: np.random.Ge
                        reference=tr.pad_box(b, size, data_cfg.ref_pad), polygon=None)
 
 
-def _picks(data_cfg, num: int, seed: int, offstyle: bool) -> list[dict]:
+def _picks(data_cfg, num: int, seed: int, style: str) -> list[dict]:
     """`num` held-out edits (one clean object per scene) of synthetic seed `seed`: the demo's
-    'palette' scenes through the training geometry, or (`offstyle`) 'radial' scenes with a
-    rectangular hole and the reference drawn large on a plain light backdrop."""
+    `style` ('palette' or 'identity') scenes through the training geometry, or ('radial', out
+    of style) with a rectangular hole and the reference drawn large on a plain light backdrop."""
+    offstyle = style == "radial"
     res, rsize = int(data_cfg.resolution), int(data_cfg.reference_size)
     picks, index = [], 0
     while len(picks) < num:
         if index > 50 * num:
             raise RuntimeError(f"only {len(picks)} of {num} held-out scenes have a clean object")
         scene = draw_scene(index, seed=seed, min_side=int(data_cfg.synthetic_min_side),
-                           max_side=int(data_cfg.synthetic_max_side),
-                           style="radial" if offstyle else "palette")
+                           max_side=int(data_cfg.synthetic_max_side), style=style)
         index += 1
         h, w = scene.image.shape[:2]
         found = _clean_object(scene, (w, h), data_cfg)
@@ -163,14 +168,18 @@ def _picks(data_cfg, num: int, seed: int, offstyle: bool) -> list[dict]:
     return picks
 
 
-def heldout_triplets(data_cfg, num: int, seed: int = 1000, offstyle: bool = False) -> Triplets:
-    """`num` self and `num` cross-reference triplets from the 'palette' scenes of synthetic seed
-    `seed`, at `data_cfg.resolution` / `reference_size` with its box, mask and crop settings;
-    `offstyle`: from 'radial' scenes, with a rectangular hole and a reference drawn on a plain
-    light backdrop (`_picks`), a style the demo never trains on."""
+def heldout_triplets(data_cfg, num: int, seed: int = 1000, offstyle: bool = False,
+                     style: str = "palette") -> Triplets:
+    """`num` self and `num` cross-reference triplets from the `style` ('palette' or 'identity')
+    scenes of synthetic seed `seed`, at `data_cfg.resolution` / `reference_size` with its box,
+    mask and crop settings; `offstyle`: from 'radial' scenes, with a rectangular hole and a
+    reference drawn on a plain light backdrop (`_picks`), a style the demo never trains on."""
     if num < 2:
         raise ValueError(f"exemplar triplets: num={num}, need at least 2 scenes to cross")
-    picks = _picks(data_cfg, num, seed, offstyle)
+    if style not in ("palette", "identity"):
+        raise ValueError(f"exemplar triplets: style={style!r}; expected 'palette' or 'identity'")
+    style = "radial" if offstyle else style
+    picks = _picks(data_cfg, num, seed, style)
     ident = np.asarray([p["identity"] for p in picks], np.int32)  # [num, 3]
     # Cross: scene a gets the reference of the next scene (cyclically) of another colour, of
     # another shape and pattern too where one exists (so that no attribute of the masked object
@@ -189,30 +198,30 @@ def heldout_triplets(data_cfg, num: int, seed: int = 1000, offstyle: bool = Fals
         region=np.stack([picks[a]["region"] for a in order]),
         ref_colour=ident[refs, 0], src_colour=ident[order, 0],
         cross=np.arange(2 * num) >= num,
-        ref_identity=ident[refs], src_identity=ident[order])
+        ref_identity=ident[refs], src_identity=ident[order], hue=style != "palette")
 
 
 def identity_renders(data_cfg, num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Ground-truth renders for the identity classifier (`pbe_jax.evals.identity`): the object
     crops of `num` held-out objects as they are (nothing edited), half through the demo's
-    geometry on 'palette' scenes, half out-of-style. (crops `[num, CROP, CROP, 3]`, labels
-    `[num, 3]`)."""
-    picks = _picks(data_cfg, num - num // 2, seed, False) + _picks(data_cfg, num // 2, seed, True)
+    geometry on 'identity' scenes, half out-of-style ('radial'). (crops `[num, CROP, CROP, 3]`,
+    labels `[num, 3]`)."""
+    picks = (_picks(data_cfg, num - num // 2, seed, "identity")
+             + _picks(data_cfg, num // 2, seed, "radial"))
     crops = object_crops(np.stack([p["source"] for p in picks]),
                          np.stack([p["region"] for p in picks]))
     return crops, np.asarray([p["identity"] for p in picks], np.int32)
 
 
 def _object_pixels(images: np.ndarray, region: np.ndarray):
-    """(hue `[N, H, W, 3]`, object mask `[N, H, W]`): each pixel's chroma direction (the colour
-    minus its grey part, unit length; see `_hue`) and the object-coloured pixels of `region`,
-    or none where they cover less than MIN_OBJECT_SHARE of it."""
+    """(pixels float32 `[N, H, W, 3]` in 0..255, object mask `[N, H, W]`: the object-coloured
+    pixels of `region`, or none where they cover less than MIN_OBJECT_SHARE of it)."""
     x = np.asarray(images, np.float32)
     if np.asarray(images).dtype != np.uint8:
         x = x * 255.0
     obj = np.asarray(region, bool) & (x.max(axis=-1) - x.min(axis=-1) >= CHROMA_MIN)
     enough = obj.sum(axis=(1, 2)) >= MIN_OBJECT_SHARE * np.maximum(region.sum(axis=(1, 2)), 1)
-    return _hue(x), obj & enough[:, None, None]
+    return x, obj & enough[:, None, None]
 
 
 def _hue(x: np.ndarray) -> np.ndarray:
@@ -226,27 +235,31 @@ def _hue(x: np.ndarray) -> np.ndarray:
 PALETTE_HUE = _hue(PALETTE)
 
 
-def painted_colours(images: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """int32 `[N]`: the PALETTE index whose chroma direction most object-coloured pixels of
-    `region` `[N, H, W]` are nearest to, or -1 when they cover less than MIN_OBJECT_SHARE of
-    it. `images` `[N, H, W, 3]` uint8 or float in [0, 1]."""
-    hue, obj = _object_pixels(images, region)
-    nearest = (hue @ PALETTE_HUE.T).argmax(axis=-1)  # [N, H, W]
-    out = np.full(len(hue), -1, np.int32)
+def painted_colours(images: np.ndarray, region: np.ndarray, hue: bool = False) -> np.ndarray:
+    """int32 `[N]`: the PALETTE index most object-coloured pixels of `region` `[N, H, W]` are
+    nearest to (in RGB; `hue`: by chroma direction, `_hue`), or -1 when they cover less than
+    MIN_OBJECT_SHARE of it. `images` `[N, H, W, 3]` uint8 or float in [0, 1]."""
+    x, obj = _object_pixels(images, region)
+    if hue:
+        nearest = (_hue(x) @ PALETTE_HUE.T).argmax(axis=-1)  # [N, H, W]
+    else:
+        nearest = np.square(x[..., None, :] - PALETTE).sum(axis=-1).argmin(axis=-1)
+    out = np.full(len(x), -1, np.int32)
     for i in np.nonzero(obj.any(axis=(1, 2)))[0]:
         out[i] = np.bincount(nearest[i][obj[i]], minlength=len(PALETTE)).argmax()
     return out
 
 
 def closer_to_reference(images: np.ndarray, triplets: Triplets) -> np.ndarray:
-    """bool `[N]`: the mean chroma direction of the object-coloured pixels of the scored region
-    is closer to the reference's palette colour than to the masked object's (False: no object
-    painted)."""
-    hue, obj = _object_pixels(images, triplets.region)
+    """bool `[N]`: the mean colour (`triplets.hue`: chroma direction) of the object-coloured
+    pixels of the scored region is closer to the reference's palette colour than to the masked
+    object's (False: no object painted)."""
+    x, obj = _object_pixels(images, triplets.region)
+    x, palette = (_hue(x), PALETTE_HUE) if triplets.hue else (x, PALETTE)
     n = np.maximum(obj.sum(axis=(1, 2)), 1)[:, None]
-    mean = (hue * obj[..., None]).sum(axis=(1, 2)) / n  # [N, 3]
-    to_ref = np.square(mean - PALETTE_HUE[triplets.ref_colour]).sum(axis=-1)
-    to_src = np.square(mean - PALETTE_HUE[triplets.src_colour]).sum(axis=-1)
+    mean = (x * obj[..., None]).sum(axis=(1, 2)) / n  # [N, 3]
+    to_ref = np.square(mean - palette[triplets.ref_colour]).sum(axis=-1)
+    to_src = np.square(mean - palette[triplets.src_colour]).sum(axis=-1)
     return obj.any(axis=(1, 2)) & (to_ref < to_src)
 
 
@@ -254,7 +267,7 @@ def score_edits(edited: np.ndarray, triplets: Triplets,
                 classifier: IdentityClassifier | None = None) -> dict[str, float]:
     """The scores of the module docstring for `edited` `[N, R, R, 3]` in [0, 1] (or uint8);
     with `classifier`, the identity scores too."""
-    hit = painted_colours(edited, triplets.region) == triplets.ref_colour
+    hit = painted_colours(edited, triplets.region, triplets.hue) == triplets.ref_colour
     closer = closer_to_reference(edited, triplets)
     outside = psnr(edited, triplets.source, where=triplets.keep)
     out = {"exemplar_following": float(hit[triplets.cross].mean()),
@@ -301,7 +314,11 @@ class ExemplarEval:
 
     def __init__(self, config):
         ec = config.exemplar_eval
-        self.triplets = heldout_triplets(config.data, int(ec.num_triplets), int(ec.seed))
+        # The held-out scenes are of the training style ('identity' with the demo's
+        # scenes=identity, else the demo's 'palette').
+        style = "identity" if config.data.get("synthetic_style") == "identity" else "palette"
+        self.triplets = heldout_triplets(config.data, int(ec.num_triplets), int(ec.seed),
+                                         style=style)
         num_off = int(ec.get("offstyle_triplets", 0))
         self.offstyle = (heldout_triplets(config.data, num_off, int(ec.seed), offstyle=True)
                          if num_off else None)
