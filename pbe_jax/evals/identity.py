@@ -1,14 +1,15 @@
 """Which object was painted? An attribute classifier for the demo's scenes, trained for evaluation.
 
-The demo's objects (`pbe_jax.data.synthetic`, 'palette' and 'radial' styles) have an identity of
-three attributes: a PALETTE colour, a shape of PALETTE_SHAPES and a pattern of PATTERNS. The
+The objects of the demo's `scenes=identity` (`pbe_jax.data.synthetic`, 'identity' and 'radial'
+styles) have an identity of three attributes: a PALETTE colour, a shape of PALETTE_SHAPES and a
+pattern of PATTERNS. The
 identity score of an edit asks whether the object painted into the hole has *all three* of the
 reference's attributes. It is read by `IdentityClassifier`: a small CNN with one head per
 attribute that looks at where the masked object was in the 32 px result (its box inside the
 hole, grown by CROP_MARGIN, resized to `CROP` px): the demo learns to paint the object there.
 
 It is trained only for evaluation, on ground-truth renders: triplet-like crops (the training
-pipeline's geometry, and the out-of-style geometry of `pbe_jax.evals.exemplar`) of synthetic
+pipeline's geometry, and the out-of-style geometry of `pbe_jax.evaluation.exemplar`) of synthetic
 seeds that neither the demo (seed 0) nor its held-out eval (seed 1000) uses, augmented by a
 blur of up to the demo VAE's (a perfect edit is not sharper than the VAE returns it). Its own
 held-out accuracy (`fit_identity_classifier(...).accuracy`: identity = all three heads right,
@@ -124,7 +125,7 @@ def fit_identity_classifier(render: Callable[[int, int], tuple[np.ndarray, np.nd
     Args:
       render: (num, seed) -> (crops float32 `[num, CROP, CROP, 3]`, labels int32 `[num, 3]`),
         ground-truth renders of `num` objects from synthetic seed `seed`
-        (`pbe_jax.evals.exemplar.identity_renders`).
+        (`pbe_jax.evaluation.exemplar.identity_renders`).
       num_train / num_test: renders to train on (seed `seed + 1`) and to measure the held-out
         accuracy on (seed `seed + 2`).
     """
