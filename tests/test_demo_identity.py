@@ -191,9 +191,11 @@ def test_object_crops(triplets_small):
 
 
 def _paint_identity(t, identities):
-    """The sources with each region's box redrawn as the object `identities` [N, 3] (drawn at
-    4x and reduced, as the scenes' objects are), on the source's own pixels around it."""
+    """The sources with each hole filled with a plain mid grey (nothing of the masked object
+    left) and the object `identities` [N, 3] drawn in its region's box (at 4x and reduced, as
+    the scenes' objects are)."""
     out = t.source.astype(np.float32).copy()
+    out[t.edit] = 128.0
     for i, (c, s, p) in enumerate(identities):
         ys, xs = np.nonzero(t.region[i])
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
@@ -216,10 +218,12 @@ def test_identity_classifier_is_accurate_and_scores_copies_and_perfect_edits(dem
         assert copy["exemplar_identity"] <= 0.05 and copy["self_identity"] >= 0.85, copy
         perfect = ex.score_edits(_paint_identity(t, t.ref_identity), t, clf)
         assert perfect["exemplar_identity"] >= 0.8, (offstyle, perfect)
-        assert perfect["exemplar_following"] == 1.0
+        # a sparse object (a checked diamond: ~1/4 of its box coloured) can fall under the colour
+        # score's MIN_OBJECT_SHARE and count as no object painted (1 of these 32)
+        assert perfect["exemplar_following"] >= 0.95
         # the same objects with the wrong shape (next one): the identity score drops to ~0,
         # the colour score stays
         wrong = t.ref_identity.copy()
         wrong[:, 1] = (wrong[:, 1] + 1) % len(syn.PALETTE_SHAPES)
         bad = ex.score_edits(_paint_identity(t, wrong), t, clf)
-        assert bad["exemplar_identity"] <= 0.2 and bad["exemplar_following"] == 1.0, bad
+        assert bad["exemplar_identity"] <= 0.2 and bad["exemplar_following"] >= 0.95, bad
