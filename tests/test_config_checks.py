@@ -210,6 +210,8 @@ def _shipped_args():
     for res in (256, 512, 768):
         yield f"sd15,res={res}"
     yield "demo,res=64"
+    yield "demo,scenes=identity"
+    yield "demo,scenes=identity,conditioner=dinov2"
 
 
 def test_every_shipped_config_and_sweep_validates():

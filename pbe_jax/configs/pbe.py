@@ -48,7 +48,8 @@ variants: the paper's openai/clip-vit-large-patch14, or laion/CLIP-ViT-H-14-laio
 `conditioner=NAME` (the exemplar encoder, models/exemplar.py CONDITIONERS: `clip`, the paper's
 CLIP class token, default; `clip_tokens`, every CLIP token through the mapper; `dinov2`, AnyDoor's
 DINOv2 class + patch tokens through a trained projection, `tower=dinov2_s14|b14|l14|g14`, default
-g14 = facebook/dinov2-giant; in the demo a small DINOv2 tower trained with the rest).
+g14 = facebook/dinov2-giant; in the demo a small DINOv2 tower trained with the rest),
+`scenes=palette|identity` (the demo's synthetic scenes, default palette).
 
 Departures from the official recipe, on purpose: the SD variants compute in bf16 by default (the
 paper trained in fp32; pass dtype=fp32 for the exact recipe). The `demo` has no pretrained weights and
@@ -57,6 +58,9 @@ minutes of two CPU cores, so it earns its priors itself: it fits its own VAE fir
 latent instead of the noise (`model.scheduler.prediction_type='sample'`, DDIM sampling), and
 trains on 'palette' scenes (`data.synthetic_style`: 8 saturated object colours on muted
 backgrounds) through the paper's box filter, crops, Bezier masks and reference augmentation.
+`demo,scenes=identity` trains on 'identity' scenes instead (objects of 8 colours x 4 shapes x 5
+patterns on muted or plain backgrounds) and adds the identity score and the out-of-style
+triplets to the exemplar eval (`exemplar_eval.identity`, `.offstyle_triplets`).
 The SD variants keep the paper's frozen SD VAE and CLIP tower and their released schedules.
 """
 from __future__ import annotations
@@ -73,7 +77,8 @@ from pbe_jax.sharding import DEFAULT_RULES
 VARIANTS = ("demo", "sd15", "sd21", "sd21_768")
 DEMO_LR, PAPER_LR = 2e-3, 1e-5  # train.lr of the demo and of the SD variants (the paper's)
 _TYPES = {"mesh": str, "dtype": str, "res": int, "batch": int, "steps": int, "tower": str,
-          "conditioner": str}
+          "conditioner": str, "scenes": str}
+DEMO_SCENES = ("palette", "identity")  # scenes=: the demo's data.synthetic_style
 
 
 def parse_arg(arg: str | None) -> tuple[str, dict]:
@@ -218,6 +223,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     demo = variant == "demo"
     if demo and "tower" in kw:
         raise ValueError("tower= picks the image tower of the SD variants, not of the demo")
+    if not demo and "scenes" in kw:
+        raise ValueError("scenes= picks the demo's synthetic scenes, not the SD variants' data")
+    scenes = kw.get("scenes", "palette")
+    if scenes not in DEMO_SCENES:
+        raise ValueError(f"config argument scenes={scenes!r}; expected one of {DEMO_SCENES}")
+    identity = demo and scenes == "identity"
     conditioner = kw.get("conditioner", "clip")
     encoder_cls = conditioner_class(conditioner)
     tower = kw.get("tower", getattr(encoder_cls, "DEFAULT_TOWER", "vit_l14"))
@@ -297,7 +308,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = data_config("demo" if demo else "paper")
     if demo:  # 32 px 'palette' scenes: what a 2-level VAE and minutes of CPU can learn
         c.data.resolution = 32
-        c.data.synthetic_style = "palette"
+        c.data.synthetic_style = scenes
     c.data.resolution = kw.get("res", 768 if variant == "sd21_768" else c.data.resolution)
     # One source for the image side: the UNet's sample_size (latent side, stated in an exported
     # model's config) follows config.data.resolution, through res= and through
@@ -352,10 +363,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "refit": False,
     })
     # Held-out exemplar-following eval (pbe_jax/evaluation/exemplar.py) at every sample_every_steps
-    # and at the end: num_triplets self + as many cross-reference edits of 'palette' scenes of
-    # synthetic seed `seed`; 0 = off (sd15: it scores the demo's synthetic domain only).
+    # and at the end: num_triplets self + as many cross-reference edits of the demo's scenes
+    # ('palette', or 'identity' with scenes=identity) of synthetic seed `seed`; 0 = off (sd15:
+    # it scores the demo's synthetic domain only). offstyle_triplets: as many again of a style
+    # the demo never trains on ('radial' scenes, rectangular holes, references drawn on a plain
+    # backdrop); identity: fit the attribute classifier (pbe_jax/evals/identity.py, seed
+    # identity_seed) and score identity too (both: scenes=identity only).
     c.exemplar_eval = ml_collections.ConfigDict({
-        "num_triplets": 64 if demo else 0, "seed": 1000, "grid_rows": 4, "scheduler": ""})
+        "num_triplets": 64 if demo else 0, "seed": 1000, "grid_rows": 4, "scheduler": "",
+        "offstyle_triplets": 32 if identity else 0, "identity": identity, "identity_seed": 2000})
     validate(c, where=f"get_config({arg!r})")  # overrides are checked again where a run starts
     return c
 

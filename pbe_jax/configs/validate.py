@@ -277,6 +277,12 @@ def _stages(c: _Checks) -> None:
     if c.get("data") is not _MISSING:
         c.parse("vae_fit.heldout_data", lambda s: heldout_data_config(c.config.data, s))
     c.off_or_count("exemplar_eval.num_triplets")
+    c.off_or_count("exemplar_eval.offstyle_triplets")
+    identity, style = c.get("exemplar_eval.identity"), c.get("data.synthetic_style")
+    if identity is True and style is not _MISSING and style != "identity":
+        c.add("exemplar_eval.identity", identity,
+              f"scores shapes and patterns, which only the 'identity' scenes have "
+              f"(config.data.synthetic_style={style!r}; use configs/pbe.py:demo,scenes=identity)")
     c.number("watchdog.stall_minutes", lo=0.0, note="0 = off")
     c.count("watchdog.heartbeat_seconds")
     c.count("exemplar_eval.grid_rows")

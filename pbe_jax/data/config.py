@@ -49,7 +49,8 @@ def data_config(profile: str = "demo") -> ml_collections.ConfigDict:
     c.synthetic_seed = 0  # the scenes are a fixed dataset; `seed` only drives order and augment
     # 'varied': any colour and texture; 'palette' (configs/pbe.py demo): muted backgrounds, 1-3
     # large solid objects in 8 saturated colours, so a tiny model learns to follow the exemplar in
-    # minutes (pbe_jax/data/synthetic.py).
+    # minutes (pbe_jax/data/synthetic.py); 'identity' (demo,scenes=identity): objects of colour x
+    # shape x pattern.
     c.synthetic_style = "varied"
 
     # --- output sizes ---

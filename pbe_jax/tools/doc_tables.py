@@ -133,6 +133,17 @@ DEMO_EVALS = [
     ("self following (the masked object's own crop as reference)", "eval/self_following", _pct),
     ("PSNR outside the mask (no paste-back)", "eval/psnr_outside_mask", lambda v: f"{v:.1f} dB"),
     ("VAE PSNR on the eval sources", "eval/vae_psnr", lambda v: f"{v:.1f} dB"),
+    # The identity score (pbe_jax/evals/identity.py) and the out-of-style triplets, where a
+    # run logged them.
+    ("exemplar identity (colour, shape and pattern all the reference's)",
+     "eval/exemplar_identity", _pct),
+    ("self identity", "eval/self_identity", _pct),
+    ("out of style: exemplar following", "eval/offstyle_exemplar_following", _pct),
+    ("out of style: exemplar identity", "eval/offstyle_exemplar_identity", _pct),
+    ("out of style: PSNR outside the mask", "eval/offstyle_psnr_outside_mask",
+     lambda v: f"{v:.1f} dB"),
+    ("identity classifier's held-out accuracy (ground-truth renders)",
+     "eval/identity_classifier_accuracy", _pct),
 ]
 
 
