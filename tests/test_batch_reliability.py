@@ -278,12 +278,13 @@ def test_resumed_sample_refuses_a_newer_training_step(pipe, files, tmp_path):
     p = _sample(args, wd)
     assert p.returncode == 0, p.stderr[-2000:]
     weights = json.loads((out / "settings.json").read_text())["weights"]
-    assert weights["step"] == 3 and weights["ema"] is False, weights
+    # EMA by default (issue 32): the run keeps EMA params, so they are the ones loaded
+    assert weights["step"] == 3 and weights["ema"] is True, weights
     shutil.move(newer, wd / "checkpoints" / "7")  # training went on
     os.remove(out / "a_0.png")  # a row still to do
     p = _sample(args, wd)
     assert p.returncode != 0, p.stdout + p.stderr[-2000:]
-    assert "made by step 3 (raw params" in p.stderr and "now loads step 7 (raw params" in p.stderr, \
+    assert "made by step 3 (EMA params" in p.stderr and "now loads step 7 (EMA params" in p.stderr, \
         p.stderr[-2000:]
     assert sorted(os.listdir(out)) == ["settings.json"]  # nothing from step 7 mixed in
 

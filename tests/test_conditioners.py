@@ -154,7 +154,8 @@ def test_sd_init_builds_each_conditioner_around_its_pretrained_tower(tmp_path):
     from pbe_jax.convert.load import load_pipeline
     from pbe_jax.models import Dinov2Model
     from tests.test_sd2 import UNET2
-    from tests.test_weights_diffusers import VAE, randomize
+    from tests.helpers import randomize_fan_in as randomize
+    from tests.test_weights_diffusers import VAE
 
     sd = tmp_path / "sd"
     unet = diffusers.UNet2DConditionModel(**{**UNET2, "in_channels": 4})

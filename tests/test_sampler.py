@@ -209,7 +209,7 @@ def test_on_step_runs_once_per_step_and_is_absent_by_default():
     seen = []
     with_cb = jax.jit(lambda kw: guided_sample(
         eps_jax, sched, guidance_scale=4.0, on_step=lambda i: jax.debug.callback(seen.append, i), **kw))
-    _assert_close(with_cb(inputs), _reference(sched, _inputs(), 4.0))  # the same result
+    assert_close(with_cb(inputs), _reference(sched, _inputs(), 4.0))  # the same result
     jax.effects_barrier()
     assert sorted(int(i) for i in seen) == list(range(6))
     plain = jax.jit(lambda kw: guided_sample(eps_jax, sched, guidance_scale=4.0, **kw))

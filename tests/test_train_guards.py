@@ -144,7 +144,8 @@ def test_sigterm_during_the_vae_stage_stops_cleanly_with_a_message(tmp_path):
     wd = str(tmp_path / "run")
     log_file = tmp_path / "log.txt"
     with open(log_file, "w") as err:
-        p = subprocess.Popen(train_cmd(wd, **{"train.num_steps": 2, "vae_fit.steps": 100000}),
+        p = subprocess.Popen(train_cmd(wd, **{"train.num_steps": 2, "vae_fit.steps": 100000,
+                                                 "vae_fit.heldout_images": 8}),
                              env=subprocess_env(1), stdout=subprocess.DEVNULL, stderr=err)
         _wait_for(lambda: "vae fit step 1/" in log_file.read_text(), p, "the first VAE step")
         p.send_signal(signal.SIGTERM)

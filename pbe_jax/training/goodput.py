@@ -5,7 +5,7 @@ The loop times its sections into one `Goodput` (`since('checkpoint', t0)`, ...);
 `report` gives the `goodput/*` values (TensorBoard, WORKDIR/goodput.json: not metrics.jsonl,
 whose readers take a step's last row as the step's metrics) and the final line:
 
-  goodput 71.2% of 412.0s: steps 293.3s | start-up 41.2s, compile 22.1s, restore 0.0s,
+  goodput 71.2% of 412.0s: steps 293.3s | startup 41.2s, compile 22.1s, restore 0.0s,
   checkpoint 9.8s, data 1.1s, evals 44.5s | restarts 1 (lost 35.0s, restarts.jsonl)
 
 Start-up sections come from the command line's `runtime.StartupClock` ('trace+lower' and
@@ -87,7 +87,8 @@ class Goodput:
         share = s["steps"] / total if total > 0 else 0.0
         values = {"goodput/share": share, "goodput/total_s": total, "goodput/restarts": restarts,
                   "goodput/restart_downtime_s": downtime, **{f"goodput/{k}_s": v for k, v in s.items()}}
-        lost = ", ".join(f"{k.replace('startup', 'start-up')} {s[k]:.1f}s" for k in LOST)
+        # 'startup', not 'start-up': the start-up clock's own line is the one that says 'start-up'
+        lost = ", ".join(f"{k} {s[k]:.1f}s" for k in LOST)
         line = f"goodput {100 * share:.1f}% of {total:.1f}s: steps {s['steps']:.1f}s | {lost}"
         if restarts:
             line += f" | restarts {restarts} (lost {downtime:.1f}s, restarts.jsonl)"
