@@ -122,7 +122,7 @@ cmd_setup() {
     # Ship this checkout (configs/ and launch/ included) and install it editable.
     local tarball="${TMPDIR:-/tmp}/pbe_jax_src.tgz"
     run tar -czf "$tarball" -C "$repo" --exclude=.git --exclude='*.egg-info' \
-      --exclude=__pycache__ --exclude=.pytest_cache .
+      --exclude=__pycache__ --exclude=.pytest_cache --exclude=.venv --exclude=docs/_build .
     run gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:pbe_jax_src.tgz" "${where[@]}" --worker=all
     install="rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf \$HOME/pbe_jax_src.tgz -C $REMOTE_DIR"
     install+=" && uv pip install --python $REMOTE_VENV/bin/python -e \"${REMOTE_DIR}[tpu]\""
