@@ -19,35 +19,11 @@ from pbe_jax import batch_edit, locks
 from pbe_jax.batch_edit import Row, read_manifest, write_results
 from pbe_jax.pipeline import PaintByExample
 from tests.test_faults_data import png_bomb
+# the tiny model and one edit's input files: the sample fault tests' fixtures
+from tests.test_faults_sample import EDIT, files, model_dir, pipe  # noqa: F401
 from tests.test_sample import H, W, _images
-from tests.test_weights_diffusers import tiny_pipeline
 from tests.test_weights_orbax import _train_checkpoint
 from tests.train_utils import REPO, subprocess_env
-
-EDIT = dict(batch_size=4, steps=2, guidance=5.0, scheduler="ddim", num_samples=1, paste_back=False,
-            reference_preprocess="squash")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("pbe"))
-    tiny_pipeline(seed=5).save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    return PaintByExample.from_pretrained(model_dir)
-
-
-@pytest.fixture
-def files(tmp_path):
-    """Source / mask / reference files of one edit, in tmp_path/in."""
-    d = tmp_path / "in"
-    d.mkdir()
-    for name, img in zip(("s.png", "m.png", "r.png"), _images()):
-        img.save(d / name)
-    return d
 
 
 def _manifest(path, rows) -> str:

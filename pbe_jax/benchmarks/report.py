@@ -74,7 +74,8 @@ def compiled_bytes(compiled) -> float | None:
                  - m.alias_size_in_bytes)
 
 
-def _fmt(x: float | None) -> str:
+def format_number(x: float | None) -> str:
+    """A measured number as the tables print it ('-' when missing)."""
     if x is None:
         return "-"
     a = abs(x)
@@ -89,7 +90,7 @@ def markdown_table(rows: list[Row], title: str = "") -> str:
               "|---|---:|---:|---:|---|"]
     for r in rows:
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
-        lines.append(f"| {r.name} | {_fmt(r.ours)} | {_fmt(r.reference)} | {ratio} | {r.unit} |")
+        lines.append(f"| {r.name} | {format_number(r.ours)} | {format_number(r.reference)} | {ratio} | {r.unit} |")
     return "\n".join(lines)
 
 

@@ -40,6 +40,8 @@ import time
 
 import jax
 
+from pbe_jax.benchmarks.report import format_number
+
 KINDS = ("bench", "aot_compile", "demo")
 META_KEYS = ("command", "machine", "date")
 # `{results-table} results/x.json [more.json ...]` in a MyST page (```{results-table} ...```).
@@ -70,16 +72,6 @@ def load(path: str | os.PathLike) -> dict:
     return doc
 
 
-def _num(x) -> str:
-    """Same format as `pbe_jax.bench` prints (`benchmarks.report`)."""
-    if x is None:
-        return "-"
-    a = abs(x)
-    if a != 0 and (a >= 1e5 or a < 1e-2):
-        return f"{x:.3g}"
-    return f"{x:.3f}" if a < 10 else f"{x:.1f}"
-
-
 def bench_table(doc: dict, rows: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
     """`pbe_jax.bench --json` rows (those matching the `rows` globs, in their order)."""
     res = doc["results"]
@@ -94,7 +86,7 @@ def bench_table(doc: dict, rows: list[str] | None = None) -> tuple[list[str], li
         r = res[n]
         ratio = r.get("ratio")
         ratio = "-" if ratio is None else f"{ratio:.2f}x" if abs(ratio) >= 0.01 else f"{ratio:.2g}x"
-        out.append([n, _num(r["ours"]), _num(r.get("reference")), ratio, r["unit"]])
+        out.append([n, format_number(r["ours"]), format_number(r.get("reference")), ratio, r["unit"]])
     return header, out
 
 
