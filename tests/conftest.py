@@ -30,10 +30,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The `slow` tests first. pytest-xdist's default `load` scheduler deals the first quarter of
-    the collection to the workers in turn and the rest on demand, so the long tests spread over
-    the workers and the short ones fill the gaps at the end, instead of one worker finishing a
-    long test alone while the other waits."""
+    """The `slow` tests first. With `--maxschedchunk=1` (pytest.ini) pytest-xdist's `load`
+    scheduler hands each worker one or two tests at a time, so the long tests start first and the
+    short ones fill the gaps at the end (longest-first scheduling). Without it the scheduler deals
+    a quarter of the collection to each worker up front, in contiguous chunks: one worker got the
+    long tests and ran them alone for ~8 minutes at the end while the other idled."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

@@ -81,6 +81,7 @@ def test_crop_window_geometry():
     assert (x1 - x0) == 2 * (y1 - y0) and (y0, y1) == (500, 540)
 
 
+@pytest.mark.slow
 def test_crop_on_a_large_photo(pipe, edit_inputs):
     src, ref = _photo(1200, 1600), _ref()
     mask = np.zeros((1200, 1600), np.uint8)
@@ -137,6 +138,7 @@ def test_diffusers_keyword_names(pipe):  # 40 x 48, 2 steps: the shape the tests
         pipe(image=src, mask_image=mask, **kw)
 
 
+@pytest.mark.slow
 def test_crop_benchmark_rows():
     rows = {r.name: r for r in crop_bench.run(get_size("tiny"), source=(80, 100), padding=8, steps=2,
                                               reps=1, warmup=1)}

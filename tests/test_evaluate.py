@@ -77,6 +77,7 @@ def _metrics(out):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_cli_samples_and_scores(env):
     p = env["run1"]
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]

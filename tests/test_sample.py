@@ -68,6 +68,7 @@ def test_pipeline_equals_diffusers(models, name, guidance, monkeypatch):
     assert np.abs(ref - 0.5).max() > 0.05  # not a trivial output
 
 
+@pytest.mark.slow
 def test_determinism_and_seeds(models):
     _, ours, _ = models
     src, mask, ref = _images()
@@ -107,6 +108,7 @@ def test_bad_inputs_name_the_problem(models):
         ours(src, Image.new("L", (W + 4, H), 255), ref, num_inference_steps=2)
 
 
+@pytest.mark.slow
 def test_cli_manifest_with_a_bad_row(models, tmp_path):
     _, _, model_dir = models
     src, mask, ref = _images()

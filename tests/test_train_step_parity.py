@@ -135,6 +135,7 @@ def _rel(a: np.ndarray, b: np.ndarray, floor: float) -> float:
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), floor))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drop", [False, True], ids=["cond", "dropped"])
 def test_train_step_equals_official(built, drop):
     pt, cfg, setup, params, frozen, _, step = built
@@ -186,6 +187,7 @@ def test_train_step_equals_official(built, drop):
     assert worst <= 1e-5, worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("built", ["epsilon"], indirect=True)
 def test_a_non_finite_step_changes_nothing_and_is_counted(built):
     """A NaN loss (here: NaN noise draws): params, AdamW's moments, its step counts and the lr
@@ -214,6 +216,7 @@ def test_a_non_finite_step_changes_nothing_and_is_counted(built):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("built", ["v_prediction"], indirect=True)
 def test_adamw_follows_torch(built):
     """Three steps (condition kept, dropped, kept) at lr 1e-2 on torch's own gradients: our

@@ -126,6 +126,7 @@ def _count_remat(model, x, t, ctx) -> int:
                for e in jaxpr.jaxpr.eqns)
 
 
+@pytest.mark.slow
 def test_remat_same_output_and_input_grad(unet_a, ours_a):
     remat = UNet2DConditionModel.from_pretrained(str(unet_a[1]), remat=True,
                                                  remat_policy="nothing_saveable")

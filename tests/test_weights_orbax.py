@@ -99,6 +99,7 @@ def _expected(model: PaintByExample, ema: bool) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_training_checkpoint_exports(tiny, model, tmp_path):
     _, src = tiny
     workdir = str(tmp_path / "run")
