@@ -25,17 +25,20 @@ import pytest  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a minute or more on 2 cores: a large model, a "
+    config.addinivalue_line("markers", "slow: 15 s or more on 2 cores: a large model, a "
                             "training run or several processes (still runs in CI)")
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The `slow` tests first. With `--maxschedchunk=1` (pytest.ini) pytest-xdist's `load`
-    scheduler hands each worker one or two tests at a time, so the long tests start first and the
-    short ones fill the gaps at the end (longest-first scheduling). Without it the scheduler deals
-    a quarter of the collection to each worker up front, in contiguous chunks: one worker got the
-    long tests and ran them alone for ~8 minutes at the end while the other idled."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The files that hold a `slow` test first, each file whole and in its own order. pytest.ini
+    runs pytest-xdist with `--dist=loadfile --no-loadscope-reorder`: a worker takes one file at a
+    time, in this order, so the long files start first and the short ones fill the gaps at the
+    end (longest-first scheduling), and a file's module fixtures are built once. (The default
+    `load` scheduler deals each worker a quarter of the collection up front in contiguous chunks:
+    one worker got the long tests and ran them alone for ~8 minutes at the end while the other
+    idled; dealing single tests instead builds every module fixture on both workers.)"""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture(scope="session", autouse=True)
