@@ -19,7 +19,7 @@ from pbe_jax.models import TRAINABLE
 from pbe_jax.tools.aot_compile import (GiB, PLAN_STEPS, _with, compile_report, format_plan, format_report,
                                       memory_plan, parse_topology)
 from pbe_jax.training.state import Setup, abstract_model, state_bytes_per_device
-from tests.train_utils import CONFIG_FILE, REPO, cli_overrides, tiny_config
+from tests.train_utils import CONFIG_FILE, REPO, SMALL_MODEL, cli_overrides, tiny_config
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
@@ -156,6 +156,12 @@ def test_memory_plan_tries_the_steps_in_order_and_accumulates_them():
     assert "no setting tried fits" in format_plan(never, 1.0)
 
 
+# The CLI test's model: the tests' small one (one UNet and one VAE level: less to compile than the
+# demo's two) on the demo's 32 px images, batch 4.
+CLI_MODEL = {**SMALL_MODEL, "data.resolution": 32, "model.unet.sample_size": 32, "model.vae.sample_size": 32,
+             "train.batch_size": 4}
+
+
 @pytest.mark.slow
 def test_cli_compiles_for_fake_devices(tmp_path):
     out = tmp_path / "report.json"
@@ -163,7 +169,7 @@ def test_cli_compiles_for_fake_devices(tmp_path):
     env["JAX_PLATFORMS"] = "cpu"
     cmd = [sys.executable, "-m", "pbe_jax.tools.aot_compile", f"--config={CONFIG_FILE}:demo,mesh=data:1,fsdp:2",
            "--topology=cpu:2", "--device_memory_gib=0.001", f"--json_out={out}",
-           *cli_overrides(small_model=False, **{"train.batch_size": 4})]
+           *cli_overrides(**CLI_MODEL)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     # 1 MiB per device cannot hold the state: the verdict and the exit status say so
     assert r.returncode == 3, r.stdout + r.stderr[-3000:]
@@ -172,7 +178,7 @@ def test_cli_compiles_for_fake_devices(tmp_path):
     assert rep["devices"] == 2 and rep["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
 
     # the same sizes, computed here over 2 of the test's fake devices
-    cfg = tiny_config(small_model=False, **{"train.batch_size": 4})
+    cfg = tiny_config(**CLI_MODEL)
     cfg.mesh = "data:1,fsdp:2"
     setup = Setup(cfg, shd.make_mesh(cfg.mesh, devices=jax.devices()[:2]))
     state = setup.abstract_state()

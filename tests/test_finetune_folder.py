@@ -6,8 +6,10 @@ stage (on by default in the demo) is skipped without a flag, so a 20-image folde
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -15,10 +17,12 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from pbe_jax import sharding as shd
 from pbe_jax.convert.load import load_pipeline
 from pbe_jax.convert.orbax_io import read_configs
 from pbe_jax.data.synthetic import synthetic_scene
 from pbe_jax.training.loop import train_and_evaluate
+from pbe_jax.training.vae_fit import load_vae, run_vae_stage, vae_stage_on
 from tests.train_utils import REPO, subprocess_env, tiny_config, train_cmd
 
 
@@ -63,10 +67,15 @@ def test_init_from_a_workdir_keeps_its_vae_and_scaling_on_a_folder(tmp_path):
     assert not os.path.exists(os.path.join(b, "vae"))
     assert read_configs(b)["vae"]["scaling_factor"] == scaling
     jax.tree.map(np.testing.assert_array_equal, _vae(b), _vae(a))
-    # vae_fit.refit: a new VAE is fitted on this run's images and replaces the init's
+    # vae_fit.refit: a new VAE is fitted on this run's images and replaces the init's (the VAE
+    # stage itself, the part of a run that decides this; the train step is the one above)
     c = str(tmp_path / "c")
-    train_and_evaluate(tiny_config(**stage, **{"train.num_steps": 1, "seed": 1, "vae_fit.refit": True,
-                                               "init_from.format": "orbax", "init_from.path": a}), c)
-    fitted = read_configs(c)["vae"]["scaling_factor"]
-    assert os.path.isdir(os.path.join(c, "vae")) and fitted != scaling
-    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(_vae(c)), jax.tree.leaves(_vae(a))))
+    cfg = tiny_config(**stage, **{"train.num_steps": 1, "seed": 1, "vae_fit.refit": True,
+                                  "init_from.format": "orbax", "init_from.path": a})
+    assert vae_stage_on(cfg)
+    got = run_vae_stage(cfg, c, shd.make_mesh(cfg.mesh), SimpleNamespace(steps=lambda: []))
+    assert got == os.path.join(c, "vae") and os.path.isdir(got)
+    fitted = json.loads(open(os.path.join(got, "config.json")).read())["scaling_factor"]
+    assert fitted != scaling and cfg.model.vae.scaling_factor == fitted
+    new = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(load_vae(got), nnx.Param)))
+    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(_vae(a))))

@@ -83,7 +83,7 @@ def _leaves(tree):
 
 
 @pytest.mark.slow
-def test_lora_steps_on_8_devices_fsdp_change_only_adapters_and_named_parts():
+def test_lora_steps_on_8_devices_fsdp_change_only_adapters_and_named_parts_bf16_base():
     cfg = tiny_config(**LORA, **{"train.cond_drop_prob": 0.5})
     mesh = shd.make_mesh("fsdp:8")
     setup = Setup(cfg, mesh)
@@ -100,10 +100,13 @@ def test_lora_steps_on_8_devices_fsdp_change_only_adapters_and_named_parts():
     opt = _leaves(state["opt_state"])
     assert not any("'kernel'" in k and "'unet'" in k for k in opt)  # no optimizer state for the base
     step = setup.jit_step()
-    for b in host_batches(cfg, 3):
-        gb = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in b.items()}
+    batches = [{k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in b.items()}
+               for b in host_batches(cfg, 3)]
+    losses = []
+    for gb in batches:
         state, m = step(state, frozen, gb)
-        assert np.isfinite(float(m["loss"]))
+        losses.append(float(m["loss"]))
+        assert np.isfinite(losses[-1])
     p1, f1 = _leaves(jax.device_get(state["params"])), _leaves(jax.device_get(frozen))
     assert f1.keys() == f0.keys()
     for k in f0:
@@ -111,6 +114,20 @@ def test_lora_steps_on_8_devices_fsdp_change_only_adapters_and_named_parts():
     changed = [k for k in p0 if not np.array_equal(p0[k], p1[k])]
     assert any("lora_b" in k for k in changed) and any("lora_a" in k for k in changed), changed
     assert all(np.abs(v).max() == 0 for k, v in p0.items() if "lora_b" in k)
+    # train.lora.base_dtype=bfloat16: the frozen UNet base (only it) in bf16 takes half the
+    # bytes, and its first step's loss is the fp32 base's within 2%
+    unet = jax.tree.leaves(frozen["unet"])
+    assert {str(x.dtype) for x in unet} == {"float32"}
+    setup16 = Setup(tiny_config(**LORA, **{"train.cond_drop_prob": 0.5, "train.lora.base_dtype": "bfloat16"}), mesh)
+    params16, frozen16 = setup16.random_params()
+    unet16 = jax.tree.leaves(frozen16["unet"])
+    assert {str(x.dtype) for x in unet16} == {"bfloat16", "float32"}
+    assert jax.tree.leaves(frozen16["vae"])[0].dtype == np.float32  # only the adapted base
+    frozen_bytes = [sum(x.nbytes for x in unet), sum(x.nbytes for x in unet16)]
+    _, m16 = setup16.jit_step()(setup16.new_state(params16), frozen16, batches[0])
+    loss16 = float(m16["loss"])
+    assert frozen_bytes[1] < 0.51 * frozen_bytes[0] + 64, frozen_bytes
+    assert np.isfinite(loss16) and abs(loss16 - losses[0]) < 2e-2 * abs(losses[0]), (loss16, losses)
 
 
 def _kill_after_checkpoint(cmd, env, ck, step):
@@ -129,19 +146,19 @@ def test_lora_run_sigkilled_resumes_exactly_from_a_checkpoint_of_megabytes(tmp_p
     """A LoRA run killed after its step-2 checkpoint resumes (the base reloaded from its source,
     here the seed's random init) to the same losses and adapters as an uninterrupted run; its
     checkpoints hold the train state only."""
-    n = 6
+    n = 4
     over = {**LORA, "train.num_steps": n, "ckpt_every_steps": 2}
     env = subprocess_env(1)
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    ref = subprocess.Popen(train_cmd(full, **over), env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+    # the uninterrupted run first: its compiles fill the session's cache, the other two read it
+    ref = subprocess.run(train_cmd(full, **over), env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
     _kill_after_checkpoint(train_cmd(killed, **over), env, os.path.join(killed, "checkpoints"), 2)
     done = subprocess.run(train_cmd(killed, **over), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "LoRA resume: base reloaded from random init" in done.stderr
     assert "trainable params:" in done.stderr
-    _, err = ref.communicate(timeout=600)
-    assert ref.returncode == 0, err[-3000:]
     a, b = read_metrics(full), read_metrics(killed)
     assert sorted(b) == list(range(1, n + 1))
     for s in range(1, n + 1):
@@ -256,22 +273,3 @@ def test_sample_cli_lora_flags(tiny_pipe_dir, tmp_path):
         assert p.returncode == 0, p.stdout + p.stderr[-3000:]
         outs.append(np.asarray(Image.open(out), np.int16))
     assert np.abs(outs[0] - outs[1]).max() > 0
-
-
-@pytest.mark.slow
-def test_bf16_base_halves_the_frozen_unet_and_trains():
-    mesh = shd.make_mesh("data:-1")
-    b = host_batches(tiny_config(), 1)[0]
-    gb = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in b.items()}
-    losses, frozen_bytes = [], []
-    for dtype in ("", "bfloat16"):
-        setup = Setup(tiny_config(**LORA, **{"train.lora.base_dtype": dtype}), mesh)
-        params, frozen = setup.random_params()
-        unet = jax.tree.leaves(frozen["unet"])
-        assert {str(x.dtype) for x in unet} == ({"float32"} if not dtype else {"bfloat16", "float32"})
-        assert jax.tree.leaves(frozen["vae"])[0].dtype == np.float32  # only the adapted base
-        frozen_bytes.append(sum(x.nbytes for x in unet))
-        _, m = setup.jit_step()(setup.new_state(params), frozen, gb)
-        losses.append(float(m["loss"]))
-    assert frozen_bytes[1] < 0.51 * frozen_bytes[0] + 64, frozen_bytes
-    assert np.isfinite(losses[1]) and abs(losses[1] - losses[0]) < 2e-2 * abs(losses[0]), losses

@@ -51,8 +51,8 @@ def test_peft_export_loads_in_diffusers_and_matches_pbe_jax(tiny_dir, tmp_path):
     ours = PaintByExample.from_pretrained(tiny_dir)
     ours.load_lora(path)
     x, t, ctx = _inputs()
-    base_out = _torch(assemble_torch(tiny_dir).unet.eval(), x, t, ctx)
     unet = assemble_torch(tiny_dir).unet.eval()
+    base_out = _torch(unet, x, t, ctx)  # before the adapter is loaded into it
     unet.load_lora_adapter(load_file(path), prefix="unet", adapter_name="pbe")
     ref, got = _torch(unet, x, t, ctx), _ours(ours, x, t, ctx)
     assert np.abs(ref - base_out).max() > 1e-3  # the adapter matters

@@ -12,13 +12,13 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
 from pbe_jax import sharding as shd
 from pbe_jax.checkpoint import CheckpointError
 from pbe_jax.models import hub
-from pbe_jax.training import step as step_module
-from pbe_jax.training import vae_fit
+from pbe_jax.training import loop, vae_fit
 from pbe_jax.training.loop import train_and_evaluate
 from tests.test_faults_train import logged_steps
 from tests.train_utils import read_metrics, subprocess_env, tiny_config, train_cmd
@@ -32,27 +32,50 @@ def _wait_for(cond, p: subprocess.Popen, what: str, timeout: float = 600) -> Non
         time.sleep(0.05)
 
 
+# `python -m pbe_jax.train` whose first logged step waits for the file named last on the command
+# line: the run holds its workdir mid-training for as long as the test needs (not a guess of
+# how many steps outlast the other processes' start-up).
+HOLDING_TRAIN = """
+import os, sys, time
+from absl import app
+from pbe_jax import metrics, train
+go = sys.argv.pop()
+real = metrics.MetricWriter.scalars
+def scalars(self, step, values):
+    real(self, step, values)
+    while step == 1 and not os.path.exists(go):
+        time.sleep(0.05)
+metrics.MetricWriter.scalars = scalars
+train.define_flags()
+app.run(train.main)
+"""
+
+
 @pytest.mark.slow
 def test_a_second_train_on_a_busy_workdir_refuses_naming_the_holder(tmp_path):
     """While one run trains, the same command and one with another seed both refuse at once
     (non-zero, naming the holder's pid and host); the first finishes with its own steps,
     checkpoint and config.json, unmixed."""
-    wd, n = str(tmp_path / "run"), 30
+    wd, n, go = str(tmp_path / "run"), 3, str(tmp_path / "go")
     env = subprocess_env(1)
-    first = subprocess.Popen(train_cmd(wd, **{"train.num_steps": n}), env=env,
+    first = subprocess.Popen([sys.executable, "-c", HOLDING_TRAIN,
+                              *train_cmd(wd, **{"train.num_steps": n})[3:], go], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: len(read_metrics(wd)) >= 1, first, "the first step")
-    t0 = time.time()
-    seconds = [subprocess.Popen(train_cmd(wd, **{"train.num_steps": n, "seed": seed}), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-               for seed in (0, 7)]
-    for p in seconds:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode != 0, err[-3000:]
-        assert f"is in use by pid {first.pid} on host {os.uname().nodename}" in err, err[-3000:]
-        assert "--reclaim_lock" in err and "Traceback" not in err, err[-3000:]
-    assert first.poll() is None, "the first run ended before the second ones were refused"
-    assert time.time() - t0 < 120
+    try:
+        _wait_for(lambda: len(read_metrics(wd)) >= 1, first, "the first step")
+        t0 = time.time()
+        seconds = [subprocess.Popen(train_cmd(wd, **{"train.num_steps": n, "seed": seed}), env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                   for seed in (0, 7)]
+        for p in seconds:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode != 0, err[-3000:]
+            assert f"is in use by pid {first.pid} on host {os.uname().nodename}" in err, err[-3000:]
+            assert "--reclaim_lock" in err and "Traceback" not in err, err[-3000:]
+        assert first.poll() is None, "the first run ended before the second ones were refused"
+        assert time.time() - t0 < 120
+    finally:
+        open(go, "w").close()  # the first run goes on
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
     assert logged_steps(wd) == list(range(1, n + 1))
@@ -62,16 +85,17 @@ def test_a_second_train_on_a_busy_workdir_refuses_naming_the_holder(tmp_path):
 
 
 def test_resume_changed_config_past_or_at_num_steps_and_other_shapes(tmp_path, caplog):
-    """One compile: the resumes below restore but train no step (or are refused)."""
+    """One compile: the resumes below restore but train no step (or are refused). The demo's
+    lr (0.002), as test_faults_train's in-process runs: one train step program in the cache."""
     wd = str(tmp_path)
-    cfg = lambda **o: tiny_config(**{"train.num_steps": 2, "train.lr": 1e-4, **o})  # noqa: E731
+    cfg = lambda **o: tiny_config(**{"train.num_steps": 2, **o})  # noqa: E731
     train_and_evaluate(cfg(), wd)
     # at num_steps: a finished run, said so; its other lr is logged (old -> new) and
     # config.json follows it
     with caplog.at_level(logging.WARNING, logger="pbe_jax"):
-        train_and_evaluate(cfg(**{"train.lr": 2e-4}), wd)
-    assert "already done" in caplog.text and "train.lr: 0.0001 -> 0.0002" in caplog.text
-    assert json.loads(open(os.path.join(wd, "config.json")).read())["train"]["lr"] == 2e-4
+        train_and_evaluate(cfg(**{"train.lr": 4e-3}), wd)
+    assert "already done" in caplog.text and "train.lr: 0.002 -> 0.004" in caplog.text
+    assert json.loads(open(os.path.join(wd, "config.json")).read())["train"]["lr"] == 4e-3
     assert logged_steps(wd) == [1, 2]
     # num_steps below the checkpoint: refused, naming the field and the step
     with pytest.raises(ValueError, match=r"config.train.num_steps=1 is below .*step 2"):
@@ -89,8 +113,15 @@ def test_resume_changed_config_past_or_at_num_steps_and_other_shapes(tmp_path, c
 
 
 def test_a_run_whose_every_step_is_non_finite_fails(tmp_path, monkeypatch):
-    real = step_module.pbe_loss
-    monkeypatch.setattr(step_module, "pbe_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    """NaN initial params (a skipped update keeps them): every loss is NaN. The train step is
+    the program the test above compiled (same config), so the compilation cache serves it."""
+    real = loop._init_params
+
+    def nan_params(*a, **k):
+        params, frozen = real(*a, **k)
+        return jax.tree.map(lambda x: x * float("nan"), params), frozen
+
+    monkeypatch.setattr(loop, "_init_params", nan_params)
     with pytest.raises(FloatingPointError, match=r"every step of this run \(2: steps 1..2\) was skipped"):
         train_and_evaluate(tiny_config(**{"train.num_steps": 2}), str(tmp_path))
     assert read_metrics(str(tmp_path))[2]["nan_skips"] == 2
