@@ -53,7 +53,10 @@ def test_sigkill_one_process_watchdog_message_then_supervised_restart_is_exact(t
     stacks; `local.sh --max_restarts=1` restarts both, the run resumes from step 4 and ends
     with losses and params bitwise equal to an uninterrupted run; restarts.jsonl has the row."""
     ref, run = tmp_path / "ref", tmp_path / "run"
+    # the uninterrupted run first: the supervised run then reads its programs from the
+    # compilation cache (as a restart does) instead of compiling them again beside it
     reference = _launch(ref, tmp_path / "ref_logs")
+    _, ref_err = reference.communicate(timeout=900)
     supervised = _launch(run, tmp_path / "logs", "--max_restarts=1", "--restart_backoff=0")
     try:
         deadline = time.time() + 900
@@ -64,7 +67,6 @@ def test_sigkill_one_process_watchdog_message_then_supervised_restart_is_exact(t
         os.kill(int((tmp_path / "logs" / "proc_1.pid").read_text()), signal.SIGKILL)
         killed = time.time()
         _, err = supervised.communicate(timeout=900)
-        _, ref_err = reference.communicate(timeout=900)
     finally:
         for p in (reference, supervised):
             if p.poll() is None:
