@@ -45,13 +45,18 @@ def load_config(spec: str, overrides: Mapping[str, object] | Iterable[str] = (),
     fv(argv)
     config = fv.config
     if isinstance(overrides, Mapping):
-        for key, value in overrides.items():
-            *parents, leaf = key.split(".")
-            node = config
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
+        set_fields(config, overrides)
     return config
+
+
+def set_fields(config, overrides: Mapping) -> None:
+    """Set each dotted field of `overrides` (`{"train.lr": 1e-4}`) on `config`, in place."""
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
 
 
 def load_module(path: str) -> types.ModuleType:

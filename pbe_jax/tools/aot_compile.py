@@ -47,6 +47,7 @@ from ml_collections import config_flags
 
 from pbe_jax import runtime
 from pbe_jax import sharding as shd
+from pbe_jax.configs import set_fields
 from pbe_jax.configs.validate import check_or_exit
 from pbe_jax.training.state import Setup, state_bytes_per_device, step_flops
 
@@ -275,12 +276,7 @@ PLAN_STEPS = (
 def _with(config, overrides: dict):
     c = config.copy_and_resolve_references()
     with c.unlocked():
-        for key, value in overrides.items():
-            *head, last = key.split(".")
-            node = c
-            for h in head:
-                node = node[h]
-            node[last] = value
+        set_fields(c, overrides)
     return c
 
 
