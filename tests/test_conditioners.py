@@ -64,8 +64,13 @@ def _params(step_dir):
     return restore_numpy(step_dir / "state", ["params"])["params"]
 
 
+# The paper's `clip` conditioner goes through the same path in the training, resume, sampling
+# and export tests (test_train, test_faults_train, test_sample, test_weights_*): here the others.
+E2E = sorted(set(CONDITIONERS) - {"clip"})
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(CONDITIONERS))
+@pytest.mark.parametrize("name", E2E)
 def test_conditioner_trains_resumes_samples_and_round_trips(name, tmp_path, monkeypatch):
     from pbe_jax.training.loop import train_and_evaluate
 

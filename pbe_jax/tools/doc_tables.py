@@ -139,6 +139,9 @@ DEMO_EVALS = [
 ]
 
 
+GOODPUT_PARTS = ("startup", "compile", "restore", "checkpoint", "data", "evals", "restart_downtime")
+
+
 def demo_table(doc: dict) -> tuple[list[str], list[list[str]]]:
     """The demo run's scores: the last eval row of metrics.jsonl (earlier evals in brackets),
     the VAE stage's fit.json, the final loss and the command's wall time."""
@@ -160,6 +163,12 @@ def demo_table(doc: dict) -> tuple[list[str], list[list[str]]]:
                        f"{fit['seconds']:.0f} s"])
     if res.get("final_loss") is not None:
         out.append(["final loss (`loss`)", f"{res['final_loss']:.3g} at step {last['step']}"])
+    g = res.get("goodput")
+    if g:
+        parts = ", ".join(f"{name} {g[f'goodput/{name}_s']:.0f} s" for name in GOODPUT_PARTS
+                          if g.get(f"goodput/{name}_s"))
+        out.append(["goodput (`goodput.json`)", f"**{100 * g['goodput/share']:.1f}%** of "
+                    f"{g['goodput/total_s']:.0f} s in steps ({g['goodput/steps_s']:.0f} s); {parts}"])
     if res.get("wall_s") is not None:
         m, s = divmod(round(res["wall_s"]), 60)
         cpu = (f" (CPU {res['cpu_user_s']:.0f} s user + {res['cpu_sys_s']:.0f} s sys)"
@@ -257,6 +266,9 @@ def demo_results(workdir: pathlib.Path, wall_s: float, cpu: tuple[float, float] 
     out = {"evals": evals, "final_loss": losses[-1] if losses else None, "wall_s": wall_s}
     if cpu is not None:
         out["cpu_user_s"], out["cpu_sys_s"] = cpu
+    goodput = workdir / "goodput.json"
+    if goodput.exists():
+        out["goodput"] = json.loads(goodput.read_text())
     fit = workdir / "vae" / "fit.json"
     if fit.exists():
         out["vae_fit"] = {k: v for k, v in json.loads(fit.read_text()).items() if k != "history"}
