@@ -9,9 +9,10 @@ r"""Benchmarks: pbe_jax side by side with the PyTorch stack it replaces, in one 
   python -m pbe_jax.bench --what=crop --size=small                   # crop around the mask
   python -m pbe_jax.bench --what=gpu --json=gpu.json                 # every accelerator number
   python -m pbe_jax.bench --what=ops --size=small                    # UNet fwd+bwd op by op vs torch
+  python -m pbe_jax.bench --what=recovery --json=recovery.json        # kill one of 2 processes: time to recover
 
-`--what` takes a comma-separated list of {train, sample, data, memory, load, crop, gpu, ops} or `all`
-(all but crop and gpu):
+`--what` takes a comma-separated list of {train, sample, data, memory, load, crop, gpu, ops, recovery}
+or `all` (all but crop, gpu, ops and recovery):
 - train: the full PbE training step, pbe_jax vs eager PyTorch (diffusers/transformers modules,
   the official recipe): images/s, step time, FLOPs/step, achieved FLOP/s and MFU
   (pbe_jax/benchmarks/train.py).
@@ -29,6 +30,9 @@ r"""Benchmarks: pbe_jax side by side with the PyTorch stack it replaces, in one 
 - gpu: train and sample for each of `--gpu_sizes` (small,sd15) in bf16 (unless --dtype is
   given) with cuDNN attention on a GPU, against diffusers eager and torch.compile, plus MFU,
   compile times and peak device memory (pbe_jax/benchmarks/gpu.py). Runs on a CPU too.
+- recovery: a 2-process demo run under `launch/local.sh --max_restarts=1`, one process SIGKILLed
+  after a checkpoint: seconds to detect, relaunch and log the next step; steps trained again
+  (pbe_jax/benchmarks/recovery.py).
 `--attention_impl` (train, sample, gpu) picks the attention kernel (default: the config's 'xla';
 gpu: 'cudnn' on a GPU); `--torch_compile` adds reference rows with `torch.compile` on the UNet.
 `--size` is tiny | small | sd15 (pbe_jax/benchmarks/sizes.py). Each benchmark prints a markdown
@@ -44,7 +48,7 @@ from typing import Callable
 from absl import app, flags
 
 from pbe_jax import cli_flags, runtime
-from pbe_jax.benchmarks import crop, gpu, load, memory, ops, sample, train
+from pbe_jax.benchmarks import crop, gpu, load, memory, ops, recovery, sample, train
 from pbe_jax.benchmarks.report import Row, machine_line, markdown_table
 from pbe_jax.benchmarks.sizes import get_size
 from pbe_jax.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
@@ -52,7 +56,7 @@ from pbe_jax.data.bench import run
 
 ALL = ("train", "sample", "data", "memory", "load")
 
-_WHAT = flags.DEFINE_string("what", "data", "comma-separated benchmarks (train,sample,data,memory,load,crop,gpu,ops) or 'all'")
+_WHAT = flags.DEFINE_string("what", "data", "comma-separated benchmarks (train,sample,data,memory,load,crop,gpu,ops,recovery) or 'all'")
 _SIZE = flags.DEFINE_enum("size", "small", ["tiny", "small", "sd15"], "model size")
 _DTYPE = flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "compute dtype (params stay fp32)")
 _JSON = flags.DEFINE_string("json", "", "write every result row to this JSON file")
@@ -90,6 +94,13 @@ _DATA_SAMPLES = flags.DEFINE_integer("data_samples", 96, "samples timed in one p
 _DATA_WORKERS = flags.DEFINE_list("data_workers", ["1", "2"], "grain worker counts to time")
 _DATA_BATCH = flags.DEFINE_integer("data_batch", 8, "batch size for the loader and transfer")
 _DATA_SECONDS = flags.DEFINE_float("data_seconds", 10.0, "seconds per loader measurement")
+
+# recovery
+_RECOVERY_STEPS = flags.DEFINE_integer("recovery_steps", 12, "train.num_steps of the supervised run")
+_RECOVERY_CKPT = flags.DEFINE_integer("recovery_ckpt_every", 4, "ckpt_every_steps; the kill comes after the first")
+_RECOVERY_HEARTBEAT = flags.DEFINE_integer("recovery_heartbeat_seconds", 10, "config.watchdog.heartbeat_seconds")
+_RECOVERY_LAUNCHER = flags.DEFINE_string("recovery_launcher", None,
+                                         "launch/local.sh (default: the checkout's, for an editable install)")
 
 
 runtime.define_flags()
@@ -159,6 +170,11 @@ def bench_data() -> list:
     return rows
 
 
+def bench_recovery() -> list:
+    return recovery.run(steps=_RECOVERY_STEPS.value, ckpt_every=_RECOVERY_CKPT.value,
+                        heartbeat_seconds=_RECOVERY_HEARTBEAT.value, launcher=_RECOVERY_LAUNCHER.value)
+
+
 BENCHMARKS: dict[str, Callable[[], list]] = {
     "train": bench_train,
     "sample": bench_sample,
@@ -168,6 +184,7 @@ BENCHMARKS: dict[str, Callable[[], list]] = {
     "crop": bench_crop,
     "gpu": bench_gpu,
     "ops": bench_ops,
+    "recovery": bench_recovery,
 }
 
 
@@ -188,7 +205,7 @@ def main(argv) -> None:
     results = {}
     for name in names:
         rows = BENCHMARKS[name]()
-        size = {"data": "data", "gpu": ",".join(_GPU_SIZES.value)}.get(name, _SIZE.value)
+        size = {"data": "data", "gpu": ",".join(_GPU_SIZES.value), "recovery": "demo, 2 processes"}.get(name, _SIZE.value)
         dtype = _DTYPE.value if name != "gpu" or flags.FLAGS["dtype"].present else "bf16"
         title = f"{name} ({size}, {dtype}; {machine_line()})"
         print(markdown_table(rows, title), flush=True)

@@ -112,3 +112,17 @@ def test_op_table_times_and_classifies_each_xla_op():
     assert ops._classify_torch("aten::addmm") == "matmul"
     assert ops._classify_torch("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
     assert ops._classify_torch("aten::native_group_norm") == "elementwise / norm"
+
+
+def test_recovery_bench_names_a_missing_launcher_and_bad_steps(tmp_path):
+    """`--what=recovery` needs the checkout's launch/local.sh: a missing one is named with the flag
+    that sets it, before anything starts (the measurement itself: docs/results/recovery_demo_cpu.json;
+    the supervised restart it times is tests/test_pod.py's)."""
+    from pbe_jax.benchmarks import recovery
+
+    missing = str(tmp_path / "local.sh")
+    with pytest.raises(FileNotFoundError, match=r"local.sh does not exist.*--recovery_launcher"):
+        recovery.run(launcher=missing)
+    assert os.path.isfile(recovery.default_launcher())  # this checkout's
+    with pytest.raises(ValueError, match=r"--recovery_steps=6 must be at least 2 x --recovery_ckpt_every=4"):
+        recovery.run(steps=6, ckpt_every=4)
