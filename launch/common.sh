@@ -146,6 +146,14 @@ exit_reason() {
   esac
 }
 
+# now_s: unix time in seconds, with nanoseconds where `date` has %N (GNU), whole seconds otherwise.
+now_s() {
+  local t
+  t=$(date +%s.%N)
+  [[ "$t" =~ ^[0-9]+\.[0-9]+$ ]] || t=$(date +%s)
+  echo "$t"
+}
+
 # record_restart FILE ATTEMPT STATUS STEP FAILED_AT: append one JSON row to FILE (restarts.jsonl):
 # when the failure was seen and the restart starts (unix seconds), its exit status and reason,
 # and the last logged step.
@@ -153,7 +161,7 @@ record_restart() {
   local file=$1 attempt=$2 status=$3 step=$4 failed_at=$5
   [[ -n "$file" ]] || return 0
   printf '{"time": "%s", "failed_at": %s, "restart_at": %s, "attempt": %d, "exit_code": %d, "step": %d, "reason": "%s"}\n' \
-    "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$failed_at" "$(date +%s)" "$attempt" "$status" "$step" \
+    "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$failed_at" "$(now_s)" "$attempt" "$status" "$step" \
     "$(exit_reason "$status")" >>"$file" || echo "launcher: cannot write $file" >&2
 }
 
@@ -173,7 +181,7 @@ supervise() {
     if ((status == 0)); then
       return 0
     fi
-    failed_at=$(date +%s)
+    failed_at=$(now_s)
     step=$(last_logged_step "$workdir")
     if ((attempt >= max)); then
       ((max == 0)) || echo "launcher: $(exit_reason "$status") at step $step; no restarts left ($max used)" >&2
