@@ -25,23 +25,13 @@ import time
 
 from pbe_jax.benchmarks.report import Row
 from pbe_jax.configs import pbe as pbe_configs
+from pbe_jax.metrics import last_logged_step
 
 
 def default_launcher() -> str:
     """`launch/local.sh` of the checkout this package runs from (editable install)."""
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return os.path.join(here, "launch", "local.sh")
-
-
-def _steps(workdir: str) -> set[int]:
-    """The steps metrics.jsonl holds (a cut last line is skipped)."""
-    out = set()
-    for line in _read(os.path.join(workdir, "metrics.jsonl")).splitlines():
-        try:
-            out.add(json.loads(line)["step"])
-        except (ValueError, KeyError):
-            pass
-    return out
 
 
 def run(*, steps: int = 12, ckpt_every: int = 4, heartbeat_seconds: int = 10,
@@ -65,11 +55,11 @@ def run(*, steps: int = 12, ckpt_every: int = 4, heartbeat_seconds: int = 10,
     deadline = time.time() + timeout_s
     try:
         ckpt = os.path.join(wd, "checkpoints", str(ckpt_every))
-        while not (os.path.isdir(ckpt) and max(_steps(wd) or [0]) > ckpt_every):
+        while not (os.path.isdir(ckpt) and last_logged_step(wd) > ckpt_every):
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"the run ended or timed out before the kill: {proc.stderr.read()[-3000:]}")
             time.sleep(0.05)
-        lost = max(_steps(wd)) - ckpt_every
+        lost = last_logged_step(wd) - ckpt_every
         with open(os.path.join(logs, "proc_1.pid")) as f:
             os.kill(int(f.read()), signal.SIGKILL)
         killed = time.time()

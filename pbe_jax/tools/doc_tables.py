@@ -41,6 +41,7 @@ import time
 import jax
 
 from pbe_jax.benchmarks.report import format_number
+from pbe_jax.training.goodput import LOST
 
 KINDS = ("bench", "aot_compile", "demo")
 META_KEYS = ("command", "machine", "date")
@@ -139,7 +140,7 @@ DEMO_EVALS = [
 ]
 
 
-GOODPUT_PARTS = ("startup", "compile", "restore", "checkpoint", "data", "evals", "restart_downtime")
+GOODPUT_PARTS = (*LOST, "restart_downtime")  # the goodput.json seconds besides the steps
 
 
 def demo_table(doc: dict) -> tuple[list[str], list[list[str]]]:
