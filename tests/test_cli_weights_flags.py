@@ -1,7 +1,8 @@
 """`--use_ema`, `--variant`, `--revision` of `pbe_jax.sample` and `pbe_jax.evaluate` reach
 `PaintByExample.from_pretrained` (whose handling of each is tested with the loaders). Each CLI
 runs in its own process (their absl flags share names), with `from_pretrained` replaced by a
-stand-in that prints what it was given and stops the run."""
+stand-in that prints what it was given and stops the run; one process parses several command
+lines in turn (one start-up per CLI)."""
 import json
 import subprocess
 import sys
@@ -12,9 +13,11 @@ from PIL import Image
 
 from tests.train_utils import REPO, subprocess_env
 
+# argv[1]: the command lines as JSON; each is parsed as `app.run` parses flags, then main runs
+# until the stand-in stops it.
 STUB = """
 import json, sys
-from absl import app
+from absl import flags
 from pbe_jax.pipeline import PaintByExample
 from pbe_jax import {cli} as cli
 
@@ -25,16 +28,30 @@ def from_pretrained(cls, path, **kw):
 
 PaintByExample.from_pretrained = classmethod(from_pretrained)
 cli.define_flags()
-app.run(lambda argv: sys.exit(cli.main(argv)), argv=sys.argv)
+for args in json.loads(sys.argv[1]):
+    flags.FLAGS.unparse_flags()
+    try:
+        cli.main(flags.FLAGS([sys.argv[0], *args]))
+    except SystemExit as e:
+        assert e.code == 7, e.code
+    else:
+        raise AssertionError("main returned without calling from_pretrained")
 """
 
 
+def run_each(cli: str, argvs: list[list[str]]) -> list[dict]:
+    """What `from_pretrained` received for each command line of `pbe_jax.<cli>` (one process)."""
+    r = subprocess.run([sys.executable, "-c", STUB.format(cli=cli), json.dumps(argvs)], cwd=REPO,
+                       env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = [json.loads(x[len("FROM_PRETRAINED "):]) for x in r.stdout.splitlines()
+           if x.startswith("FROM_PRETRAINED ")]
+    assert len(got) == len(argvs), r.stdout
+    return got
+
+
 def _run(cli: str, args: list[str]) -> dict:
-    r = subprocess.run([sys.executable, "-c", STUB.format(cli=cli), *args], cwd=REPO, env=subprocess_env(),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 7, r.stderr[-3000:]
-    line = next(x for x in r.stdout.splitlines() if x.startswith("FROM_PRETRAINED "))
-    return json.loads(line[len("FROM_PRETRAINED "):])
+    return run_each(cli, [args])[0]
 
 
 @pytest.fixture

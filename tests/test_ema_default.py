@@ -7,7 +7,6 @@
 - the shared flags (`pbe_jax.cli_flags`) carry the library's defaults (`pbe_jax.defaults`).
 """
 import inspect
-import json
 import logging
 import os
 import subprocess
@@ -22,7 +21,7 @@ from pbe_jax.convert.safetensors_io import read_safetensors
 from pbe_jax.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
 from pbe_jax.inference import edit
 from pbe_jax.pipeline import PaintByExample
-from tests.test_cli_weights_flags import manifest  # noqa: F401 (a fixture)
+from tests.test_cli_weights_flags import manifest, run_each  # noqa: F401 (a fixture)
 from tests.test_weights_diffusers import assert_state_dicts_equal, tiny_pipeline
 from tests.test_weights_orbax import _expected, _train_checkpoint
 from tests.train_utils import REPO, subprocess_env
@@ -76,42 +75,13 @@ def test_convert_takes_ema_by_default_and_both_spellings(run_with_ema, tmp_path)
     assert_state_dicts_equal(got, _expected(model, ema=False)["unet"], "unet raw")
 
 
-# tests/test_cli_weights_flags.py's stand-in for from_pretrained, every spelling in one process
-# (one start-up per CLI): the flags are parsed again for each, as `app.run` parses them.
-SPELLINGS = """
-import json, sys
-from absl import flags
-from pbe_jax.pipeline import PaintByExample
-from pbe_jax import {cli} as cli
-
-def from_pretrained(cls, path, **kw):
-    print("FROM_PRETRAINED " + json.dumps({{"path": path, "use_ema": kw.get("use_ema")}}), flush=True)
-    sys.exit(7)
-
-PaintByExample.from_pretrained = classmethod(from_pretrained)
-cli.define_flags()
-base, spellings = sys.argv[1:-2], sys.argv[-2:]
-for spelling in spellings:
-    flags.FLAGS.unparse_flags()
-    try:
-        cli.main(flags.FLAGS([sys.argv[0], *base, spelling]))
-    except SystemExit as e:
-        assert e.code == 7, e.code
-"""
-
-
 @pytest.mark.parametrize("cli", ["sample", "evaluate"])
 def test_sample_and_evaluate_take_both_spellings(cli, manifest, tmp_path):  # noqa: F811
     where = ([f"--manifest={manifest}", f"--out={tmp_path / 'out'}"] if cli == "sample"
              else [f"--bench={manifest}", f"--out={tmp_path / 'ev'}"])
     # --use_ema: test_cli_weights_flags
-    r = subprocess.run([sys.executable, "-c", SPELLINGS.format(cli=cli), "--model=runs/mine", *where,
-                        "--use-ema", "--nouse-ema"], cwd=REPO, env=subprocess_env(), capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    got = [json.loads(x[len("FROM_PRETRAINED "):]) for x in r.stdout.splitlines()
-           if x.startswith("FROM_PRETRAINED ")]
-    assert got == [{"path": "runs/mine", "use_ema": True}, {"path": "runs/mine", "use_ema": False}], r.stdout
+    got = run_each(cli, [["--model=runs/mine", *where, spelling] for spelling in ("--use-ema", "--nouse-ema")])
+    assert [(g["path"], g["use_ema"]) for g in got] == [("runs/mine", True), ("runs/mine", False)], got
 
 
 DEMO = """
