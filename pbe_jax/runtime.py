@@ -17,6 +17,10 @@ an entry from process 0 only and, with a size limit (here 8 GiB, least recently 
 evicted), under a file lock, so concurrent processes and hosts can share the folder. Every
 program is cached however fast it compiled (the many small start-up programs add up);
 `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` / `JAX_COMPILATION_CACHE_MAX_SIZE` override.
+A folder given only as `JAX_COMPILATION_CACHE_DIR` keeps JAX's own size setting (unlimited
+unless `JAX_COMPILATION_CACHE_MAX_SIZE`): JAX with a size limit stops writing to a folder as soon
+as it holds one entry written without (other JAX programs sharing it), so pbe_jax imposes none
+there; in its own folders it stamps such entries at start-up (`stamp_unstamped_entries`).
 """
 from __future__ import annotations
 
@@ -102,6 +106,42 @@ def resolve_cache_dir(setting: str | None = None) -> str | None:
     return f"{root.rstrip('/')}/{host_cpu_tag()}"
 
 
+def _jax_owns(setting: str | None) -> bool:
+    """True when the folder is JAX's own `JAX_COMPILATION_CACHE_DIR` (no flag, no
+    PBE_JAX_COMPILATION_CACHE): other JAX programs may write there without a size limit, so
+    pbe_jax keeps JAX's settings for it (`JAX_COMPILATION_CACHE_MAX_SIZE`, unlimited by default)."""
+    return (setting is None and os.environ.get(CACHE_ENV) is None
+            and bool(os.environ.get("JAX_COMPILATION_CACHE_DIR")))
+
+
+def stamp_unstamped_entries(cache_dir: str) -> int:
+    """Give each entry of a local cache folder that has no last-use stamp (written by a JAX
+    process without a size limit) one, dated by its file. With a size limit, JAX reads every
+    entry's stamp before each write and, when one is missing, writes nothing more (a warning per
+    program): one such entry would silently turn the cache read-only. Returns how many were
+    stamped (0 for gs:// folders, which are left as they are)."""
+    if "://" in cache_dir or not os.path.isdir(cache_dir):
+        return 0
+    from jax._src import lru_cache  # the entry / stamp suffixes JAX uses: no public name
+
+    names = set(os.listdir(cache_dir))
+    n = 0
+    for name in names:
+        if not name.endswith(lru_cache._CACHE_SUFFIX):
+            continue
+        stamp = name[: -len(lru_cache._CACHE_SUFFIX)] + lru_cache._ATIME_SUFFIX
+        if stamp in names:
+            continue
+        try:
+            mtime_ns = os.stat(os.path.join(cache_dir, name)).st_mtime_ns
+            with open(os.path.join(cache_dir, stamp), "xb") as f:
+                f.write(mtime_ns.to_bytes(8, "little"))
+            n += 1
+        except OSError:  # removed meanwhile, or stamped by another process first
+            pass
+    return n
+
+
 def _cpu_only_host() -> bool:
     """True when JAX will run on the CPU: JAX_PLATFORMS says so, or no accelerator plugin is
     installed."""
@@ -174,10 +214,11 @@ def configure(compilation_cache: str | None = None) -> dict:
         jax.config.update("jax_compilation_cache_dir", cache_dir)
         if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        if ("JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ
+        if ("JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and not _jax_owns(compilation_cache)
                 and importlib.util.find_spec("filelock") is not None):
             # A size limit makes JAX evict old entries and lock the folder for each read / write.
             jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+            stamp_unstamped_entries(cache_dir)
     jax_cache.reset_cache()  # pick the new setting up even after an earlier compile
     _configured = {"compilation_cache": cache_dir, "xla_flags_added": added}
     return dict(_configured)

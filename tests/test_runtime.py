@@ -83,6 +83,35 @@ def test_startup_clock_sections_and_cache_notes(tmp_path, own_cache_settings):
     assert _cache_files(tmp_path) == n_files
 
 
+def test_entries_written_without_a_size_limit_do_not_stop_the_cache(tmp_path, monkeypatch,
+                                                                    own_cache_settings):
+    """JAX with a size limit writes nothing more to a folder holding one entry that has no
+    last-use stamp (what a JAX process without a limit writes): pbe_jax stamps such entries in
+    its own folders, and keeps JAX's setting for JAX_COMPILATION_CACHE_DIR (the test suite's
+    worker processes and its command lines share one; the command lines wrote nothing)."""
+    import jax
+    import jax.numpy as jnp
+
+    folder = tmp_path / "own" / runtime.host_cpu_tag()
+    folder.mkdir(parents=True)
+    (folder / "jit_foreign-0123-cache").write_bytes(b"written by a JAX without a size limit")
+    runtime.configure(str(tmp_path / "own"))
+    assert jax.config.jax_compilation_cache_max_size == runtime.CACHE_MAX_BYTES
+    assert (folder / "jit_foreign-0123-atime").is_file()
+    jax.jit(lambda x: x * 7 - 3)(jnp.arange(3.0)).block_until_ready()
+    assert list(folder.glob("jit__lambda-*-cache")), sorted(os.listdir(folder))
+    # JAX's own variable: JAX's size setting (unlimited here) stays, and entries are left alone
+    monkeypatch.delenv(runtime.CACHE_ENV, raising=False)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    assert runtime.configure()["compilation_cache"] == str(tmp_path / "jax")
+    assert jax.config.jax_compilation_cache_max_size == -1
+    jax.jit(lambda x: x * 11 + 5)(jnp.arange(4.0)).block_until_ready()
+    names = [p.name for p in (tmp_path / "jax").iterdir()]
+    assert any(n.startswith("jit__lambda-") for n in names) and all(n.endswith("-cache") for n in names)
+
+
 def _startup_line(stderr: str) -> str:
     lines = [ln for ln in stderr.splitlines() if " start-up " in ln]
     assert len(lines) == 1, stderr[-3000:]

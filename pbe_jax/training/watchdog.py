@@ -118,7 +118,9 @@ class Watchdog:
         if not self.peers:
             return
         missing, why = distributed.missing_processes()
-        if missing:
+        # stop() may come while the query runs (the run ended; a peer past the exit barrier
+        # has disconnected): the exit barrier's timeout bounds the way out, not the watchdog
+        if missing and not self._stop.is_set():
             self.die(EXIT_PEER_LOST, f"process(es) {missing} of {jax.process_count()} gone ({why})")
 
     def die(self, code: int, what: str) -> None:
