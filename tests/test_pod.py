@@ -1,11 +1,13 @@
-"""Pod-grade failures on CPU (2 processes over 127.0.0.1 through launch/local.sh): a dead peer
-ends the run with a message instead of a hang (`pbe_jax.training.watchdog`), and
+"""Pod-grade failures on CPU (2 processes x 2 devices over 127.0.0.1 through launch/local.sh): a
+dead peer ends the run with a message instead of a hang (`pbe_jax.training.watchdog`),
 `--max_restarts` restarts it from the newest checkpoint to the same result as an uninterrupted
-run. One supervised run carries every assertion (multi-process runs are slow on 2 cores)."""
+run, and a checkpoint resumes on a smaller slice of another shape. One uninterrupted 2-process
+run (a module fixture) is the reference of both (multi-process runs are slow on 2 cores)."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,17 +17,18 @@ import numpy as np
 import pytest
 
 from pbe_jax.training.watchdog import EXIT_PEER_LOST
-from tests.train_utils import CONFIG_FILE, REPO, cli_overrides, read_metrics
+from tests.train_utils import CONFIG_FILE, REPO, cli_overrides, read_metrics, subprocess_env, train_cmd
 
 LAUNCH = os.path.join(REPO, "launch", "local.sh")
 STEPS = 12
+RUN = {"train.num_steps": STEPS, "ckpt_every_steps": 4, "watchdog.stall_minutes": 3,
+       "watchdog.heartbeat_seconds": 10}
 
 
 def _launch(workdir, logs, *extra):
-    cmd = [LAUNCH, "-n", "2", "-d", "1", "-l", str(logs), *extra, "--", sys.executable, "-m", "pbe_jax.train",
+    cmd = [LAUNCH, "-n", "2", "-d", "2", "-l", str(logs), *extra, "--", sys.executable, "-m", "pbe_jax.train",
            f"--config={CONFIG_FILE}:demo", f"--workdir={workdir}",
-           *cli_overrides(**{"train.num_steps": STEPS, "mesh": "data:2", "ckpt_every_steps": 4,
-                             "watchdog.stall_minutes": 3, "watchdog.heartbeat_seconds": 10})]
+           *cli_overrides(**{**RUN, "mesh": "data:2,fsdp:2"})]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "DRY_RUN")}
     env.update(PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -46,17 +49,25 @@ def _params(workdir, step):
     return jax.tree.leaves(r["params"])
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: 2 processes x 2 devices, mesh data:2,fsdp:2, checkpoints at 4, 8
+    and 12. The supervised run then reads process 0's programs from the compilation cache (as a
+    restart does) instead of compiling them again beside it."""
+    tmp = tmp_path_factory.mktemp("pod_reference")
+    proc = _launch(tmp / "ref", tmp / "ref_logs")
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    return tmp / "ref"
+
+
 @pytest.mark.slow
-def test_sigkill_one_process_watchdog_message_then_supervised_restart_is_exact(tmp_path):
+def test_sigkill_one_process_watchdog_message_then_supervised_restart_is_exact(tmp_path, reference):
     """Process 1 is SIGKILLed after the checkpoint at step 4: process 0 exits EXIT_PEER_LOST
     at once (not JAX's C++ abort) naming the missing process and the step, with its Python
     stacks; `local.sh --max_restarts=1` restarts both, the run resumes from step 4 and ends
     with losses and params bitwise equal to an uninterrupted run; restarts.jsonl has the row."""
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    # the uninterrupted run first: the supervised run then reads its programs from the
-    # compilation cache (as a restart does) instead of compiling them again beside it
-    reference = _launch(ref, tmp_path / "ref_logs")
-    _, ref_err = reference.communicate(timeout=900)
+    ref, run = reference, tmp_path / "run"
     supervised = _launch(run, tmp_path / "logs", "--max_restarts=1", "--restart_backoff=0")
     try:
         deadline = time.time() + 900
@@ -68,10 +79,8 @@ def test_sigkill_one_process_watchdog_message_then_supervised_restart_is_exact(t
         killed = time.time()
         _, err = supervised.communicate(timeout=900)
     finally:
-        for p in (reference, supervised):
-            if p.poll() is None:
-                p.kill()
-    assert reference.returncode == 0, ref_err[-3000:]
+        if supervised.poll() is None:
+            supervised.kill()
     assert supervised.returncode == 0, err[-3000:]
     log0 = (tmp_path / "logs" / "proc_0.log").read_text()
     first = log0.split("==== launcher: restart 1")[0]
@@ -88,3 +97,25 @@ def test_sigkill_one_process_watchdog_message_then_supervised_restart_is_exact(t
     for x, y in zip(_params(str(ref), STEPS), _params(str(run), STEPS)):
         np.testing.assert_array_equal(x, y)
 
+
+
+@pytest.mark.slow
+def test_resume_on_a_smaller_slice_of_another_shape(tmp_path, reference):
+    """The reference's step-4 checkpoint (2 processes x 2 devices, mesh data:2,fsdp:2) resumes
+    in 1 process x 2 devices with mesh data:1,fsdp:2: params and optimizer state resharded on
+    restore, the global data stream continues at the same batch, and every loss of steps 5-12
+    follows the uninterrupted run within 1e-5 relative."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    for step in (8, STEPS):  # the run as it stood at its step-4 checkpoint
+        shutil.rmtree(run / "checkpoints" / str(step))
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= 4))
+    r = subprocess.run(train_cmd(str(run), **{**RUN, "mesh": "data:1,fsdp:2"}), env=subprocess_env(2),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "over 2 devices, 1 processes" in r.stderr, r.stderr[-3000:]
+    a, b = read_metrics(str(reference)), read_metrics(str(run))
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for s in range(5, STEPS + 1):
+        np.testing.assert_allclose(b[s]["loss"], a[s]["loss"], rtol=1e-5)
