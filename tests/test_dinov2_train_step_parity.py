@@ -3,8 +3,9 @@ transformers `Dinov2Model` (frozen) + the projection (`torch.nn.Linear`) + diffu
 `UNet2DConditionModel` / `AutoencoderKL`, with the official PbE loss of tests/torch_pbe_step.py
 (posterior noise, CFG drop, timesteps and noise given as `diffusion.LossDraws`).
 
-The tiny model is the demo's `conditioner=dinov2` one (a 4-layer DINOv2 tower on 32 px
-references, 1 + 16 ID tokens), pbe_jax random init perturbed so no bias, norm or layer scale sits
+The tiny model is the demo's `conditioner=dinov2` one with a 1-layer DINOv2 tower (the demo has
+4: the same code, less to compile; the tower's own parity is tests/test_dinov2.py) on 32 px
+references, 1 + 16 ID tokens, pbe_jax random init perturbed so no bias, norm or layer scale sits
 at its init value. Checked: the loss, and every trainable parameter's gradient (UNet, proj_out,
 uncond_vector) within 1e-4 relative, read from AdamW's first moment after the jitted step; the
 tower is frozen (no gradient, not in the optimizer state). With 17 context tokens the UNet's
@@ -38,7 +39,8 @@ B = 4
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    cfg = tiny_config("demo,conditioner=dinov2", **OFFICIAL)
+    cfg = tiny_config("demo,conditioner=dinov2", **OFFICIAL,
+                      **{"model.image_encoder.num_hidden_layers": 1})
     with cfg.unlocked():
         cfg.model.scheduler.prediction_type = "epsilon"
     setup = Setup(cfg, shd.make_mesh("data:1", devices=jax.devices()[:1]))
