@@ -16,13 +16,14 @@ from tests.train_utils import tiny_config
 
 @pytest.mark.slow
 def test_lr_sweep_compiles_the_step_once(tmp_path):
-    """Three lr values (the third with another warm-up, weight decay, drop probability, EMA decay
-    and clip norm too): the step compiles once, the other points load it from the cache, and each point
-    trains with its own values (the lr metric and the losses differ)."""
+    """Two sweep points, the second with another lr, warm-up, weight decay, drop probability, EMA
+    decay and clip norm (every one of them a step input, so an lr-only sweep is covered too): the
+    step compiles once, the second point loads it from the cache, and each point trains with its
+    own values (the lr metric and the losses differ)."""
     runtime.configure(str(tmp_path / "xla"))
     mesh = shd.make_mesh("data:1", devices=jax.devices()[:1])
     base = {"train.warmup_steps": 3, "train.ema_decay": 0.9, "train.grad_clip": 1.0}
-    points = [{"train.lr": 1e-3}, {"train.lr": 2e-3},
+    points = [{"train.lr": 1e-3},
               {"train.lr": 5e-3, "train.warmup_steps": 5, "train.weight_decay": 0.1,
                "train.cond_drop_prob": 0.5, "train.ema_decay": 0.5, "train.grad_clip": 0.5}]
     misses, lrs, losses = [], [], []
@@ -43,7 +44,7 @@ def test_lr_sweep_compiles_the_step_once(tmp_path):
             losses.append(float(m["loss"]))
     finally:
         runtime.configure("off")
-    assert misses[0] >= 1 and misses[1:] == [0, 0], misses
+    assert misses[0] >= 1 and misses[1:] == [0], misses
     # lr after one step of warm-up: lr * (f + (1 - f) / W)
     for point, lr in zip(points, lrs):
         h = hparams_of(tiny_config(**{**base, **point}).train)
