@@ -101,7 +101,7 @@ def test_lora_steps_on_8_devices_fsdp_change_only_adapters_and_named_parts_bf16_
     assert not any("'kernel'" in k and "'unet'" in k for k in opt)  # no optimizer state for the base
     step = setup.jit_step()
     batches = [{k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in b.items()}
-               for b in host_batches(cfg, 3)]
+               for b in host_batches(cfg, 2)]
     losses = []
     for gb in batches:
         state, m = step(state, frozen, gb)
@@ -205,6 +205,13 @@ def tiny_pipe_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def peft_file(tiny_pipe_dir, tmp_path_factory):
+    """(the random adapter, its PEFT file): one for the load_lora and the sample CLI tests."""
+    adapter = _random_adapter(tiny_pipe_dir)
+    return adapter, lora_io.save_peft(adapter, str(tmp_path_factory.mktemp("lora") / "lora"))
+
+
 def _edit(pipe):
     rng = np.random.default_rng(0)
     src = rng.integers(0, 256, (64, 64, 3), np.uint8)
@@ -215,14 +222,13 @@ def _edit(pipe):
 
 
 @pytest.mark.slow
-def test_load_lora_from_a_peft_file_scale_compiles_nothing_fuse_unfuse(tiny_pipe_dir, tmp_path):
+def test_load_lora_from_a_peft_file_scale_compiles_nothing_fuse_unfuse(tiny_pipe_dir, peft_file):
     from tests.test_architecture import compile_events
 
     base = PaintByExample.from_pretrained(tiny_pipe_dir)
-    adapter = _random_adapter(tiny_pipe_dir)
-    f = lora_io.save_peft(adapter, str(tmp_path / "lora"))
+    adapter, f = peft_file
     assert os.path.basename(f) == "pytorch_lora_weights.safetensors"
-    back = lora_io.read_lora(str(tmp_path / "lora"))  # the PEFT layout read back
+    back = lora_io.read_lora(os.path.dirname(f))  # the PEFT layout read back
     assert back.layers.keys() == adapter.layers.keys()
     pipe = PaintByExample.from_pretrained(tiny_pipe_dir)
     kernel0 = {n: np.asarray(ly.kernel[...]) for n, ly in lora.lora_layers(pipe).items()} or None
@@ -251,11 +257,14 @@ def test_load_lora_from_a_peft_file_scale_compiles_nothing_fuse_unfuse(tiny_pipe
 
 
 @pytest.mark.slow
-def test_sample_cli_lora_flags(tiny_pipe_dir, tmp_path):
-    """`python -m pbe_jax.sample --lora=FILE --lora_scale=S`: the LoRA changes the edit."""
+def test_sample_cli_lora_flags(tiny_pipe_dir, peft_file, tmp_path):
+    """`python -m pbe_jax.sample --lora=FILE --lora_scale=S`: the LoRA and its scale change the
+    edit. Both runs load the LoRA (scale 0, the base model's edit as the test above shows, and
+    1.5): one program, the second run reads it from the compilation cache; an ignored --lora or
+    --lora_scale gives two equal edits."""
     from PIL import Image
 
-    f = lora_io.save_peft(_random_adapter(tiny_pipe_dir), str(tmp_path / "lora"))
+    _, f = peft_file
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(tmp_path / "s.png")
     mask = np.zeros((64, 64), np.uint8)
@@ -264,7 +273,7 @@ def test_sample_cli_lora_flags(tiny_pipe_dir, tmp_path):
     Image.fromarray(rng.integers(0, 256, (40, 40, 3), np.uint8)).save(tmp_path / "r.png")
     env = subprocess_env(1)
     outs = []
-    for extra in ([], [f"--lora={f}", "--lora_scale=1.5"]):
+    for extra in ([f"--lora={f}", "--lora_scale=0"], [f"--lora={f}", "--lora_scale=1.5"]):
         out = str(tmp_path / f"out{len(outs)}.png")
         cmd = [sys.executable, "-m", "pbe_jax.sample", f"--model={tiny_pipe_dir}", f"--source={tmp_path / 's.png'}",
                f"--mask={tmp_path / 'm.png'}", f"--reference={tmp_path / 'r.png'}", f"--out={out}",
