@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -40,6 +41,54 @@ def _sample(args, model_dir=None, **kw):
     model = [f"--model={model_dir}"] if model_dir else []
     return subprocess.run([sys.executable, "-m", "pbe_jax.sample", *model, *args], capture_output=True,
                           text=True, env=subprocess_env(), cwd=REPO, timeout=300, **kw)
+
+
+# argv[1]: a JSON list of steps run in turn in one process: a `pbe_jax.sample` command line
+# (parsed as `cli_flags.run` parses it, then main runs; a SystemExit message is printed to
+# stderr and exits 1, as absl's app.run does), or ["mv", a, b], ["rm", path], ["ls", dir].
+SAMPLE_EACH = """
+import contextlib, io, json, os, shutil, sys, traceback
+from absl import flags
+from pbe_jax import cli_flags, sample
+sample.define_flags()
+for step in json.loads(sys.argv[1]):
+    if step[0] in ("mv", "rm", "ls"):
+        if step[0] == "mv":
+            shutil.move(step[1], step[2])
+        elif step[0] == "rm":
+            os.remove(step[1])
+        else:
+            print("LS " + json.dumps(sorted(os.listdir(step[1]))), flush=True)
+        continue
+    flags.FLAGS.unparse_flags()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = sample.main(flags.FLAGS(cli_flags.dashes_to_underscores(["sample", *step])))
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) or e.code is None else 1
+            if not isinstance(e.code, int) and e.code is not None:
+                print(e.code, file=sys.stderr)
+        except Exception:
+            rc = 1
+            traceback.print_exc()
+    print("RESULT " + json.dumps({"returncode": rc or 0, "stdout": out.getvalue(), "stderr": err.getvalue()}),
+          flush=True)
+"""
+
+
+def _sample_each(steps: list) -> list:
+    """The results of `steps` (SAMPLE_EACH) run in one process, in order: a SimpleNamespace
+    (returncode, stdout, stderr) per command line, the listing per ["ls", dir]. One start-up and
+    one load of the edit program for several command lines where their parsing, checks and
+    messages are what is tested (the lock tests run the command line itself)."""
+    r = subprocess.run([sys.executable, "-c", SAMPLE_EACH, json.dumps(steps)], capture_output=True,
+                       text=True, env=subprocess_env(), cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    got = [SimpleNamespace(**json.loads(x[len("RESULT "):])) if x.startswith("RESULT ") else json.loads(x[3:])
+           for x in r.stdout.splitlines() if x.startswith(("RESULT ", "LS "))]
+    assert len(got) == sum(s[0] != "mv" and s[0] != "rm" for s in steps), r.stdout[-3000:]
+    return got
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,15 +173,23 @@ def test_single_edit_leaves_an_unrelated_name_0_png_alone(files, model_dir, tmp_
     assert sorted(os.listdir(d)) == ["cat.png", "cat_0.png"]
 
 
-def test_single_edit_refuses_an_input_or_a_foreign_file_as_out(files, tmp_path):
+def test_single_edit_refuses_an_input_or_a_foreign_file_as_out_and_num_samples_zero(files, model_dir, tmp_path):
     inputs = [f"--source={files / 's.png'}", f"--mask={files / 'm.png'}", f"--reference={files / 'r.png'}"]
     source = (files / "s.png").read_bytes()
-    p = _sample([*inputs, f"--out={files / 's.png'}", "--overwrite"], "no/such-model")
-    assert p.returncode != 0 and "is the --source file" in p.stderr, p.stderr[-2000:]
     (tmp_path / "photo.png").write_bytes(source)
-    p = _sample([*inputs, f"--out={tmp_path / 'photo.png'}"], "no/such-model")
+    as_source, foreign, zero = _sample_each([
+        ["--model=no/such-model", *inputs, f"--out={files / 's.png'}", "--overwrite"],
+        ["--model=no/such-model", *inputs, f"--out={tmp_path / 'photo.png'}"],
+        [f"--model={model_dir}", f"--manifest={_one_row(tmp_path, files)}", f"--out={tmp_path / 'out'}",
+         "--num_samples=0"]])
+    p = as_source
+    assert p.returncode != 0 and "is the --source file" in p.stderr, p.stderr[-2000:]
+    p = foreign
     assert p.returncode != 0 and "is not an output of this run" in p.stderr, p.stderr[-2000:]
     assert (files / "s.png").read_bytes() == source == (tmp_path / "photo.png").read_bytes()
+    p = zero
+    assert p.returncode != 0 and "--num_samples=0: must be at least 1" in p.stderr, p.stderr[-2000:]
+    assert "ZeroDivisionError" not in p.stderr
 
 
 def test_a_source_in_out_is_never_an_output_not_even_with_overwrite(pipe, tmp_path):
@@ -250,19 +307,22 @@ def test_resumed_sample_refuses_a_newer_training_step(pipe, files, tmp_path):
     shutil.move(wd / "checkpoints" / "7", newer)  # training has reached step 3 only
     manifest = _one_row(tmp_path, files)
     out = tmp_path / "out"
-    args = [f"--manifest={manifest}", f"--out={out}", "--steps=2", "--scheduler=ddim"]
-    p = _sample(args, wd)
+    args = [f"--model={wd}", f"--manifest={manifest}", f"--out={out}", "--steps=2", "--scheduler=ddim"]
+    first, _, second, listed = _sample_each([
+        args, ["ls", str(out)],
+        ["mv", str(newer), str(wd / "checkpoints" / "7")],  # training went on
+        ["rm", str(out / "a_0.png")],  # a row still to do
+        args, ["ls", str(out)]])
+    p = first
     assert p.returncode == 0, p.stderr[-2000:]
     weights = json.loads((out / "settings.json").read_text())["weights"]
     # EMA by default (issue 32): the run keeps EMA params, so they are the ones loaded
     assert weights["step"] == 3 and weights["ema"] is True, weights
-    shutil.move(newer, wd / "checkpoints" / "7")  # training went on
-    os.remove(out / "a_0.png")  # a row still to do
-    p = _sample(args, wd)
+    p = second
     assert p.returncode != 0, p.stdout + p.stderr[-2000:]
     assert "made by step 3 (EMA params" in p.stderr and "now loads step 7 (EMA params" in p.stderr, \
         p.stderr[-2000:]
-    assert sorted(os.listdir(out)) == ["settings.json"]  # nothing from step 7 mixed in
+    assert listed == sorted(os.listdir(out)) == ["settings.json"]  # nothing from step 7 mixed in
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,13 +335,17 @@ def test_all_rows_failed_writes_no_settings_so_a_corrected_rerun_runs(files, mod
     out = tmp_path / "out"
     bad = _manifest(tmp_path / "bad.jsonl", [{"id": "a", "source": str(files / "typo.png"),
                                               "mask": str(files / "m.png"), "reference": str(files / "r.png")}])
-    p = _sample([f"--manifest={bad}", f"--out={out}", "--steps=2", "--scheduler=ddim"], model_dir)
-    assert p.returncode == 1 and "0/1 rows done" in p.stdout and "missing source file" in p.stdout
-    assert os.listdir(out) == []
     good = _one_row(tmp_path, files)
-    # other settings (a seed: the edit program the other tests compiled) are not refused either
-    p = _sample([f"--manifest={good}", f"--out={out}", "--steps=2", "--seed=1", "--scheduler=ddim"], model_dir)
+    model = f"--model={model_dir}"
+    p, listed, p2 = _sample_each([
+        [model, f"--manifest={bad}", f"--out={out}", "--steps=2", "--scheduler=ddim"], ["ls", str(out)],
+        # other settings (a seed: the edit program the other tests compiled) are not refused either
+        [model, f"--manifest={good}", f"--out={out}", "--steps=2", "--seed=1", "--scheduler=ddim"]])
+    assert p.returncode == 1 and "0/1 rows done" in p.stdout and "missing source file" in p.stdout
+    assert listed == []
+    p = p2
     assert p.returncode == 0 and "1/1 rows done" in p.stdout, p.stdout + p.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["a_0.png", "settings.json"]
 
 
 def test_excel_utf8_bom_csv_manifest_is_read(tmp_path):
@@ -292,13 +356,6 @@ def test_excel_utf8_bom_csv_manifest_is_read(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_bytes('{"id": "b", "source": "s", "mask": "m", "reference": "r"}\n'.encode("utf-8-sig"))
     assert read_manifest(str(path), 0)[0].id == "b"
-
-
-def test_num_samples_zero_is_refused_at_start(files, model_dir, tmp_path):
-    p = _sample([f"--manifest={_one_row(tmp_path, files)}", f"--out={tmp_path / 'out'}", "--num_samples=0"],
-                model_dir)
-    assert p.returncode != 0 and "--num_samples=0: must be at least 1" in p.stderr, p.stderr[-2000:]
-    assert "ZeroDivisionError" not in p.stderr
 
 
 def test_a_mistyped_local_model_path_is_no_such_folder_not_a_hub_error(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import time
 import jax
 import pytest
 
+from pbe_jax import metrics
 from pbe_jax import sharding as shd
 from pbe_jax.checkpoint import CheckpointError
 from pbe_jax.models import hub
@@ -32,52 +33,37 @@ def _wait_for(cond, p: subprocess.Popen, what: str, timeout: float = 600) -> Non
         time.sleep(0.05)
 
 
-# `python -m pbe_jax.train` whose first logged step waits for the file named last on the command
-# line: the run holds its workdir mid-training for as long as the test needs (not a guess of
-# how many steps outlast the other processes' start-up).
-HOLDING_TRAIN = """
-import os, sys, time
-from absl import app
-from pbe_jax import metrics, train
-go = sys.argv.pop()
-real = metrics.MetricWriter.scalars
-def scalars(self, step, values):
-    real(self, step, values)
-    while step == 1 and not os.path.exists(go):
-        time.sleep(0.05)
-metrics.MetricWriter.scalars = scalars
-train.define_flags()
-app.run(train.main)
-"""
-
-
-@pytest.mark.slow
-def test_a_second_train_on_a_busy_workdir_refuses_naming_the_holder(tmp_path):
+def test_a_second_train_on_a_busy_workdir_refuses_naming_the_holder(tmp_path, monkeypatch):
     """While one run trains, the same command and one with another seed both refuse at once
     (non-zero, naming the holder's pid and host); the first finishes with its own steps,
-    checkpoint and config.json, unmixed."""
-    wd, n, go = str(tmp_path / "run"), 3, str(tmp_path / "go")
+    checkpoint and config.json, unmixed. The first run is this process (its first logged step
+    starts the other two command lines and waits for them): its train step is the one the
+    tests below use (one compile), where a holding `pbe_jax.train` compiled a 1-device step."""
+    wd, n = str(tmp_path / "run"), 2
     env = subprocess_env(1)
-    first = subprocess.Popen([sys.executable, "-c", HOLDING_TRAIN,
-                              *train_cmd(wd, **{"train.num_steps": n})[3:], go], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(lambda: len(read_metrics(wd)) >= 1, first, "the first step")
+    refusals: list = []
+    real = metrics.MetricWriter.scalars
+
+    def scalars(self, step, values):  # mid-training: step 1 is logged, the run holds wd
+        real(self, step, values)
+        if step != 1 or refusals:
+            return
+        assert read_metrics(wd) and not os.path.exists(os.path.join(wd, "checkpoints", str(n)))
         t0 = time.time()
         seconds = [subprocess.Popen(train_cmd(wd, **{"train.num_steps": n, "seed": seed}), env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                    for seed in (0, 7)]
-        for p in seconds:
-            _, err = p.communicate(timeout=300)
-            assert p.returncode != 0, err[-3000:]
-            assert f"is in use by pid {first.pid} on host {os.uname().nodename}" in err, err[-3000:]
-            assert "--reclaim_lock" in err and "Traceback" not in err, err[-3000:]
-        assert first.poll() is None, "the first run ended before the second ones were refused"
-        assert time.time() - t0 < 120
-    finally:
-        open(go, "w").close()  # the first run goes on
-    _, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err[-3000:]
+        refusals.extend((p, p.communicate(timeout=300)[1]) for p in seconds)
+        refusals.append(time.time() - t0)
+
+    monkeypatch.setattr(metrics.MetricWriter, "scalars", scalars)
+    train_and_evaluate(tiny_config(**{"train.num_steps": n}), wd)
+    *seconds, took = refusals
+    assert len(seconds) == 2 and took < 120, refusals
+    for p, err in seconds:
+        assert p.returncode != 0, err[-3000:]
+        assert f"is in use by pid {os.getpid()} on host {os.uname().nodename}" in err, err[-3000:]
+        assert "--reclaim_lock" in err and "Traceback" not in err, err[-3000:]
     assert logged_steps(wd) == list(range(1, n + 1))
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == [str(n)]
     assert json.loads(open(os.path.join(wd, "config.json")).read())["seed"] == 0
