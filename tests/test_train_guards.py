@@ -33,6 +33,7 @@ def _wait_for(cond, p: subprocess.Popen, what: str, timeout: float = 600) -> Non
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_second_train_on_a_busy_workdir_refuses_naming_the_holder(tmp_path, monkeypatch):
     """While one run trains, the same command and one with another seed both refuse at once
     (non-zero, naming the holder's pid and host); the first finishes with its own steps,
@@ -100,7 +101,7 @@ def test_resume_changed_config_past_or_at_num_steps_and_other_shapes(tmp_path, c
 
 def test_a_run_whose_every_step_is_non_finite_fails(tmp_path, monkeypatch):
     """NaN initial params (a skipped update keeps them): every loss is NaN. The train step is
-    the program the test above compiled (same config), so the compilation cache serves it."""
+    the program the tests above compiled (same config), so the compilation cache serves it."""
     real = loop._init_params
 
     def nan_params(*a, **k):
