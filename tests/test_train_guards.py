@@ -15,7 +15,6 @@ import time
 import jax
 import pytest
 
-from pbe_jax import metrics
 from pbe_jax import sharding as shd
 from pbe_jax.checkpoint import CheckpointError
 from pbe_jax.models import hub
@@ -33,38 +32,52 @@ def _wait_for(cond, p: subprocess.Popen, what: str, timeout: float = 600) -> Non
         time.sleep(0.05)
 
 
+# `python -m pbe_jax.train` whose first logged step waits for the file named last on the command
+# line: the run holds its workdir mid-training for as long as the test needs (not a guess of
+# how many steps outlast the other processes' start-up).
+HOLDING_TRAIN = """
+import os, sys, time
+from absl import app
+from pbe_jax import metrics, train
+go = sys.argv.pop()
+real = metrics.MetricWriter.scalars
+def scalars(self, step, values):
+    real(self, step, values)
+    while step == 1 and not os.path.exists(go):
+        time.sleep(0.05)
+metrics.MetricWriter.scalars = scalars
+train.define_flags()
+app.run(train.main)
+"""
+
+
 @pytest.mark.slow
-def test_a_second_train_on_a_busy_workdir_refuses_naming_the_holder(tmp_path, monkeypatch):
+def test_a_second_train_on_a_busy_workdir_refuses_naming_the_holder(tmp_path):
     """While one run trains, the same command and one with another seed both refuse at once
     (non-zero, naming the holder's pid and host); the first finishes with its own steps,
-    checkpoint and config.json, unmixed. The first run is this process (its first logged step
-    starts the other two command lines and waits for them): its train step is the one the
-    tests below use (one compile), where a holding `pbe_jax.train` compiled a 1-device step."""
-    wd, n = str(tmp_path / "run"), 2
+    checkpoint and config.json, unmixed."""
+    wd, n, go = str(tmp_path / "run"), 3, str(tmp_path / "go")
     env = subprocess_env(1)
-    refusals: list = []
-    real = metrics.MetricWriter.scalars
-
-    def scalars(self, step, values):  # mid-training: step 1 is logged, the run holds wd
-        real(self, step, values)
-        if step != 1 or refusals:
-            return
-        assert read_metrics(wd) and not os.path.exists(os.path.join(wd, "checkpoints", str(n)))
+    first = subprocess.Popen([sys.executable, "-c", HOLDING_TRAIN,
+                              *train_cmd(wd, **{"train.num_steps": n})[3:], go], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: len(read_metrics(wd)) >= 1, first, "the first step")
         t0 = time.time()
         seconds = [subprocess.Popen(train_cmd(wd, **{"train.num_steps": n, "seed": seed}), env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                    for seed in (0, 7)]
-        refusals.extend((p, p.communicate(timeout=300)[1]) for p in seconds)
-        refusals.append(time.time() - t0)
-
-    monkeypatch.setattr(metrics.MetricWriter, "scalars", scalars)
-    train_and_evaluate(tiny_config(**{"train.num_steps": n}), wd)
-    *seconds, took = refusals
-    assert len(seconds) == 2 and took < 120, refusals
-    for p, err in seconds:
-        assert p.returncode != 0, err[-3000:]
-        assert f"is in use by pid {os.getpid()} on host {os.uname().nodename}" in err, err[-3000:]
-        assert "--reclaim_lock" in err and "Traceback" not in err, err[-3000:]
+        for p in seconds:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode != 0, err[-3000:]
+            assert f"is in use by pid {first.pid} on host {os.uname().nodename}" in err, err[-3000:]
+            assert "--reclaim_lock" in err and "Traceback" not in err, err[-3000:]
+        assert first.poll() is None, "the first run ended before the second ones were refused"
+        assert time.time() - t0 < 120
+    finally:
+        open(go, "w").close()  # the first run goes on
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
     assert logged_steps(wd) == list(range(1, n + 1))
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == [str(n)]
     assert json.loads(open(os.path.join(wd, "config.json")).read())["seed"] == 0
@@ -101,7 +114,7 @@ def test_resume_changed_config_past_or_at_num_steps_and_other_shapes(tmp_path, c
 
 def test_a_run_whose_every_step_is_non_finite_fails(tmp_path, monkeypatch):
     """NaN initial params (a skipped update keeps them): every loss is NaN. The train step is
-    the program the tests above compiled (same config), so the compilation cache serves it."""
+    the program the test above compiled (same config), so the compilation cache serves it."""
     real = loop._init_params
 
     def nan_params(*a, **k):
