@@ -51,3 +51,23 @@ def _torch_threads():
         return
     torch.manual_seed(0)
     torch.set_num_threads(2)
+
+
+@pytest.fixture
+def own_cache_settings(monkeypatch):
+    """Let a test call runtime.configure (its own cache folder, or off); afterwards this worker
+    has the suite's cache settings back (a worker left with the cache off compiles every later
+    test's programs again)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    from pbe_jax import runtime
+
+    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+             "jax_persistent_cache_min_compile_time_secs", "jax_compilation_cache_max_size")
+    saved = {n: getattr(jax.config, n) for n in names}
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+    monkeypatch.setattr(runtime, "_configured", None)
+    yield
+    for n, v in saved.items():
+        jax.config.update(n, v)
+    compilation_cache.reset_cache()

@@ -35,23 +35,6 @@ def test_default_xla_flags_never_override_the_user(monkeypatch):
     assert os.environ["XLA_FLAGS"] == "--xla_bar=x --xla_backend_optimization_level=3 --xla_foo=1"
 
 
-@pytest.fixture
-def own_cache_settings(monkeypatch):
-    """Let a test call runtime.configure; afterwards the suite's cache settings are back."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache
-
-    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
-             "jax_persistent_cache_min_compile_time_secs", "jax_compilation_cache_max_size")
-    saved = {n: getattr(jax.config, n) for n in names}
-    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
-    monkeypatch.setattr(runtime, "_configured", None)
-    yield
-    for n, v in saved.items():
-        jax.config.update(n, v)
-    compilation_cache.reset_cache()
-
-
 def test_startup_clock_sections_and_cache_notes(tmp_path, own_cache_settings):
     import jax
     import jax.numpy as jnp

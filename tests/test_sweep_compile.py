@@ -15,7 +15,7 @@ from tests.train_utils import tiny_config
 
 
 @pytest.mark.slow
-def test_lr_sweep_compiles_the_step_once(tmp_path):
+def test_lr_sweep_compiles_the_step_once(tmp_path, own_cache_settings):
     """Two sweep points, the second with another lr, warm-up, weight decay, drop probability, EMA
     decay and clip norm (every one of them a step input, so an lr-only sweep is covered too): the
     step compiles once, the second point loads it from the cache, and each point trains with its
@@ -27,23 +27,20 @@ def test_lr_sweep_compiles_the_step_once(tmp_path):
               {"train.lr": 5e-3, "train.warmup_steps": 5, "train.weight_decay": 0.1,
                "train.cond_drop_prob": 0.5, "train.ema_decay": 0.5, "train.grad_clip": 0.5}]
     misses, lrs, losses = [], [], []
-    try:
-        for point in points:
-            cfg = tiny_config(**{**base, **point})
-            setup = Setup(cfg, mesh)
-            params, frozen = setup.random_params()
-            state = setup.new_state(params)
-            batch = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim))
-                     for k, v in _batch(cfg).items()}
-            before = runtime.compile_counts()["cache_misses"]
-            step = setup.jit_step().lower(state, frozen, batch).compile()
-            misses.append(runtime.compile_counts()["cache_misses"] - before)
-            for _ in range(2):
-                state, m = step(state, frozen, batch)
-            lrs.append(float(m["lr"]))
-            losses.append(float(m["loss"]))
-    finally:
-        runtime.configure("off")
+    for point in points:
+        cfg = tiny_config(**{**base, **point})
+        setup = Setup(cfg, mesh)
+        params, frozen = setup.random_params()
+        state = setup.new_state(params)
+        batch = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim))
+                 for k, v in _batch(cfg).items()}
+        before = runtime.compile_counts()["cache_misses"]
+        step = setup.jit_step().lower(state, frozen, batch).compile()
+        misses.append(runtime.compile_counts()["cache_misses"] - before)
+        for _ in range(2):
+            state, m = step(state, frozen, batch)
+        lrs.append(float(m["lr"]))
+        losses.append(float(m["loss"]))
     assert misses[0] >= 1 and misses[1:] == [0], misses
     # lr after one step of warm-up: lr * (f + (1 - f) / W)
     for point, lr in zip(points, lrs):
