@@ -5,10 +5,13 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+
+from tests.train_utils import REPO
 
 EXPECTED = {
     "train/tiny/images_per_s": "images/s",
@@ -65,18 +68,57 @@ def test_rows_and_table():
     assert table[3] == "| x/b | 5e+09 | - | - | FLOP |"
 
 
-@pytest.mark.slow
-def test_bench_gpu_command_runs_its_cpu_path(tmp_path):
-    """`--what=gpu` (the accelerator benchmark) end to end at the tiny size on the CPU: train and
-    sample rows for ours and diffusers, compile times, the compiled step's bytes. (torch.compile
-    is left off here: inductor's C++ build of the UNet takes many minutes on 2 cores.)"""
-    out = tmp_path / "gpu.json"
+@pytest.fixture(scope="module")
+def plain_install(tmp_path_factory):
+    """`pip install .` (not editable) of the working tree into a folder, and a directory outside
+    the checkout to run from: (target, elsewhere, env)."""
+    tmp = tmp_path_factory.mktemp("plain_install")
+    target, elsewhere = tmp / "site", tmp / "elsewhere"
+    elsewhere.mkdir()
+    build = tmp / "src"  # the working tree, without the venv and build leftovers
+    shutil.copytree(REPO, build, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "build",
+                                                               "*.egg-info", ".pytest_cache"))
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                          "--target", str(target), str(build)], capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(target), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return target, elsewhere, env
+
+
+@pytest.fixture(scope="module")
+def gpu_bench(plain_install, tmp_path_factory):
+    """`--what=gpu` at the tiny size, run from the plain install outside the checkout:
+    (process, JSON rows)."""
+    _, elsewhere, env = plain_install
+    out = tmp_path_factory.mktemp("gpu_bench") / "gpu.json"
     cmd = [sys.executable, "-m", "pbe_jax.bench", "--what=gpu", "--gpu_sizes=tiny", "--reps=1",
            "--warmup=0", "--sample_steps=2", "--sample_batch=2", "--torch_threads=2",
            "--torch_compile=false", f"--json={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    proc = subprocess.run(cmd, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
+    return proc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+@pytest.mark.slow
+def test_bench_runs_from_a_plain_install_outside_the_checkout(plain_install, gpu_bench):
+    """`pip install .` (not editable), then the bench from another directory: no package code
+    reads configs or anything else relative to the checkout."""
+    target, elsewhere, env = plain_install
+    where = subprocess.run([sys.executable, "-c", "import pbe_jax; print(pbe_jax.__file__)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+    assert where.stdout.startswith(str(target)), where.stdout
+    r, _ = gpu_bench
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "train/tiny/images_per_s" in r.stdout
+
+
+@pytest.mark.slow
+def test_bench_gpu_command_runs_its_cpu_path(gpu_bench):
+    """`--what=gpu` (the accelerator benchmark) end to end at the tiny size on the CPU: train and
+    sample rows for ours and diffusers, compile times, the compiled step's bytes. (torch.compile
+    is left off here: inductor's C++ build of the UNet takes many minutes on 2 cores.) It runs
+    from the plain install (`gpu_bench`), which is also what the test above checks."""
+    proc, rows = gpu_bench
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(out.read_text())
     for name in ("train/tiny/images_per_s", "train/tiny/mfu", "train/tiny/compile_time",
                  "train/tiny/compiled_step_bytes", "sample/tiny/images_per_s",
                  "sample/tiny/first_call_time"):
