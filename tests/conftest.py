@@ -19,20 +19,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pbe_jax_xla_cache_")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
-import gc  # noqa: E402
-
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-# The workers trace thousands of programs in one long-lived process, whose heap keeps growing:
-# with CPython's default thresholds the cyclic collector runs every 700 net allocations and, now
-# and then, walks that whole heap. Collecting the youngest generation every 50,000 allocations
-# instead took a fresh-clone CI run's pytest from ~1519 s to 1138 s (2-core box, 2026-12-06).
-# The command lines (subprocess tests) keep the interpreter's defaults, as users run them; tests
-# that measure the memory a library call holds use `python_gc_defaults` (cycles live longer here).
-PYTHON_GC_DEFAULTS = gc.get_threshold()
-gc.set_threshold(50_000, 20, 20)
 
 import pytest  # noqa: E402
 
@@ -82,13 +71,3 @@ def own_cache_settings(monkeypatch):
     for n, v in saved.items():
         jax.config.update(n, v)
     compilation_cache.reset_cache()
-
-
-@pytest.fixture
-def python_gc_defaults():
-    """The interpreter's own garbage-collector thresholds for this test (what a user's process
-    runs with): for tests that measure peak memory."""
-    saved = gc.get_threshold()
-    gc.set_threshold(*PYTHON_GC_DEFAULTS)
-    yield
-    gc.set_threshold(*saved)

@@ -254,7 +254,7 @@ def _peak_bytes(rows: list[Row], out: str, monkeypatch) -> int:
     return peak
 
 
-def test_peak_memory_does_not_grow_with_the_manifest(tmp_path, monkeypatch, python_gc_defaults):
+def test_peak_memory_does_not_grow_with_the_manifest(tmp_path, monkeypatch):
     """Rows were all decoded before the first edit: 1,000 rows of 256 x 256 took ~460 MB."""
     n = 256
     y, x = np.mgrid[:n, :n]
@@ -272,7 +272,7 @@ def test_peak_memory_does_not_grow_with_the_manifest(tmp_path, monkeypatch, pyth
     assert large <= 1.5 * small, (small, large)
 
 
-def test_input_size_limit_is_read_from_the_header_for_every_input(pipe, files, tmp_path, python_gc_defaults):
+def test_input_size_limit_is_read_from_the_header_for_every_input(pipe, files, tmp_path):
     (files / "huge.png").write_bytes(png_bomb(12000, 12000))  # 144 megapixels in ~140 KB
     assert os.path.getsize(files / "huge.png") < 1_000_000
     base = dict(source=str(files / "s.png"), mask=str(files / "m.png"), reference=str(files / "r.png"))
