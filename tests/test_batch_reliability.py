@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from types import SimpleNamespace
@@ -238,11 +239,34 @@ def test_a_foreign_file_at_an_output_name_is_refused_unless_overwrite(pipe, file
 
 def _peak_bytes(rows: list[Row], out: str, monkeypatch) -> int:
     """tracemalloc peak (numpy buffers included) of write_results over `rows`, with the device
-    edit replaced by a constant output, so only the host side is measured."""
+    edit replaced by a constant output, so only the host side is measured.
+
+    Each edit waits until the decoding thread has finished the next batch: every batch then meets
+    the most the one-batch read-ahead can hold (this batch and the next, decoded), whatever the
+    threads' timing, so a 10-row run and a 1000-row run meet the same worst case."""
+    rows_per_batch = EDIT["batch_size"] // EDIT["num_samples"]
+    n_batches = -(-len(rows) // rows_per_batch)
+    decoded = threading.Condition()
+    count = {"decoded": 0, "edited": 0}
+    decode_chunk = batch_edit._decode_chunk
+
+    def counted_decode(chunk):
+        try:
+            return decode_chunk(chunk)
+        finally:
+            with decoded:
+                count["decoded"] += 1
+                decoded.notify_all()
+
     def edit_batch(pipe, chunk, *, num_samples, **kw):
         assert all(r.image is not None for r in chunk)
+        count["edited"] += 1
+        with decoded:
+            assert decoded.wait_for(
+                lambda: count["decoded"] >= min(count["edited"] + 1, n_batches), timeout=60), count
         return [np.zeros((4, 4, 3), np.uint8)] * (len(chunk) * num_samples)
 
+    monkeypatch.setattr(batch_edit, "_decode_chunk", counted_decode)
     monkeypatch.setattr(batch_edit, "_edit_batch", edit_batch)
     tracemalloc.start()
     try:
@@ -264,8 +288,7 @@ def test_peak_memory_does_not_grow_with_the_manifest(tmp_path, monkeypatch):
     rows = lambda k: [Row(id=f"{i:04d}", source=str(tmp_path / "s.png"),  # noqa: E731
                           mask=str(tmp_path / "m.png"), reference=str(tmp_path / "r.png"), seed=i)
                       for i in range(k)]
-    # the decoding thread's timing moves a peak by a row or two: the 10-row peak is the
-    # highest of three runs, as the 1000-row run meets its worst timing among 500 batches
+    # small allocations still vary between runs: the 10-row peak is the highest of three
     small = max(_peak_bytes(rows(10), str(tmp_path / f"out10_{i}"), monkeypatch) for i in range(3))
     large = _peak_bytes(rows(1000), str(tmp_path / "out1000"), monkeypatch)
     print(f"peak: 10 rows {small / 2**20:.1f} MiB, 1000 rows {large / 2**20:.1f} MiB")
