@@ -21,7 +21,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import jax  # noqa: E402
 
+from pbe_jax import runtime  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
+runtime.tune_python_gc()  # what every command line does (runtime.configure): tests trace a lot
 
 import pytest  # noqa: E402
 

@@ -35,6 +35,23 @@ def test_default_xla_flags_never_override_the_user(monkeypatch):
     assert os.environ["XLA_FLAGS"] == "--xla_bar=x --xla_backend_optimization_level=3 --xla_foo=1"
 
 
+def test_python_gc_thresholds_raised_unless_the_process_chose_its_own(monkeypatch):
+    import gc
+    saved = gc.get_threshold()
+    try:
+        monkeypatch.delenv(runtime.PYTHON_GC_ENV, raising=False)
+        gc.set_threshold(700, 10, 10)  # CPython 3.11's default
+        assert runtime.tune_python_gc() and gc.get_threshold() == runtime.PYTHON_GC_THRESHOLD
+        assert runtime.tune_python_gc()  # idempotent
+        gc.set_threshold(1000, 5, 5)  # the process's own choice stays
+        assert not runtime.tune_python_gc() and gc.get_threshold() == (1000, 5, 5)
+        monkeypatch.setenv(runtime.PYTHON_GC_ENV, "default")
+        gc.set_threshold(700, 10, 10)
+        assert not runtime.tune_python_gc() and gc.get_threshold() == (700, 10, 10)
+    finally:
+        gc.set_threshold(*saved)
+
+
 def test_startup_clock_sections_and_cache_notes(tmp_path, own_cache_settings):
     import jax
     import jax.numpy as jnp
