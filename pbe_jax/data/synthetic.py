@@ -48,6 +48,11 @@ PALETTE = np.array([
     (220, 30, 30), (245, 140, 20), (235, 220, 30), (40, 170, 50),
     (30, 200, 220), (30, 60, 220), (140, 40, 210), (240, 80, 170),
 ], np.float32)
+# Colours no demo style draws, for "your own images" the demo model never saw
+# (`draw_scene(..., colours=NOVEL_PALETTE)`, `pbe_jax.tools.new_objects`): chroma >= 150, each at
+# least 98 RGB levels from every PALETTE colour and 139 from each other.
+NOVEL_NAMES = ("mint", "periwinkle", "violet", "plum")
+NOVEL_PALETTE = np.array([(130, 250, 100), (100, 130, 250), (230, 20, 250), (180, 20, 120)], np.float32)
 # 'palette' backgrounds: grey level and per-channel tint ranges (chroma <= 2 * tint + grain).
 _MUTED_GREY = (50, 200)
 _MUTED_TINT = 15
@@ -267,11 +272,16 @@ def synthetic_scene(index: int, *, seed: int = 0, min_side: int = 400, max_side:
 
 
 def draw_scene(index: int, *, seed: int = 0, min_side: int = 400, max_side: int = 640,
-               style: str = "varied") -> Scene:
-    """Scene `index` of `seed` in `style` (see the module docstring), with its labels."""
+               style: str = "varied", colours: np.ndarray | None = None) -> Scene:
+    """Scene `index` of `seed` in `style` (see the module docstring), with its labels.
+    `colours` `[K, 3]`: the 'palette' style's object colours instead of PALETTE (e.g.
+    NOVEL_PALETTE); `Scene.colours` then index into it."""
     if style not in STYLES:
         raise ValueError(f"synthetic style {style!r}; expected one of {STYLES} "
                          "(config.data.synthetic_style)")
+    if colours is not None and style != "palette":
+        raise ValueError(f"draw_scene: colours= is for the 'palette' style, got style={style!r}")
+    colours_rgb = PALETTE if colours is None else np.asarray(colours, np.float32).reshape(-1, 3)
     palette = style != "varied"  # muted backgrounds, fewer and larger objects of PALETTE colours
     identities = style in ("identity", "radial")  # objects of colour x shape x pattern
     rng = np.random.default_rng([seed, index])
@@ -297,8 +307,8 @@ def draw_scene(index: int, *, seed: int = 0, min_side: int = 400, max_side: int 
             _paint_object(region, m, k, p, rng)
         elif palette:
             m = _shape_mask(rng, oh, ow).astype(bool)
-            k = int(rng.integers(len(PALETTE)))
-            region[m] = np.clip(PALETTE[k] + rng.uniform(-8, 8, 3), 0, 255)
+            k = int(rng.integers(len(colours_rgb)))
+            region[m] = np.clip(colours_rgb[k] + rng.uniform(-8, 8, 3), 0, 255)
         else:
             m = _shape_mask(rng, oh, ow).astype(bool)
             region[m] = _texture(rng, oh, ow)[m]

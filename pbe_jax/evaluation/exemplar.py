@@ -78,7 +78,8 @@ class Triplets:
     cross [N] bool (the reference is another scene's object); ref_identity / src_identity
     [N, 3] int (colour, shape, pattern: `pbe_jax.data.synthetic.Scene.identity`; -1 for the
     'palette' style's shape and pattern); hue: the colour scores compare hues (the 'identity'
-    and 'radial' styles), not RGB ('palette').
+    and 'radial' styles), not RGB ('palette'); palette `[K, 3]`: the colours the indices name
+    and a painted colour is matched against (None: PALETTE).
     """
 
     source: np.ndarray
@@ -92,6 +93,11 @@ class Triplets:
     ref_identity: np.ndarray
     src_identity: np.ndarray
     hue: bool = False
+    palette: np.ndarray | None = None
+
+    @property
+    def colours(self) -> np.ndarray:
+        return PALETTE if self.palette is None else self.palette
 
     def __len__(self) -> int:
         return len(self.source)
@@ -131,10 +137,11 @@ def _offstyle_geometry(size: tuple[int, int], box: np.ndarray, rng: np.random.Ge
                        reference=tr.pad_box(b, size, data_cfg.ref_pad), polygon=None)
 
 
-def _picks(data_cfg, num: int, seed: int, style: str) -> list[dict]:
+def _picks(data_cfg, num: int, seed: int, style: str, colours: np.ndarray | None = None) -> list[dict]:
     """`num` held-out edits (one clean object per scene) of synthetic seed `seed`: the demo's
     `style` ('palette' or 'identity') scenes through the training geometry, or ('radial', out
-    of style) with a rectangular hole and the reference drawn large on a plain light backdrop."""
+    of style) with a rectangular hole and the reference drawn large on a plain light backdrop.
+    `colours`: the 'palette' scenes' object colours (`draw_scene`)."""
     offstyle = style == "radial"
     res, rsize = int(data_cfg.resolution), int(data_cfg.reference_size)
     picks, index = [], 0
@@ -142,7 +149,7 @@ def _picks(data_cfg, num: int, seed: int, style: str) -> list[dict]:
         if index > 50 * num:
             raise RuntimeError(f"only {len(picks)} of {num} held-out scenes have a clean object")
         scene = draw_scene(index, seed=seed, min_side=int(data_cfg.synthetic_min_side),
-                           max_side=int(data_cfg.synthetic_max_side), style=style)
+                           max_side=int(data_cfg.synthetic_max_side), style=style, colours=colours)
         index += 1
         h, w = scene.image.shape[:2]
         found = _clean_object(scene, (w, h), data_cfg)
@@ -169,18 +176,28 @@ def _picks(data_cfg, num: int, seed: int, style: str) -> list[dict]:
 
 
 def heldout_triplets(data_cfg, num: int, seed: int = 1000, offstyle: bool = False,
-                     style: str = "palette") -> Triplets:
+                     style: str = "palette", colours: np.ndarray | None = None) -> Triplets:
     """`num` self and `num` cross-reference triplets from the `style` ('palette' or 'identity')
     scenes of synthetic seed `seed`, at `data_cfg.resolution` / `reference_size` with its box,
     mask and crop settings; `offstyle`: from 'radial' scenes, with a rectangular hole and a
-    reference drawn on a plain light backdrop (`_picks`), a style the demo never trains on."""
+    reference drawn on a plain light backdrop (`_picks`), a style the demo never trains on.
+    `colours` `[K, 3]` ('palette' only): the objects are of these colours (e.g.
+    `synthetic.NOVEL_PALETTE`), and a painted colour is matched against PALETTE and these
+    together (`Triplets.palette`; the colour indices count PALETTE first), so painting the
+    nearest PALETTE colour instead is a miss."""
     if num < 2:
         raise ValueError(f"exemplar triplets: num={num}, need at least 2 scenes to cross")
     if style not in ("palette", "identity"):
         raise ValueError(f"exemplar triplets: style={style!r}; expected 'palette' or 'identity'")
+    if colours is not None and (offstyle or style != "palette"):
+        raise ValueError("exemplar triplets: colours= needs style='palette' and offstyle=False")
     style = "radial" if offstyle else style
-    picks = _picks(data_cfg, num, seed, style)
+    picks = _picks(data_cfg, num, seed, style, colours)
     ident = np.asarray([p["identity"] for p in picks], np.int32)  # [num, 3]
+    palette = None
+    if colours is not None:
+        ident[:, 0] += len(PALETTE)
+        palette = np.concatenate([PALETTE, np.asarray(colours, np.float32).reshape(-1, 3)])
     # Cross: scene a gets the reference of the next scene (cyclically) of another colour, of
     # another shape and pattern too where one exists (so that no attribute of the masked object
     # counts as the reference's).
@@ -198,7 +215,7 @@ def heldout_triplets(data_cfg, num: int, seed: int = 1000, offstyle: bool = Fals
         region=np.stack([picks[a]["region"] for a in order]),
         ref_colour=ident[refs, 0], src_colour=ident[order, 0],
         cross=np.arange(2 * num) >= num,
-        ref_identity=ident[refs], src_identity=ident[order], hue=style != "palette")
+        ref_identity=ident[refs], src_identity=ident[order], hue=style != "palette", palette=palette)
 
 
 def identity_renders(data_cfg, num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -232,21 +249,21 @@ def _hue(x: np.ndarray) -> np.ndarray:
     return c / np.maximum(np.linalg.norm(c, axis=-1, keepdims=True), 1e-6)
 
 
-PALETTE_HUE = _hue(PALETTE)
-
-
-def painted_colours(images: np.ndarray, region: np.ndarray, hue: bool = False) -> np.ndarray:
-    """int32 `[N]`: the PALETTE index most object-coloured pixels of `region` `[N, H, W]` are
-    nearest to (in RGB; `hue`: by chroma direction, `_hue`), or -1 when they cover less than
-    MIN_OBJECT_SHARE of it. `images` `[N, H, W, 3]` uint8 or float in [0, 1]."""
+def painted_colours(images: np.ndarray, region: np.ndarray, hue: bool = False,
+                    palette: np.ndarray | None = None) -> np.ndarray:
+    """int32 `[N]`: the index in `palette` (default PALETTE) of the colour most object-coloured
+    pixels of `region` `[N, H, W]` are nearest to (in RGB; `hue`: by chroma direction, `_hue`),
+    or -1 when they cover less than MIN_OBJECT_SHARE of it. `images` `[N, H, W, 3]` uint8 or
+    float in [0, 1]."""
+    palette = PALETTE if palette is None else palette
     x, obj = _object_pixels(images, region)
     if hue:
-        nearest = (_hue(x) @ PALETTE_HUE.T).argmax(axis=-1)  # [N, H, W]
+        nearest = (_hue(x) @ _hue(palette).T).argmax(axis=-1)  # [N, H, W]
     else:
-        nearest = np.square(x[..., None, :] - PALETTE).sum(axis=-1).argmin(axis=-1)
+        nearest = np.square(x[..., None, :] - palette).sum(axis=-1).argmin(axis=-1)
     out = np.full(len(x), -1, np.int32)
     for i in np.nonzero(obj.any(axis=(1, 2)))[0]:
-        out[i] = np.bincount(nearest[i][obj[i]], minlength=len(PALETTE)).argmax()
+        out[i] = np.bincount(nearest[i][obj[i]], minlength=len(palette)).argmax()
     return out
 
 
@@ -255,7 +272,7 @@ def closer_to_reference(images: np.ndarray, triplets: Triplets) -> np.ndarray:
     pixels of the scored region is closer to the reference's palette colour than to the masked
     object's (False: no object painted)."""
     x, obj = _object_pixels(images, triplets.region)
-    x, palette = (_hue(x), PALETTE_HUE) if triplets.hue else (x, PALETTE)
+    x, palette = (_hue(x), _hue(triplets.colours)) if triplets.hue else (x, triplets.colours)
     n = np.maximum(obj.sum(axis=(1, 2)), 1)[:, None]
     mean = (x * obj[..., None]).sum(axis=(1, 2)) / n  # [N, 3]
     to_ref = np.square(mean - palette[triplets.ref_colour]).sum(axis=-1)
@@ -267,7 +284,7 @@ def score_edits(edited: np.ndarray, triplets: Triplets,
                 classifier: IdentityClassifier | None = None) -> dict[str, float]:
     """The scores of the module docstring for `edited` `[N, R, R, 3]` in [0, 1] (or uint8);
     with `classifier`, the identity scores too."""
-    hit = painted_colours(edited, triplets.region, triplets.hue) == triplets.ref_colour
+    hit = painted_colours(edited, triplets.region, triplets.hue, triplets.palette) == triplets.ref_colour
     closer = closer_to_reference(edited, triplets)
     outside = psnr(edited, triplets.source, where=triplets.keep)
     out = {"exemplar_following": float(hit[triplets.cross].mean()),

@@ -2,10 +2,11 @@
 
 A result file is what one command wrote, wrapped with where it came from:
 
-    {"kind": "bench" | "aot_compile" | "demo",
+    {"kind": "bench" | "aot_compile" | "demo" | "adaptation",
      "meta": {"command": ..., "machine": ..., "date": ..., "commit": ..., "note": ...},
      "results": <the tool's own JSON: `pbe_jax.bench --json`, `tools.aot_compile --json_out`,
-                 or the demo run's metrics.jsonl eval rows + vae/fit.json>}
+                 the demo run's metrics.jsonl eval rows + vae/fit.json,
+                 or `tools.new_objects proof --json_out`>}
 
 The docs render each file with the `{results-table}` directive (`docs/_ext/results_table.py`), so
 no number is typed into prose. Re-measuring is re-running `record`:
@@ -16,6 +17,8 @@ no number is typed into prose. Re-measuring is re-running `record`:
         -- python -m pbe_jax.tools.aot_compile --config=configs/pbe.py:sd15 --topology=v5p-8 --json_out={json}
     python -m pbe_jax.tools.doc_tables record docs/results/demo.json --kind=demo \\
         -- python -m pbe_jax.train --config=configs/pbe.py:demo --workdir={workdir}
+    python -m pbe_jax.tools.doc_tables record docs/results/adaptation_demo.json --kind=adaptation \\
+        -- python -m pbe_jax.tools.new_objects proof --base=/tmp/pbe_demo --workdir={workdir} --json_out={json}
     python -m pbe_jax.tools.doc_tables show docs/results/demo.json     # the table as markdown
     python -m pbe_jax.tools.doc_tables check docs                      # every directive renders
 
@@ -43,7 +46,7 @@ import jax
 from pbe_jax.benchmarks.report import format_number
 from pbe_jax.training.goodput import LOST
 
-KINDS = ("bench", "aot_compile", "demo")
+KINDS = ("bench", "aot_compile", "demo", "adaptation")
 META_KEYS = ("command", "machine", "date")
 # `{results-table} results/x.json [more.json ...]` in a MyST page (```{results-table} ...```).
 DIRECTIVE = re.compile(r"^[`:]{3,}\{results-table\}\s+(.+)$", re.M)
@@ -178,6 +181,29 @@ def demo_table(doc: dict) -> tuple[list[str], list[list[str]]]:
     return ["what", "measured"], out
 
 
+ADAPTATION_SCORES = ("exemplar_following", "exemplar_closer", "self_following")
+
+
+def adaptation_table(doc: dict) -> tuple[list[str], list[list[str]]]:
+    """Base vs LoRA vs full fine-tuning on objects the base never saw (`tools.new_objects proof`):
+    per model, what trains, the checkpoint, the fine-tuning's wall time and the held-out scores
+    on the new colours, then on the demo's own (what fine-tuning should keep)."""
+    res = doc["results"]
+    header = (["model", "trainable params", "checkpoint", "fine-tuning"]
+              + [f"new colours: `{k}`" for k in ADAPTATION_SCORES] + ["demo colours: `exemplar_following`"])
+    rows = []
+    for name, r in res["runs"].items():
+        n, total = r.get("trainable_params"), r.get("total_params")
+        share = f" ({100 * n / total:.1f}%)" if n and total else ""
+        train = (f"{res['steps']} steps, {r['train_s'] / 60:.1f} min" if r.get("train_s") is not None
+                 else "none")
+        s = r["scores"]
+        rows.append([name, f"{n:,}{share}" if n else "-",
+                     f"{r['checkpoint_bytes'] / 2**20:.1f} MiB" if r.get("checkpoint_bytes") else "-", train]
+                    + [_pct(s["novel"][k]) for k in ADAPTATION_SCORES] + [_pct(s["demo"]["exemplar_following"])])
+    return header, rows
+
+
 def table(paths: list[str | os.PathLike], rows: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
     """The header and rows of the table for one or more result files of one kind."""
     docs = [load(p) for p in paths]
@@ -189,6 +215,8 @@ def table(paths: list[str | os.PathLike], rows: list[str] | None = None) -> tupl
         return aot_table(docs)
     if len(docs) != 1:
         raise ResultFileError(f"a {kind} table takes one result file, got {len(docs)}")
+    if kind == "adaptation":
+        return adaptation_table(docs[0])
     return bench_table(docs[0], rows) if kind == "bench" else demo_table(docs[0])
 
 
