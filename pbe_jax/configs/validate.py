@@ -37,6 +37,8 @@ from pbe_jax.diffusion import COND_DROP_MODES, NoiseSchedule
 from pbe_jax.evals.scoring import FID_FEATURES
 from pbe_jax.models.attention import attention_impls
 from pbe_jax.models.hub import cast_dtype
+from pbe_jax.models.lora import COMPONENTS as LORA_COMPONENTS
+from pbe_jax.models.lora import names
 from pbe_jax.models.registry import slot_class
 from pbe_jax.schedulers import scheduler_names
 from pbe_jax.training.vae_fit import RECON_LOSSES, heldout_data_config
@@ -204,6 +206,13 @@ def _general(c: _Checks) -> None:
     c.number("peak_flops", lo=0.0, note="0 = look up the device")
 
 
+def _check_lora_components(value) -> None:
+    bad = [n for n in names(value) if n not in LORA_COMPONENTS]
+    if bad or not names(value):
+        raise ValueError(f"expected a non-empty list of {LORA_COMPONENTS} (e.g. unet,image_encoder), "
+                         f"got {list(names(value))}")
+
+
 def _train(c: _Checks) -> None:
     c.count("train.num_steps")
     c.count("train.batch_size")
@@ -221,6 +230,7 @@ def _train(c: _Checks) -> None:
     c.prob("train.cond_drop_prob")
     c.enum("train.cond_drop_mode", COND_DROP_MODES)
     c.enum("train.nan_policy", NAN_POLICIES)
+    c.parse("train.lora.components", _check_lora_components)
 
 
 def _data(c: _Checks) -> None:

@@ -49,10 +49,12 @@ PALETTE = np.array([
     (30, 200, 220), (30, 60, 220), (140, 40, 210), (240, 80, 170),
 ], np.float32)
 # Colours no demo style draws, for "your own images" the demo model never saw
-# (`draw_scene(..., colours=NOVEL_PALETTE)`, `pbe_jax.tools.new_objects`): chroma >= 150, each at
-# least 98 RGB levels from every PALETTE colour and 139 from each other.
-NOVEL_NAMES = ("mint", "periwinkle", "violet", "plum")
-NOVEL_PALETTE = np.array([(130, 250, 100), (100, 130, 250), (230, 20, 250), (180, 20, 120)], np.float32)
+# (`draw_scene(..., colours=NOVEL_PALETTE)`, `pbe_jax.tools.new_objects`): chroma >= 155, each
+# 68 to 85 RGB levels from the nearest PALETTE colour and 150 or more from each other; picked
+# among such colours for what the demo's own VAE (fitted on PALETTE scenes only) still
+# reconstructs closest to them, since a model can only paint what its frozen VAE decodes.
+NOVEL_NAMES = ("spring", "apricot", "magenta", "azure")
+NOVEL_PALETTE = np.array([(20, 210, 112), (250, 195, 110), (200, 20, 175), (20, 140, 250)], np.float32)
 # 'palette' backgrounds: grey level and per-channel tint ranges (chroma <= 2 * tint + grain).
 _MUTED_GREY = (50, 200)
 _MUTED_TINT = 15

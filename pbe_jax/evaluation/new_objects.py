@@ -1,8 +1,8 @@
 """Objects the demo model never saw: a folder of "your own images" and a held-out score for them.
 
 The demo trains on 'palette' scenes whose objects have one of the 8 `PALETTE` colours. Here the
-objects have the 4 `NOVEL_PALETTE` colours instead (`pbe_jax.data.synthetic`: mint, periwinkle,
-violet, plum; each at least 98 RGB levels from every demo colour), on the same kind of scenes:
+objects have the 4 `NOVEL_PALETTE` colours instead (`pbe_jax.data.synthetic`: spring, apricot,
+magenta, azure; each 68 RGB levels or more from every demo colour), on the same kind of scenes:
 
 - `write_folder` writes them as a user's folder (`NAME.png` + `NAME_mask.png`, white = the
   object), what `config.data.source=folder` reads, to fine-tune a demo model on;
@@ -23,7 +23,8 @@ import os
 import numpy as np
 
 from pbe_jax.data.synthetic import NOVEL_NAMES, NOVEL_PALETTE, draw_scene
-from pbe_jax.evaluation.exemplar import Triplets, heldout_triplets, score_edits
+from pbe_jax.evals.reconstruction import reconstruct
+from pbe_jax.evaluation.exemplar import Triplets, heldout_triplets, painted_colours, score_edits
 from pbe_jax.inference import prepare, run_edit
 from pbe_jax.outputs import write_png
 
@@ -87,9 +88,17 @@ def score_model(pipe, data_cfg, *, num: int = 64, seed: int = SCORE_SEED, steps:
                 guidance: float = 5.0, scheduler: str | None = None) -> dict[str, dict[str, float]]:
     """{'novel': scores on NOVEL_PALETTE objects, 'demo': the same on the demo's own PALETTE
     scenes (what fine-tuning should not forget)}, each `score_edits`' dict, from `num` self +
-    `num` cross triplets of synthetic seed `seed`."""
+    `num` cross triplets of synthetic seed `seed`, plus `vae_colour_kept`: the share of the
+    held-out objects whose colour survives the model's VAE (encode + decode of the untouched
+    source), the most a model with that frozen VAE can score."""
     sets = {"novel": novel_triplets(data_cfg, num, seed),
             "demo": heldout_triplets(data_cfg, num, seed, style="palette")}
     edited = edit_triplets(pipe, list(sets.values()), steps=steps, guidance=guidance,
                            scheduler=scheduler)
-    return {name: score_edits(e, t) for (name, t), e in zip(sets.items(), edited)}
+    out = {}
+    for (name, t), e in zip(sets.items(), edited):
+        out[name] = score_edits(e, t)
+        n = len(t) // 2  # the self half: each held-out scene once
+        kept = painted_colours(reconstruct(pipe.vae, t.source[:n]), t.region[:n], t.hue, t.palette)
+        out[name]["vae_colour_kept"] = float((kept == t.src_colour[:n]).mean())
+    return out

@@ -37,6 +37,17 @@ class LoRAScale(nnx.Variable):
     trained (not a `Param`)."""
 
 
+COMPONENTS = ("unet", "image_encoder")  # the parts adapters can sit on
+
+
+def names(value) -> tuple[str, ...]:
+    """A config list of names (`train.lora.targets` / `components` / `also_train`) as a tuple,
+    comma-separated entries split: `--config.train.lora.components=unet,image_encoder` gives
+    ('unet,image_encoder',) from ml_collections, which means ('unet', 'image_encoder')."""
+    items = (value,) if isinstance(value, str) else tuple(value)
+    return tuple(p.strip() for v in items for p in str(v).split(",") if p.strip())
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRASpec:
     """Which Linears get an adapter and its shape. `targets`: module-name patterns matched as
@@ -56,9 +67,9 @@ class LoRASpec:
 
     @classmethod
     def from_config(cls, lcfg) -> "LoRASpec":
-        """From `config.train.lora` (rank, alpha, targets, components)."""
-        return cls(rank=int(lcfg.rank), alpha=float(lcfg.alpha),
-                   targets=tuple(lcfg.targets), components=tuple(lcfg.components))
+        """From `config.train.lora` (rank, alpha (0: = rank), targets, components)."""
+        return cls(rank=int(lcfg.rank), alpha=float(lcfg.alpha) or float(lcfg.rank),
+                   targets=names(lcfg.targets), components=names(lcfg.components))
 
     def matches(self, path: str) -> bool:
         if path.split(".", 1)[0] not in self.components:

@@ -52,6 +52,13 @@ _BASE = flags.DEFINE_string("base", None, "proof: the trained demo workdir to fi
 _WORKDIR = flags.DEFINE_string("workdir", None, "proof: folder for the images, both runs and logs")
 _STEPS = flags.DEFINE_integer("steps", 300, "proof: training steps of each fine-tuning run")
 _RANK = flags.DEFINE_integer("rank", 16, "proof: LoRA rank")
+# The demo's UNet is tiny and the reference's colour goes through the conditioner's mapper: LoRA
+# on the UNet's attention alone moved the new-colour score from 17% to 20% in 300 steps, with the
+# mapper and the feed-forward layers adapted too it reached the full fine-tune's score.
+_LORA_COMPONENTS = flags.DEFINE_string("lora_components", "unet,image_encoder",
+                                       "proof: config.train.lora.components of the LoRA run")
+_LORA_TARGETS = flags.DEFINE_string("lora_targets", "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2",
+                                    "proof: config.train.lora.targets of the LoRA run")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "score / proof: write the results here as JSON")
 runtime.define_flags()
 
@@ -97,7 +104,8 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def train_command(base: str, workdir: str, images: str, steps: int, rank: int) -> list[str]:
+def train_command(base: str, workdir: str, images: str, steps: int, rank: int,
+                  lora_components: str = "", lora_targets: str = "") -> list[str]:
     """The `pbe_jax.train` command of one fine-tuning run (rank 0: in full) on `images`."""
     from pbe_jax.configs import pbe as pbe_configs  # noqa: PLC0415
 
@@ -105,7 +113,13 @@ def train_command(base: str, workdir: str, images: str, steps: int, rank: int) -
            f"--workdir={workdir}", "--config.data.source=folder", f"--config.data.images_dir={images}",
            "--config.init_from.format=orbax", f"--config.init_from.path={base}",
            f"--config.train.num_steps={steps}"]
-    return cmd + ([f"--config.train.lora.rank={rank}"] if rank else [])
+    if not rank:
+        return cmd
+    # quoted: one string element, which `models.lora.names` splits at the commas (unquoted,
+    # ml_collections reads `to_out.0` as Python and fails)
+    return cmd + [f"--config.train.lora.rank={rank}"] + (
+        [f"--config.train.lora.components='{lora_components}'"] if lora_components else []) + (
+        [f"--config.train.lora.targets='{lora_targets}'"] if lora_targets else [])
 
 
 def proof(base: str, workdir: str, steps: int, rank: int) -> dict:
@@ -122,7 +136,7 @@ def proof(base: str, workdir: str, steps: int, rank: int) -> dict:
     runs: dict[str, dict] = {"base": {}}
     for name, r in (("LoRA", rank), ("full", 0)):
         run_dir = os.path.join(workdir, "lora" if r else "full")
-        cmd = train_command(base, run_dir, images, steps, r)
+        cmd = train_command(base, run_dir, images, steps, r, _LORA_COMPONENTS.value, _LORA_TARGETS.value)
         log_path = os.path.join(workdir, f"{os.path.basename(run_dir)}.log")
         logging.info("%s: %s (log %s)", name, " ".join(cmd), log_path)
         t0 = time.perf_counter()

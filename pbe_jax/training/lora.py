@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pbe_jax.models.lora import LoRAScale, LoRASpec, add_lora
+from pbe_jax.models.lora import LoRAScale, LoRASpec, add_lora, names
 from pbe_jax.models.paint_by_example import param_filters
 
 log = logging.getLogger("pbe_jax")
@@ -33,10 +33,7 @@ def lora_enabled(config) -> bool:
 
 
 def lora_spec(config) -> LoRASpec:
-    lcfg = config.train.lora
-    alpha = float(lcfg.alpha) or float(lcfg.rank)
-    return LoRASpec(rank=int(lcfg.rank), alpha=alpha, targets=tuple(lcfg.targets),
-                    components=tuple(lcfg.components))
+    return LoRASpec.from_config(config.train.lora)
 
 
 def with_lora(model, config):
@@ -75,7 +72,7 @@ def cast_base(frozen, config):
     dtype = base_dtype(config)
     if dtype is None:
         return frozen
-    comps = set(config.train.lora.components)
+    comps = set(names(config.train.lora.components))
 
     def cast(path, x):
         top = str(getattr(path[0], "key", path[0]))
@@ -98,7 +95,7 @@ def training_filters(config):
     fine-tuning; for LoRA the adapters plus `also_train` vs every other variable."""
     if not lora_enabled(config):
         return param_filters(bool(config.train.train_image_tower))
-    also = tuple(config.train.lora.also_train)
+    also = names(config.train.lora.also_train)
 
     def trainable(path, x) -> bool:
         if isinstance(x, nnx.LoRAParam):
