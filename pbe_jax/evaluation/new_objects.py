@@ -2,7 +2,7 @@
 
 The demo trains on 'palette' scenes whose objects have one of the 8 `PALETTE` colours. Here the
 objects have the 4 `NOVEL_PALETTE` colours instead (`pbe_jax.data.synthetic`: spring, apricot,
-magenta, azure; each 68 RGB levels or more from every demo colour), on the same kind of scenes:
+magenta, azure; each 67 RGB levels or more from every demo colour), on the same kind of scenes:
 
 - `write_folder` writes them as a user's folder (`NAME.png` + `NAME_mask.png`, white = the
   object), what `config.data.source=folder` reads, to fine-tune a demo model on;

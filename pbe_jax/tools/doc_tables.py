@@ -190,7 +190,8 @@ def adaptation_table(doc: dict) -> tuple[list[str], list[list[str]]]:
     on the new colours, then on the demo's own (what fine-tuning should keep)."""
     res = doc["results"]
     header = (["model", "trainable params", "checkpoint", "fine-tuning"]
-              + [f"new colours: `{k}`" for k in ADAPTATION_SCORES] + ["demo colours: `exemplar_following`"])
+              + [f"new colours: `{k}`" for k in ADAPTATION_SCORES] + ["demo colours: `exemplar_following`",
+                                                                      "new colours its VAE keeps"])
     rows = []
     for name, r in res["runs"].items():
         n, total = r.get("trainable_params"), r.get("total_params")
@@ -200,7 +201,8 @@ def adaptation_table(doc: dict) -> tuple[list[str], list[list[str]]]:
         s = r["scores"]
         rows.append([name, f"{n:,}{share}" if n else "-",
                      f"{r['checkpoint_bytes'] / 2**20:.1f} MiB" if r.get("checkpoint_bytes") else "-", train]
-                    + [_pct(s["novel"][k]) for k in ADAPTATION_SCORES] + [_pct(s["demo"]["exemplar_following"])])
+                    + [_pct(s["novel"][k]) for k in ADAPTATION_SCORES] + [_pct(s["demo"]["exemplar_following"])]
+                    + [_pct(s["novel"]["vae_colour_kept"]) if "vae_colour_kept" in s["novel"] else "-"])
     return header, rows
 
 
