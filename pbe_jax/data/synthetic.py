@@ -49,7 +49,7 @@ PALETTE = np.array([
     (30, 200, 220), (30, 60, 220), (140, 40, 210), (240, 80, 170),
 ], np.float32)
 # Colours no demo style draws, for "your own images" the demo model never saw
-# (`draw_scene(..., colours=NOVEL_PALETTE)`, `pbe_jax.tools.new_objects`): chroma >= 155, each
+# (`draw_scene(..., colours=NOVEL_PALETTE)`, `pbe_jax.tools.new_objects`): chroma >= 140, each
 # 67 to 85 RGB levels from the nearest PALETTE colour and 150 or more from each other; picked
 # among such colours for what the demo's own VAE (fitted on PALETTE scenes only) still
 # reconstructs closest to them, since a model can only paint what its frozen VAE decodes.

@@ -201,6 +201,9 @@ def heldout_triplets(data_cfg, num: int, seed: int = 1000, offstyle: bool = Fals
     # Cross: scene a gets the reference of the next scene (cyclically) of another colour, of
     # another shape and pattern too where one exists (so that no attribute of the masked object
     # counts as the reference's).
+    if len(set(ident[:, 0].tolist())) < 2:
+        raise ValueError(f"exemplar triplets: the {num} held-out objects of seed {seed} all have one "
+                         "colour, so none has a cross reference of another; use more triplets")
     partner = []
     for a in range(num):
         others = [(a + s) % num for s in range(1, num) if ident[(a + s) % num, 0] != ident[a, 0]]
@@ -322,6 +325,18 @@ def exemplar_grid(triplets: Triplets, edited: np.ndarray, rows: int) -> np.ndarr
     return image_grid([np.stack([c[i] for c in cols]) for i in range(len(pick))])
 
 
+def edit_triplets(model, sets: list[Triplets], *, steps: int, guidance: float,
+                  scheduler: str | None = None) -> np.ndarray:
+    """Every triplet of `sets`, one set after the other, edited by `model` in one batch through
+    the one jitted edit function (`masked_latents='mode'`, seeds 0..N-1): float32
+    `[N, R, R, 3]` in [0, 1]. `scheduler` None: the model's own."""
+    source = [x for t in sets for x in t.source]
+    inputs = prepare(model, source, [x for t in sets for x in t.edit],
+                     [x for t in sets for x in t.reference], list(range(len(source))))
+    return run_edit(model, inputs, num_inference_steps=steps, guidance_scale=guidance,
+                    scheduler=scheduler, masked_latents="mode")
+
+
 class ExemplarEval:
     """The exemplar-following eval of a training run (`config.exemplar_eval`): triplets (and
     `offstyle_triplets` out-of-style ones) built and the identity classifier fitted once;
@@ -353,12 +368,8 @@ class ExemplarEval:
     def edit(self, model) -> np.ndarray:
         """Every triplet edited by `model` (the held-out ones, then the out-of-style ones):
         float32 `[N, R, R, 3]` in [0, 1]."""
-        sets = self._all()
-        source = [x for t in sets for x in t.source]
-        inputs = prepare(model, source, [x for t in sets for x in t.edit],
-                         [x for t in sets for x in t.reference], list(range(len(source))))
-        return run_edit(model, inputs, num_inference_steps=self.steps, guidance_scale=self.guidance,
-                        scheduler=self.scheduler, masked_latents="mode")
+        return edit_triplets(model, self._all(), steps=self.steps, guidance=self.guidance,
+                             scheduler=self.scheduler)
 
     def __call__(self, model) -> tuple[dict[str, float], np.ndarray]:
         edited = self.edit(model)

@@ -24,8 +24,8 @@ import numpy as np
 
 from pbe_jax.data.synthetic import NOVEL_NAMES, NOVEL_PALETTE, draw_scene
 from pbe_jax.evals.reconstruction import reconstruct
-from pbe_jax.evaluation.exemplar import Triplets, heldout_triplets, painted_colours, score_edits
-from pbe_jax.inference import prepare, run_edit
+from pbe_jax.evaluation.exemplar import (Triplets, edit_triplets, heldout_triplets, painted_colours,
+                                         score_edits)
 from pbe_jax.outputs import write_png
 
 MIN_VISIBLE = 0.98  # an object trained on is whole: nothing drawn later covers it
@@ -68,22 +68,6 @@ def novel_triplets(data_cfg, num: int, seed: int = SCORE_SEED) -> Triplets:
     return heldout_triplets(data_cfg, num, seed, style="palette", colours=NOVEL_PALETTE)
 
 
-def edit_triplets(pipe, triplets: list[Triplets], *, steps: int, guidance: float,
-                  scheduler: str | None = None) -> list[np.ndarray]:
-    """Every triplet of each set edited by `pipe` in one batch, as the training's exemplar eval
-    does (`masked_latents='mode'`, seeds 0..N-1): float32 `[N, R, R, 3]` in [0, 1] per set."""
-    source = [x for t in triplets for x in t.source]
-    inputs = prepare(pipe, source, [x for t in triplets for x in t.edit],
-                     [x for t in triplets for x in t.reference], list(range(len(source))))
-    edited = run_edit(pipe, inputs, num_inference_steps=steps, guidance_scale=guidance,
-                      scheduler=scheduler, masked_latents="mode")
-    out, start = [], 0
-    for t in triplets:
-        out.append(edited[start:start + len(t)])
-        start += len(t)
-    return out
-
-
 def score_model(pipe, data_cfg, *, num: int = 64, seed: int = SCORE_SEED, steps: int = 20,
                 guidance: float = 5.0, scheduler: str | None = None) -> dict[str, dict[str, float]]:
     """{'novel': scores on NOVEL_PALETTE objects, 'demo': the same on the demo's own PALETTE
@@ -95,6 +79,7 @@ def score_model(pipe, data_cfg, *, num: int = 64, seed: int = SCORE_SEED, steps:
             "demo": heldout_triplets(data_cfg, num, seed, style="palette")}
     edited = edit_triplets(pipe, list(sets.values()), steps=steps, guidance=guidance,
                            scheduler=scheduler)
+    edited = np.split(edited, np.cumsum([len(t) for t in sets.values()])[:-1])
     out = {}
     for (name, t), e in zip(sets.items(), edited):
         out[name] = score_edits(e, t)
