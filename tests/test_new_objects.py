@@ -3,6 +3,7 @@ on, and the held-out score that tells a model that learnt the new colours from o
 the nearest colour it knew."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -105,3 +106,22 @@ def test_cli_write_and_a_missing_base(tmp_path):
     assert "wrote 3 images + masks" in p.stdout and len(os.listdir(tmp_path / "imgs")) == 6
     p = run("proof", f"--base={tmp_path / 'nothing'}", f"--workdir={tmp_path / 'w'}")
     assert p.returncode != 0 and "holds no pbe_jax training checkpoint" in p.stderr
+
+
+def test_cli_score_of_a_diffusers_model(tmp_path):
+    """`score` on a model folder that is no training run: the demo's geometry at the model's own
+    resolution; every score (a share) and the VAE ceiling land in --json_out, for both sets."""
+    from tests.test_weights_diffusers import tiny_pipeline
+    tiny_pipeline(seed=5).save_pretrained(str(tmp_path / "pbe"))
+    out = tmp_path / "scores.json"
+    p = subprocess.run([sys.executable, "-m", "pbe_jax.tools.new_objects", "score",
+                        f"--model={tmp_path / 'pbe'}", "--num=6", "--sample_steps=2", f"--json_out={out}"],
+                       capture_output=True, text=True, env=subprocess_env(), cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    scores = json.loads(out.read_text())["scores"]
+    assert set(scores) == {"novel", "demo"}
+    for s in scores.values():
+        assert set(s) == {"exemplar_following", "exemplar_closer", "self_following",
+                          "psnr_outside_mask", "vae_colour_kept"}, s
+        assert all(0.0 <= s[k] <= 1.0 for k in s if k != "psnr_outside_mask"), s
+    assert json.loads(p.stdout) == scores

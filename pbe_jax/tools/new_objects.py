@@ -84,7 +84,7 @@ def load(model: str, lora: str | None = None, lora_scale: float = 1.0):
     if data_cfg is None:  # a diffusers folder: the demo's geometry at the model's resolution
         from pbe_jax.inference import model_resolution  # noqa: PLC0415
         data_cfg = data_config("demo")
-        data_cfg.resolution = model_resolution(pipe)
+        data_cfg.resolution = min(model_resolution(pipe))  # (H, W); the held-out crops are square
         data_cfg.reference_size = pipe.image_encoder.preprocess.size
     return pipe, data_cfg
 
