@@ -1,5 +1,7 @@
 """Launchers: shell hygiene (bash -n, shellcheck), dry runs, the TPU and SLURM scripts driven by
-fake gcloud / srun, and a real 2-process x 2-device training run through launch/local.sh."""
+fake gcloud / srun, and local.sh's supervisor. The real 2-process x 2-device training run through
+launch/local.sh is tests/test_pod.py's reference run (test_local_launcher_trains_two_processes
+there: one run serves that test and the pod tests)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +16,7 @@ import time
 import pytest
 
 from tests.helpers import free_port
-from tests.train_utils import CONFIG_FILE, REPO, cli_overrides
+from tests.train_utils import REPO
 
 LAUNCH = os.path.join(REPO, "launch")
 SCRIPTS = ["common.sh", "local.sh", "gpu/multinode.sh", "gpu/slurm.sbatch", "tpu/pod.sh"]
@@ -267,28 +269,6 @@ def test_tpu_pod_run_wait_stop_with_fake_gcloud(tmp_path):
     r = subprocess.run([pod, "wait"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0 and time.time() - t0 < 30, r.stdout + r.stderr
     assert (home / "pbe_jax_run.rc").read_text().strip() == "0"
-
-
-@pytest.mark.slow
-def test_local_launcher_trains_two_processes(tmp_path):
-    """The demo training, 2 processes x 2 fake CPU devices over 127.0.0.1, 3 steps."""
-    workdir, logs = tmp_path / "run", tmp_path / "logs"
-    cmd = [os.path.join(LAUNCH, "local.sh"), "-n", "2", "-d", "2", "-p", str(free_port()), "-l", str(logs), "--",
-           sys.executable, "-m", "pbe_jax.train", f"--config={CONFIG_FILE}:demo", f"--workdir={workdir}",
-           *cli_overrides(**{"train.num_steps": 3, "train.batch_size": 4})]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900, cwd=REPO)
-    tails = {p: (logs / p).read_text()[-2000:] for p in os.listdir(logs)} if logs.exists() else {}
-    assert r.returncode == 0, (r.stderr[-3000:], tails)
-    losses = {}
-    for i in range(2):
-        text = (logs / f"proc_{i}.log").read_text()
-        assert "over 4 devices, 2 processes" in text
-        losses[i] = [float(x) for x in re.findall(r"step \d+/3 loss ([0-9.]+)", text)]
-        assert len(losses[i]) == 3, text[-2000:]
-    assert losses[0] == losses[1]  # one global computation: both processes see the same loss
-    rows = [line for line in (workdir / "metrics.jsonl").read_text().splitlines() if line]
-    assert len(rows) == 3  # written once, by process 0
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
 
 
 def _fake_run(tmp_path, body: str) -> list[str]:

@@ -2,11 +2,13 @@
 dead peer ends the run with a message instead of a hang (`pbe_jax.training.watchdog`),
 `--max_restarts` restarts it from the newest checkpoint to the same result as an uninterrupted
 run, and a checkpoint resumes on a smaller slice of another shape. One uninterrupted 2-process
-run (a module fixture) is the reference of both (multi-process runs are slow on 2 cores)."""
+run (a module fixture) is the reference of both, and is itself the launcher's plain 2-process
+training test (multi-process runs are slow on 2 cores)."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -59,6 +61,25 @@ def reference(tmp_path_factory):
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
     return tmp / "ref"
+
+
+@pytest.mark.slow
+def test_local_launcher_trains_two_processes(reference):
+    """The demo training through launch/local.sh, 2 processes x 2 fake CPU devices over
+    127.0.0.1 (the reference run): one global computation, so both processes log the same loss at
+    every step; metrics.jsonl is written once (by process 0); checkpoints at every
+    ckpt_every_steps."""
+    logs = reference.parent / "ref_logs"
+    losses = {}
+    for i in range(2):
+        text = (logs / f"proc_{i}.log").read_text()
+        assert "over 4 devices, 2 processes" in text
+        losses[i] = [float(x) for x in re.findall(rf"step \d+/{STEPS} loss ([0-9.]+)", text)]
+        assert len(losses[i]) == STEPS, text[-2000:]
+    assert losses[0] == losses[1]  # one global computation: both processes see the same loss
+    rows = [line for line in (reference / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(rows) == STEPS  # written once, by process 0
+    assert sorted(int(d) for d in os.listdir(reference / "checkpoints") if d.isdigit()) == [4, 8, STEPS]
 
 
 @pytest.mark.slow
