@@ -4,6 +4,12 @@ import os
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# LLVM -O0 for the programs the tests compile in process: most are compiled once and run a few
+# times, so compiling costs more than running (tests/test_train.py, test_faults_train.py and
+# test_conditioner.py in process: 273 -> 211 CPU-s, 2026-12-06). Command lines started by the tests
+# (`train_utils.subprocess_env`) keep XLA's default: they run more steps and share cached programs.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One compilation cache for the session, inherited by subprocess tests: the CLI tests compile

@@ -60,9 +60,10 @@ def test_init_from_a_workdir_keeps_its_vae_and_scaling_on_a_folder(tmp_path):
                           "data.images_dir": images, "data.use_given_masks": True,
                           "init_from.format": "orbax", "init_from.path": a})
     assert not any("scaling_factor" in c for c in cmd)
-    # this process's devices and matmul precision: the command line's train step is the program
-    # A's run compiled (the compilation cache serves it; on 1 device it compiled cold)
-    env = {**subprocess_env(jax.device_count()), "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+    # this process's devices, XLA flags and matmul precision: the command line's train step is
+    # the program A's run compiled (the compilation cache serves it; on 1 device it compiled cold)
+    env = {**subprocess_env(jax.device_count()), "XLA_FLAGS": os.environ["XLA_FLAGS"],
+           "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no VAE stage" in proc.stderr, proc.stderr[-3000:]
