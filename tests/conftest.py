@@ -4,12 +4,6 @@ import os
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-# LLVM -O0 for the programs the tests compile in process: most are compiled once and run a few
-# times, so compiling costs more than running (tests/test_train.py, test_faults_train.py and
-# test_conditioner.py in process: 273 -> 211 CPU-s, 2026-12-06). Command lines started by the tests
-# (`train_utils.subprocess_env`) keep XLA's default: they run more steps and share cached programs.
-if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One compilation cache for the session, inherited by subprocess tests: the CLI tests compile
@@ -80,3 +74,24 @@ def own_cache_settings(monkeypatch):
     for n, v in saved.items():
         jax.config.update(n, v)
     compilation_cache.reset_cache()
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test(monkeypatch):
+    """A process a test started and left running (a test that failed while a 100000-step training
+    run waited for its SIGTERM) is killed when the test ends, not left to take a core for the rest
+    of the session. (Module fixtures start theirs before this records.)"""
+    import subprocess
+
+    started, real_init = [], subprocess.Popen.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", init)
+    yield
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

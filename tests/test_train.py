@@ -145,18 +145,20 @@ def test_sigterm_checkpoints_current_step_and_exits_0(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_sigterm_to_one_agree_without_a_collective_per_step(tmp_path):
-    """Two processes (one device each, `data:2`) train like one process with two devices: the
-    same loss at every logged step. SIGTERM reaches process 1 only; both stop at the same step,
-    a multiple of log_every_steps (the only steps where they agree), and checkpoint it. Process
-    0's log counts the agreements: one per log_every_steps steps, not one per step."""
+    """Two processes (two devices each, mesh data:2,fsdp:2) train like one process with two
+    devices (data:1,fsdp:2): the same loss at every logged step. SIGTERM reaches process 1 only;
+    both stop at the same step, a multiple of log_every_steps (the only steps where they agree),
+    and checkpoint it. Process 0's log counts the agreements: one per log_every_steps steps, not
+    one per step. (The meshes and the model are test_pod.py's, whose runs compile the same
+    programs: the compilation cache serves them here.)"""
     every = 4
     wd = str(tmp_path / "multi")
     port = free_port()
     procs = [subprocess.Popen(
         train_cmd(wd, extra=[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                              f"--process_id={i}"],
-                  **{"train.num_steps": 100000, "mesh": "data:2", "log_every_steps": every}),
-        env=subprocess_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                  **{"train.num_steps": 100000, "mesh": "data:2,fsdp:2", "log_every_steps": every}),
+        env=subprocess_env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     deadline = time.time() + 600
     while len(read_metrics(wd)) < 2:
@@ -178,7 +180,7 @@ def test_two_processes_sigterm_to_one_agree_without_a_collective_per_step(tmp_pa
     collectives, steps = map(int, lines[-1].split("agreement:")[1].split()[0:4:3])
     assert steps == last and collectives == last // every, lines[-1]
     single = str(tmp_path / "single")
-    subprocess.run(train_cmd(single, **{"train.num_steps": last, "mesh": "data:2",
+    subprocess.run(train_cmd(single, **{"train.num_steps": last, "mesh": "data:1,fsdp:2",
                                         "log_every_steps": every}),
                    env=subprocess_env(2), check=True, capture_output=True, timeout=600)
     a, b = read_metrics(single), read_metrics(wd)
