@@ -4,6 +4,13 @@ import os
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# LLVM -O0 for the programs the tests compile in process: most are compiled once and run a
+# handful of times, so compiling costs more than running. XLA's HLO passes (fusion, layout,
+# sharding) are unchanged; only LLVM's machine-code optimisation is skipped. Command lines the
+# tests start (`train_utils.subprocess_env`) keep XLA's default. A test that compares two programs
+# at the last float bit compiles them at the default level (`tests.helpers.OPTIMIZED`).
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One compilation cache for the session, inherited by subprocess tests: the CLI tests compile

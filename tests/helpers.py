@@ -7,6 +7,12 @@ import socket
 import numpy as np
 
 
+# XLA's default LLVM optimisation level, for a test that compares two programs at the last float
+# bit: `jax.jit(f, compiler_options=OPTIMIZED)`. The suite compiles in process at -O0
+# (tests/conftest.py), which is faster to compile but rounds differently (no FMA contraction).
+OPTIMIZED = {"xla_backend_optimization_level": 3}
+
+
 def assert_close(ours, ref, what: str = "", rel: float = 1e-4) -> None:
     """max|ours - ref| <= rel * max(1, max|ref|), in float64, shapes equal."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)

@@ -5,6 +5,7 @@ written by diffusers' `save_pretrained` and read by our `from_pretrained`; outpu
 on the same inputs (NCHW -> NHWC). Models are built once per module (fixtures) to keep the
 suite cheap on 2 CPU cores.
 """
+import functools
 import gc
 import json
 import os
@@ -22,7 +23,7 @@ from pbe_jax.convert import safetensors_io as stio
 from pbe_jax.convert.torch_layout import CheckpointMismatchError
 from pbe_jax.models.hub import num_params
 from pbe_jax.models.unet import UNet2DConditionModel, UNetConfig
-from tests.helpers import randomize_fan_in
+from tests.helpers import OPTIMIZED, randomize_fan_in
 
 # A: the PbE layout in miniature (9 input channels, 1-token context, CrossAttn+plain blocks).
 CFG_A = dict(
@@ -135,11 +136,15 @@ def test_remat_same_output_and_input_grad(unet_a, ours_a):
     w = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
     t = jnp.array([10, 900])
 
-    @nnx.jit
-    def loss_and_grad(model, xx):
-        def f(m, xi):
-            return jnp.sum(m(xi, t, ctx) * w)
-        return nnx.value_and_grad(f, argnums=1)(model, xx)
+    def loss_and_grad(model, xx):  # at XLA's default optimisation, as training runs
+        graphdef, state = nnx.split(model)
+
+        @functools.partial(jax.jit, compiler_options=OPTIMIZED)
+        def run(state, xx):
+            def f(m, xi):
+                return jnp.sum(m(xi, t, ctx) * w)
+            return nnx.value_and_grad(f, argnums=1)(nnx.merge(graphdef, state), xx)
+        return run(state, xx)
 
     (l0, g0), (l1, g1) = loss_and_grad(ours_a, x), loss_and_grad(remat, x)
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
