@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.train_utils import REPO
+from tests.train_utils import FAST_COMPILE_FLAGS, REPO
 
 EXPECTED = {
     "train/tiny/images_per_s": "images/s",
@@ -81,7 +81,7 @@ def plain_install(tmp_path_factory):
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                           "--target", str(target), str(build)], capture_output=True, text=True, timeout=600)
     assert pip.returncode == 0, pip.stderr[-3000:]
-    env = {**os.environ, "PYTHONPATH": str(target), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "PYTHONPATH": str(target), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE_FLAGS}
     return target, elsewhere, env
 
 

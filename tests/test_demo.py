@@ -168,8 +168,8 @@ def test_demo_departures_stay_in_the_demo(demo):
     assert NoiseSchedule.from_config(sd15.model.scheduler.to_dict()).prediction_type == "epsilon"
 
 
-def _run(args, timeout=900):
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=subprocess_env(1),
+def _run(args, timeout=900, optimized=False):
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=subprocess_env(1, optimized),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -213,7 +213,7 @@ SCORE_SHORT = 0.35  # exemplar_following after SHORT's steps; P(>= this | chance
 @pytest.mark.slow
 def test_short_demo_run_learns_to_follow_the_exemplar(tmp_path):
     r = _run(["pbe_jax.train", f"--config={CONFIG_FILE}:demo", f"--workdir={tmp_path}",
-              *[f"--config.{k}={v}" for k, v in SHORT.items()]])
+              *[f"--config.{k}={v}" for k, v in SHORT.items()]], optimized=True)  # 370 steps
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads((tmp_path / "vae" / "fit.json").read_text())
     assert info["heldout_psnr"] >= VAE_PSNR_SHORT, info

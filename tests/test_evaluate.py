@@ -18,6 +18,7 @@ from pbe_jax.evals.qs import GaussianMixture
 from pbe_jax.evaluation import cocoee
 from tests.helpers import save_tiny_clip
 from tests.test_weights_diffusers import tiny_pipeline
+from tests.train_utils import subprocess_env
 
 H = W = 32  # the tiny model's VAE x UNet factor is 4
 IDS = [1773, 3419, 3658, 4594]
@@ -67,7 +68,7 @@ def env(tmp_path_factory):
                          f"--gmm={d['gmm']}", "--batch_size=4"]
     d["cmd"] = [sys.executable, "-m", "pbe_jax.evaluate", f"--bench={d['bench']}", f"--model={d['model']}",
                 f"--out={d['out']}", "--steps=2", "--guidance=5", *d["metric_flags"]]
-    d["env"] = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    d["env"] = subprocess_env(2)
     d["run1"] = subprocess.run(d["cmd"], capture_output=True, text=True, env=d["env"], timeout=600)
     return d
 

@@ -27,7 +27,7 @@ from tests.test_faults_train import corrupt
 from tests.test_sample import H, W, _images
 from tests.test_weights_diffusers import UNET, model_configs, tiny_pipeline
 from tests.test_weights_orbax import _expected, _train_checkpoint
-from tests.train_utils import REPO
+from tests.train_utils import REPO, subprocess_env
 
 EDIT = dict(batch_size=4, steps=2, guidance=5.0, scheduler="ddim", num_samples=1, paste_back=False,
             reference_preprocess="squash")
@@ -130,7 +130,7 @@ def test_a_batch_that_fails_on_the_device_is_retried_row_by_row(pipe, files, tmp
 
 
 def _sample(args, model_dir):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(1)
     return subprocess.run([sys.executable, "-m", "pbe_jax.sample", f"--model={model_dir}", *args],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from pbe_jax.training.watchdog import EXIT_PEER_LOST
-from tests.train_utils import CONFIG_FILE, REPO, cli_overrides, read_metrics, subprocess_env, train_cmd
+from tests.train_utils import (CONFIG_FILE, FAST_COMPILE_FLAGS, REPO, cli_overrides, read_metrics,
+                               subprocess_env, train_cmd)
 
 LAUNCH = os.path.join(REPO, "launch", "local.sh")
 STEPS = 12
@@ -31,8 +32,8 @@ def _launch(workdir, logs, *extra):
     cmd = [LAUNCH, "-n", "2", "-d", "2", "-l", str(logs), *extra, "--", sys.executable, "-m", "pbe_jax.train",
            f"--config={CONFIG_FILE}:demo", f"--workdir={workdir}",
            *cli_overrides(**{**RUN, "mesh": "data:2,fsdp:2"})]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "DRY_RUN")}
-    env.update(PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
+    env = {k: v for k, v in os.environ.items() if k != "DRY_RUN"}  # local.sh adds the devices
+    env.update(PYTHONPATH=REPO, PYTHONUNBUFFERED="1", XLA_FLAGS=FAST_COMPILE_FLAGS)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 

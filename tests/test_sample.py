@@ -15,6 +15,7 @@ from PIL import Image
 
 from pbe_jax.pipeline import PaintByExample
 from tests.test_weights_diffusers import IMAGE, tiny_pipeline
+from tests.train_utils import subprocess_env
 
 H = W = 32  # pixels; the tiny model's VAE x UNet factor is 4
 
@@ -124,7 +125,7 @@ def test_cli_manifest_with_a_bad_row(models, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pbe_jax.sample", f"--model={model_dir}", f"--manifest={manifest}",
            f"--out={out}", "--steps=3", "--batch_size=4", "--num_samples=2"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = subprocess_env(1)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 1, p.stdout + p.stderr[-3000:]
     assert "2/4 rows done, 2 failed" in p.stdout

@@ -17,7 +17,7 @@ import pytest
 from pbe_jax import sweep as sweep_cli
 from pbe_jax.configs import load_config, load_module
 from pbe_jax.training import sweeps as sweep
-from tests.train_utils import CONFIG_FILE, REPO, cli_overrides
+from tests.train_utils import CONFIG_FILE, REPO, cli_overrides, subprocess_env
 
 SAFE = re.compile(r"^[A-Za-z0-9._+=,-]+$")
 
@@ -162,7 +162,7 @@ def test_local_sweep_two_tiny_runs(tmp_path, monkeypatch, capsys):
                      "    return [{'data.arbitrary_mask_prob': p} for p in (0.0, 1.0)]\n")
     root = tmp_path / "sweep"
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.setenv("XLA_FLAGS", subprocess_env(1)["XLA_FLAGS"])
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
     monkeypatch.chdir(REPO)

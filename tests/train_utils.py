@@ -79,9 +79,18 @@ def read_metrics(workdir: str) -> dict[int, dict]:
     return rows
 
 
-def subprocess_env(devices: int = 1) -> dict:
+# LLVM -O0, as the test workers compile in process (tests/conftest.py): the command lines the
+# tests start run a few steps, so compiling costs them more than running.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def subprocess_env(devices: int = 1, optimized: bool = False) -> dict:
+    """The environment of a command line a test starts: `devices` fake CPU devices, compiled
+    at -O0 (FAST_COMPILE_FLAGS) unless `optimized` (XLA's default: a run of hundreds of steps)."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if not optimized:
+        env["XLA_FLAGS"] += " " + FAST_COMPILE_FLAGS
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"
     return env
