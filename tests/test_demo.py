@@ -180,7 +180,8 @@ def test_fit_vae_cli_writes_a_diffusers_autoencoder(tmp_path):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     r = _run(["pbe_jax.fit_vae", f"--config={CONFIG_FILE}:demo", f"--workdir={tmp_path}",
-              "--config.vae_fit.steps=30", "--config.vae_fit.heldout_images=8", "--config.log_every_steps=10"])
+              "--config.vae_fit.steps=30", "--config.vae_fit.heldout_images=8", "--config.log_every_steps=10"],
+             optimized=True)  # the short demo's VAE programs, which the test below then reads from the cache
     assert r.returncode == 0, r.stderr[-3000:]
     vae_dir = tmp_path / "vae"
     info = json.loads((vae_dir / "fit.json").read_text())
