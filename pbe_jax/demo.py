@@ -41,7 +41,7 @@ def main(argv) -> None:
     F = flags.FLAGS
     pipe = PaintByExample.from_pretrained(F.model, dtype=cast_dtype(F.dtype), use_ema=F.use_ema,
                                           variant=F.variant, revision=F.revision).with_lora(
-        _LORA.value, _LORA_SCALE.value)
+        _LORA.value, _LORA_SCALE.value, F.use_ema)
     examples = demo_examples(examples_data_config(F.model), _EXAMPLES.value,
                              resolution=max(model_resolution(pipe)))
     page = build_app(pipe, examples=examples, max_megapixels=_MAX_MP.value,

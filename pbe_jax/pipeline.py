@@ -94,17 +94,21 @@ class PaintByExample(PaintByExampleModel):
                              local_files_only=local_files_only, token=token,
                              force_download=force_download, use_safetensors=use_safetensors)
 
-    def load_lora(self, path: str, scale: float = 1.0, *, use_ema: bool = False) -> list[str]:
+    def load_lora(self, path: str, scale: float = 1.0, *, use_ema: bool | None = None) -> list[str]:
         """Add a LoRA (`convert.lora_io.read_lora`: a pbe_jax LoRA run's workdir or step, or a
         diffusers/PEFT `pytorch_lora_weights.safetensors` / its folder) at `scale`; a run's
-        other trained parts (`uncond_vector`, ...) replace this model's. Returns the adapted
-        layer paths. The scale is a model variable: `set_lora_scale` recompiles nothing."""
+        other trained parts (`uncond_vector`, ...) replace this model's. A run's EMA adapters
+        when it kept them (`use_ema=None`, as `from_pretrained`), `use_ema=False` the raw ones.
+        Returns the adapted layer paths. The scale is a model variable: `set_lora_scale`
+        recompiles nothing."""
         return lora_io.apply_lora(self, lora_io.read_lora(path, use_ema=use_ema), scale)
 
-    def with_lora(self, path: str | None, scale: float = 1.0) -> "PaintByExample":
-        """`load_lora(path, scale)` when `path` is given (the commands' --lora); returns self."""
+    def with_lora(self, path: str | None, scale: float = 1.0,
+                  use_ema: bool | None = None) -> "PaintByExample":
+        """`load_lora(path, scale, use_ema=...)` when `path` is given (the commands' --lora,
+        with their --use_ema); returns self."""
         if path:
-            self.load_lora(path, scale=scale)
+            self.load_lora(path, scale=scale, use_ema=use_ema)
         return self
 
     def set_lora_scale(self, scale: float) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pbe_jax import checkpoint
 from pbe_jax import sharding as shd
 from pbe_jax.benchmarks.model import build
 from pbe_jax.benchmarks.sizes import get_size
@@ -145,9 +146,9 @@ def _kill_after_checkpoint(cmd, env, ck, step):
 def test_lora_run_sigkilled_resumes_exactly_from_a_checkpoint_of_megabytes(tmp_path):
     """A LoRA run killed after its step-2 checkpoint resumes (the base reloaded from its source,
     here the seed's random init) to the same losses and adapters as an uninterrupted run; its
-    checkpoints hold the train state only."""
+    checkpoints hold the train state only; its adapters read back raw or (by default) EMA."""
     n = 4
-    over = {**LORA, "train.num_steps": n, "ckpt_every_steps": 2}
+    over = {**LORA, "train.num_steps": n, "ckpt_every_steps": 2, "train.ema_decay": 0.5}
     env = subprocess_env(1)
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     # the uninterrupted run first: its compiles fill the session's cache, the other two read it
@@ -168,7 +169,7 @@ def test_lora_run_sigkilled_resumes_exactly_from_a_checkpoint_of_megabytes(tmp_p
     step_dir = os.path.join(killed, "checkpoints", str(n))
     assert "frozen" not in os.listdir(step_dir) and "state" in os.listdir(step_dir)
     # the run's adapters read back (pbe_jax layout) and export as diffusers/PEFT
-    adapter = lora_io.read_lora(killed)
+    adapter = lora_io.read_lora(killed, use_ema=False)
     final = _final_params(killed, n)
     name = next(iter(adapter.layers))
     node = final
@@ -176,6 +177,13 @@ def test_lora_run_sigkilled_resumes_exactly_from_a_checkpoint_of_megabytes(tmp_p
         node = node[part]
     np.testing.assert_array_equal(adapter.layers[name][1], np.asarray(node["lora"]["lora_b"]))
     assert "image_encoder.uncond_vector" in adapter.params
+    # by default the run's EMA adapters, as from_pretrained of a full run and its sample grids
+    ema = checkpoint.restore_numpy(os.path.join(step_dir, checkpoint.STATE), ["ema"])["ema"]
+    for part in name.split("."):
+        ema = ema[part]
+    default = lora_io.read_lora(killed)
+    np.testing.assert_array_equal(default.layers[name][1], np.asarray(ema["lora"]["lora_b"]))
+    assert np.abs(default.layers[name][1] - adapter.layers[name][1]).max() > 0
     dst = str(tmp_path / "peft")
     assert convert_main(["--from", "orbax", "--src", killed, "--to", "diffusers_lora", "--dst", dst]) == 0
     peft = lora_io.read_peft(os.path.join(dst, lora_io.LORA_WEIGHTS))

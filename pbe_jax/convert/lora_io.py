@@ -51,8 +51,10 @@ def _flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, np.ndarray]:
     return {prefix: np.asarray(tree)}
 
 
-def read_run(path: str, use_ema: bool = False) -> Adapter:
-    """The adapters of a pbe_jax LoRA run: a workdir (its newest step) or one step directory."""
+def read_run(path: str, use_ema: bool | None = None) -> Adapter:
+    """The adapters of a pbe_jax LoRA run: a workdir (its newest step) or one step directory.
+    `use_ema=None`: the EMA copy when the run kept one (what its sample grids and scores used,
+    as `PaintByExample.from_pretrained` of a full run), else the raw params."""
     steps = checkpoint.training_steps(path)
     if not steps:
         raise FileNotFoundError(f"{path}: no pbe_jax training checkpoint (a LoRA run's workdir or step)")
@@ -60,7 +62,11 @@ def read_run(path: str, use_ema: bool = False) -> Adapter:
     lcfg = checkpoint.read_config(step_dir).get("train", {}).get("lora", {})
     if not lcfg or not int(lcfg.get("rank", 0)):
         raise ValueError(f"{step_dir}: not a LoRA run (its config.train.lora.rank is 0 or absent)")
-    key = "ema" if use_ema else "params"
+    has_ema = "ema" in checkpoint.item_tree(step_dir, checkpoint.STATE)
+    if use_ema and not has_ema:
+        raise ValueError(f"{step_dir}: use_ema asked, but the LoRA run's train state has no 'ema' "
+                         "params (the run had train.ema_decay = 0)")
+    key = "ema" if (has_ema if use_ema is None else use_ema) else "params"
     state = checkpoint.restore_numpy(epath.Path(step_dir) / checkpoint.STATE, keys=[key])[key]
     flat = _flatten(state)
     layers, params = {}, {}
@@ -104,9 +110,9 @@ def read_peft(file: str) -> Adapter:
     return Adapter(layers, 1.0)
 
 
-def read_lora(path: str, use_ema: bool = False) -> Adapter:
+def read_lora(path: str, use_ema: bool | None = None) -> Adapter:
     """A LoRA from a pbe_jax run (workdir / step), a .safetensors file, or a folder holding
-    `pytorch_lora_weights.safetensors`."""
+    `pytorch_lora_weights.safetensors`. `use_ema`: a run's EMA or raw adapters (`read_run`)."""
     p = epath.Path(path)
     if p.is_dir() and (p / LORA_WEIGHTS).exists():
         return read_peft(str(p / LORA_WEIGHTS))
@@ -185,7 +191,7 @@ def is_lora_run(path: str) -> bool:
     return bool(int(checkpoint.read_config(steps[-1]).get("train", {}).get("lora", {}).get("rank", 0) or 0))
 
 
-def load_run(path: str, *, use_ema: bool = False, cls=None, return_report: bool = False, **kw):
+def load_run(path: str, *, use_ema: bool | None = None, cls=None, return_report: bool = False, **kw):
     """A LoRA run's model: its base, loaded from where the run got it (`config.init_from`),
     with the run's adapters and other trained params. Raises ValueError for a run whose base
     was a random init (there is nothing to load it from)."""
