@@ -304,6 +304,17 @@ def item_tree(step_dir: str | os.PathLike, item: str) -> Any:
     return getattr(meta, "tree", meta)
 
 
+def params_key(step_dir: str | os.PathLike, use_ema: bool | None) -> tuple[str, bool]:
+    """Which params of a step's train state to read: ('ema' or 'params', whether the run kept an
+    EMA copy). `use_ema=None`: the EMA copy when there is one (what the run's sample grids and
+    scores used); True without one is an error naming the step."""
+    has_ema = "ema" in item_tree(step_dir, STATE)
+    if use_ema and not has_ema:
+        raise ValueError(f"{step_dir}: use_ema asked, but the train state has no 'ema' params "
+                         "(the run had train.ema_decay = 0)")
+    return ("ema" if (has_ema if use_ema is None else use_ema) else "params"), has_ema
+
+
 def _shapes(tree: Any) -> dict[str, tuple]:
     """{'params.unet.conv_in.kernel': shape} of a tree of arrays / ShapeDtypeStructs / orbax
     metadata."""

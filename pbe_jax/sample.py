@@ -80,7 +80,7 @@ def _load(F, out: str | None):
     pipe, report = PaintByExample.from_pretrained(F.model, dtype=cast_dtype(F.dtype), use_ema=F.use_ema,
                                                   variant=F.variant, revision=F.revision,
                                                   return_report=True)
-    pipe = pipe.with_lora(F.lora, F.lora_scale, F.use_ema)  # --lora / --lora_scale (no LoRA: the same pipe)
+    pipe = pipe.with_lora(F.lora, F.lora_scale, F.use_ema)  # --lora (none: the same pipe)
     weights = loaded_weights(report, use_ema=F.use_ema)
     if out is not None:
         try:

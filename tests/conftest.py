@@ -4,14 +4,16 @@ import os
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-# LLVM -O0 for the programs the tests compile in process: most are compiled once and run a
-# handful of times, so compiling costs more than running. XLA's HLO passes (fusion, layout,
-# sharding) are unchanged; only LLVM's machine-code optimisation is skipped. Command lines the
-# tests start get the same (`train_utils.FAST_COMPILE_FLAGS`; a run of hundreds of steps keeps
-# XLA's default). A test that compares two programs at the last float bit compiles them at the
-# default level (`tests.helpers.OPTIMIZED`). Whole suite, one quiet run each: 1588 -> 1408 CPU-s.
+# LLVM -O0 (`tests.helpers.FAST_COMPILE_FLAGS`) for the programs the tests compile in process
+# and, through `train_utils.subprocess_env`, in the command lines they start (a run of hundreds
+# of steps keeps XLA's default). XLA's HLO passes (fusion, layout, sharding) are unchanged; only
+# LLVM's machine-code optimisation is skipped. A test that compares two programs at the last
+# float bit compiles them at the default level (`tests.helpers.OPTIMIZED`). Whole suite, one
+# quiet run each: 1588 -> 1408 CPU-s.
+from tests.helpers import FAST_COMPILE_FLAGS  # noqa: E402 (numpy and socket only: no jax yet)
+
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+    os.environ["XLA_FLAGS"] += " " + FAST_COMPILE_FLAGS
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One compilation cache for the session, inherited by subprocess tests: the CLI tests compile

@@ -7,9 +7,12 @@ import socket
 import numpy as np
 
 
+# LLVM -O0: the XLA flag of the test workers (tests/conftest.py) and of the command lines the
+# tests start (`train_utils.subprocess_env`): most programs are compiled once and run a few
+# steps, so compiling costs more than running.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 # XLA's default LLVM optimisation level, for a test that compares two programs at the last float
-# bit: `jax.jit(f, compiler_options=OPTIMIZED)`. The suite compiles in process at -O0
-# (tests/conftest.py), which is faster to compile but rounds differently (no FMA contraction).
+# bit: `jax.jit(f, compiler_options=OPTIMIZED)` (-O0 rounds differently: no FMA contraction).
 OPTIMIZED = {"xla_backend_optimization_level": 3}
 
 

@@ -2,6 +2,7 @@
 base is bitwise unchanged, checkpoints hold only what trains, and a SIGKILLed run resumes exactly."""
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -170,19 +171,14 @@ def test_lora_run_sigkilled_resumes_exactly_from_a_checkpoint_of_megabytes(tmp_p
     assert "frozen" not in os.listdir(step_dir) and "state" in os.listdir(step_dir)
     # the run's adapters read back (pbe_jax layout) and export as diffusers/PEFT
     adapter = lora_io.read_lora(killed, use_ema=False)
-    final = _final_params(killed, n)
     name = next(iter(adapter.layers))
-    node = final
-    for part in name.split("."):
-        node = node[part]
-    np.testing.assert_array_equal(adapter.layers[name][1], np.asarray(node["lora"]["lora_b"]))
+    lora_b = lambda tree: np.asarray(functools.reduce(dict.get, name.split("."), tree)["lora"]["lora_b"])  # noqa: E731
+    np.testing.assert_array_equal(adapter.layers[name][1], lora_b(_final_params(killed, n)))
     assert "image_encoder.uncond_vector" in adapter.params
     # by default the run's EMA adapters, as from_pretrained of a full run and its sample grids
     ema = checkpoint.restore_numpy(os.path.join(step_dir, checkpoint.STATE), ["ema"])["ema"]
-    for part in name.split("."):
-        ema = ema[part]
     default = lora_io.read_lora(killed)
-    np.testing.assert_array_equal(default.layers[name][1], np.asarray(ema["lora"]["lora_b"]))
+    np.testing.assert_array_equal(default.layers[name][1], lora_b(ema))
     assert np.abs(default.layers[name][1] - adapter.layers[name][1]).max() > 0
     dst = str(tmp_path / "peft")
     assert convert_main(["--from", "orbax", "--src", killed, "--to", "diffusers_lora", "--dst", dst]) == 0

@@ -6,6 +6,7 @@ import os
 import sys
 
 from pbe_jax.configs import load_config
+from tests.helpers import FAST_COMPILE_FLAGS  # noqa: F401 (also the pod and bench tests' flag)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = os.path.join(REPO, "configs", "pbe.py")
@@ -77,11 +78,6 @@ def read_metrics(workdir: str) -> dict[int, dict]:
                 row = json.loads(line)
                 rows[row["step"]] = row
     return rows
-
-
-# LLVM -O0, as the test workers compile in process (tests/conftest.py): the command lines the
-# tests start run a few steps, so compiling costs them more than running.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 
 
 def subprocess_env(devices: int = 1, optimized: bool = False) -> dict:

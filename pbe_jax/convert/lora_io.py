@@ -62,11 +62,7 @@ def read_run(path: str, use_ema: bool | None = None) -> Adapter:
     lcfg = checkpoint.read_config(step_dir).get("train", {}).get("lora", {})
     if not lcfg or not int(lcfg.get("rank", 0)):
         raise ValueError(f"{step_dir}: not a LoRA run (its config.train.lora.rank is 0 or absent)")
-    has_ema = "ema" in checkpoint.item_tree(step_dir, checkpoint.STATE)
-    if use_ema and not has_ema:
-        raise ValueError(f"{step_dir}: use_ema asked, but the LoRA run's train state has no 'ema' "
-                         "params (the run had train.ema_decay = 0)")
-    key = "ema" if (has_ema if use_ema is None else use_ema) else "params"
+    key, _ = checkpoint.params_key(step_dir, use_ema)
     state = checkpoint.restore_numpy(epath.Path(step_dir) / checkpoint.STATE, keys=[key])[key]
     flat = _flatten(state)
     layers, params = {}, {}

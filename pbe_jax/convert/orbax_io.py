@@ -127,18 +127,12 @@ def _read_train(step_dir: epath.Path, use_ema: bool | None, report: PipelineRepo
     config = ckpt.read_config(step_dir)
     if "model" not in config:
         raise ValueError(f"{step_dir}/config: no 'model' field (not a pbe_jax training config)")
-    tree = ckpt.item_tree(step_dir, ckpt.STATE)
-    has_ema = "ema" in tree
-    if use_ema and not has_ema:
-        raise ValueError(f"{step_dir}: use_ema asked, but the train state has no 'ema' params "
-                         "(the run had train.ema_decay = 0)")
-    if use_ema is None:
-        use_ema = has_ema
+    item, has_ema = ckpt.params_key(step_dir, use_ema)
+    use_ema = item == "ema"
     notes = []
     if has_ema and not use_ema:
         notes.append("the checkpoint also holds EMA params (what its sample grids and scores used); "
                      "they load by default (use_ema=None / no --nouse_ema)")
-    item = "ema" if use_ema else "params"
     trained = ckpt.restore_numpy(step_dir / ckpt.STATE, [item])[item]
     frozen = ckpt.restore_numpy(step_dir / ckpt.FROZEN)
     flat = _flatten(trained)
