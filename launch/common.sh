@@ -95,6 +95,8 @@ wait_group() {
             kill -TERM "$other" 2>/dev/null || true
           fi
         done
+      elif ((rc != 0)); then
+        echo "launcher: process $pid exited with status $rc" >&2
       fi
     done
     left=("${still[@]+"${still[@]}"}")
@@ -103,6 +105,69 @@ wait_group() {
     fi
   done
   return "$status"
+}
+
+# ---- The coordination service in its own process (local.sh, gpu/multinode.sh, gpu/slurm.sbatch) ----
+# With the service outside the training processes (PBE_JAX_COORDINATOR=external for them), the
+# death of process 0 is one more dead peer: the others exit 75 with the watchdog's message,
+# instead of JAX's C++ abort of every process (exit 134) when process 0 hosts the service.
+
+# python_of ARG...: the Python interpreter of a command (its first word that names python,
+# e.g. `python`, `.venv/bin/python3.11`), else python3.
+python_of() {
+  local a
+  for a in "$@"; do
+    case "${a##*/}" in
+      python | python3 | python3.*) echo "$a"; return ;;
+    esac
+  done
+  echo python3
+}
+
+# heartbeat_of ARG...: the command's --config.watchdog.heartbeat_seconds (default 100, the
+# config's default), which the service must share with the run.
+heartbeat_of() {
+  local a value=100
+  for a in "$@"; do
+    case "$a" in
+      --config.watchdog.heartbeat_seconds=*) value=${a#*=} ;;
+    esac
+  done
+  echo "$value"
+}
+
+COORD_PID=""
+# start_coordinator PYTHON ADDRESS NPROC HEARTBEAT LOG: start `python -m pbe_jax.tools.coordinator`
+# in the background (its output to LOG) and wait until it serves; a coordinator that cannot
+# start (a port in use) stops the launcher with its message. The caller exports
+# PBE_JAX_COORDINATOR=external for the processes. Under DRY_RUN it says so on stderr.
+start_coordinator() {
+  local python=$1 address=$2 nproc=$3 heartbeat=$4 log=$5 i
+  local argv=("$python" -m pbe_jax.tools.coordinator "--address=$address" "--num_processes=$nproc"
+    "--heartbeat_seconds=$heartbeat")
+  if [[ "$DRY_RUN" == 1 ]]; then
+    echo "launcher: in the background: $(shquote "${argv[@]}") >> $log (the processes get PBE_JAX_COORDINATOR=external)" >&2
+    return 0
+  fi
+  "${argv[@]}" >>"$log" 2>&1 &
+  COORD_PID=$!
+  for ((i = 0; i < 600; i++)); do
+    grep -q "^coordinator: serving" "$log" 2>/dev/null && return 0
+    if ! kill -0 "$COORD_PID" 2>/dev/null; then
+      tail -n 5 "$log" >&2
+      die "the coordinator ($address) did not start; see $log"
+    fi
+    sleep 0.1
+  done
+  die "the coordinator ($address) did not report serving within 60 s; see $log"
+}
+
+# stop_coordinator: stop the service started by start_coordinator (after the group has exited).
+stop_coordinator() {
+  [[ -n "$COORD_PID" ]] || return 0
+  kill -TERM "$COORD_PID" 2>/dev/null || true
+  wait "$COORD_PID" 2>/dev/null || true
+  COORD_PID=""
 }
 
 # ---- Supervised restarts (local.sh --max_restarts, gpu/slurm.sbatch, tpu/pod.sh supervise) ----
@@ -139,7 +204,7 @@ exit_reason() {
   case "$1" in
     75) echo "a peer process died or vanished (pbe_jax watchdog)" ;;
     76) echo "no step finished within config.watchdog.stall_minutes (pbe_jax watchdog)" ;;
-    134) echo "aborted (SIGABRT; JAX aborts the other processes when process 0, the coordinator, dies)" ;;
+    134) echo "aborted (SIGABRT; JAX aborts the other processes when process 0 hosts the coordination service and dies)" ;;
     137) echo "killed (SIGKILL: out of memory, or killed by the system)" ;;
     143) echo "terminated (SIGTERM)" ;;
     *) echo "exit status $1" ;;

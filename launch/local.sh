@@ -12,6 +12,9 @@
 # N*D devices. Output goes to LOGDIR/proc_I.log; process 0's log is also streamed to stdout.
 # The launcher exits with the first non-zero status of any process (the others are then stopped)
 # or 0 when all succeed. Ctrl-C / SIGTERM is forwarded (pbe_jax.train checkpoints and exits).
+# The coordination service runs in its own process (`python -m pbe_jax.tools.coordinator`, log
+# LOGDIR/coordinator.log; the processes get PBE_JAX_COORDINATOR=external), so a dead process 0
+# is a dead peer like any other: the others exit 75 with the watchdog's message.
 #
 # Options:
 #   -n, --nproc N       processes (default 2)
@@ -22,6 +25,8 @@
 #                       checkpoint of CMD's --workdir; the same failure at the same step twice in
 #                       a row stops; each restart is a row of WORKDIR/restarts.jsonl
 #   --restart_backoff S seconds before the first restart, doubled for each next (default 10)
+#   --coordinator WHERE service (default): the coordination service in its own process;
+#                       process0: inside process 0 (JAX's default; its death aborts the others)
 #   --dry-run           print the commands, start nothing (also DRY_RUN=1)
 
 # shellcheck source-path=SCRIPTDIR
@@ -42,6 +47,7 @@ port=""
 logdir=""
 max_restarts=0
 backoff=10
+coordinator=service
 while (($#)); do
   case "$1" in
     -n | --nproc) nproc=$2; shift 2 ;;
@@ -52,6 +58,8 @@ while (($#)); do
     --max_restarts) max_restarts=$2; shift 2 ;;
     --restart_backoff=*) backoff=${1#*=}; shift ;;
     --restart_backoff) backoff=$2; shift 2 ;;
+    --coordinator=*) coordinator=${1#*=}; shift ;;
+    --coordinator) coordinator=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage 0 ;;
     --) shift; break ;;
@@ -63,6 +71,8 @@ done
 [[ "$devices" =~ ^[1-9][0-9]*$ ]] || die "--devices must be a positive integer, got '$devices'"
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max_restarts must be a count >= 0, got '$max_restarts'"
 [[ "$backoff" =~ ^[0-9]+$ ]] || die "--restart_backoff must be whole seconds >= 0, got '$backoff'"
+[[ "$coordinator" == service || "$coordinator" == process0 ]] ||
+  die "--coordinator must be service or process0, got '$coordinator'"
 cmd=("$@")
 workdir="$(workdir_of "${cmd[@]}")"
 if ((max_restarts > 0)) && [[ -z "$workdir" ]]; then
@@ -89,7 +99,14 @@ xla_flags="$(printf '%s --xla_force_host_platform_device_count=%s' "${XLA_FLAGS:
 start_group() {
   local attempt=$1 i log argv
   port=${fixed_port:-$((20000 + RANDOM % 20000))}
-  echo "launcher: $nproc processes x $devices CPU devices, coordinator 127.0.0.1:$port, logs in $logdir" >&2
+  echo "launcher: $nproc processes x $devices CPU devices, coordinator 127.0.0.1:$port ($coordinator), logs in $logdir" >&2
+  export PBE_JAX_COORDINATOR=process0
+  if [[ "$coordinator" == service ]]; then
+    PBE_JAX_COORDINATOR=external
+    ((attempt == 0)) || [[ "$DRY_RUN" == 1 ]] || echo "==== launcher: restart $attempt" >>"$logdir/coordinator.log"
+    start_coordinator "$(python_of "${cmd[@]}")" "127.0.0.1:$port" "$nproc" "$(heartbeat_of "${cmd[@]}")" \
+      "$logdir/coordinator.log"
+  fi
   pids=()
   for ((i = 0; i < nproc; i++)); do
     argv=(env "JAX_PLATFORMS=cpu" "XLA_FLAGS=$xla_flags" "${cmd[@]}"
@@ -112,6 +129,7 @@ start_group() {
   [[ "$DRY_RUN" == 1 ]] && return 0
   local status=0
   wait_group "${pids[@]}" || status=$?
+  stop_coordinator
   if ((status != 0)); then
     for ((i = 0; i < nproc; i++)); do
       echo "---- last lines of $logdir/proc_$i.log" >&2

@@ -29,7 +29,9 @@ from jax._src import distributed as jax_distributed
 from pbe_jax import runtime
 
 _INITIALIZED = False
+_EXTERNAL = False  # this run's coordination service runs in its own process (not process 0)
 DEFAULT_HEARTBEAT_SECONDS = 100  # jax.distributed.initialize's default
+COORDINATOR_ENV = "PBE_JAX_COORDINATOR"  # "external": the service is `python -m pbe_jax.coordinator`
 log = logging.getLogger("pbe_jax")
 
 
@@ -48,7 +50,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                process_id: int | None = None, auto: bool = False,
                heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS) -> bool:
     """Returns True when jax.distributed was initialised by this call (or earlier)."""
-    global _INITIALIZED
+    global _INITIALIZED, _EXTERNAL
     if _INITIALIZED:
         return True
     platforms = os.environ.get("JAX_PLATFORMS", "")
@@ -64,13 +66,62 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if explicit:
         if num_processes is None or process_id is None:
             raise ValueError("--coordinator_address needs --num_processes and --process_id")
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id, **kw)
-    else:
-        jax.distributed.initialize(**kw)
-    _INITIALIZED = True
+        kw.update(coordinator_address=coordinator_address, num_processes=num_processes,
+                  process_id=process_id)
+    external = external_service()
+    (_initialize_client_only if external else jax.distributed.initialize)(**kw)
+    _INITIALIZED, _EXTERNAL = True, external
     atexit.register(_barrier_at_exit, int(heartbeat_seconds))  # runs before jax's own shutdown
     return True
+
+
+def external_service() -> bool:
+    """True when `PBE_JAX_COORDINATOR=external` (a separate coordinator process hosts the
+    service); unset or "process0": process 0 hosts it, JAX's default."""
+    value = os.environ.get(COORDINATOR_ENV, "")
+    if value not in ("", "process0", "external"):
+        raise ValueError(f"{COORDINATOR_ENV}={value!r}: expected 'external' (a separate "
+                         "`python -m pbe_jax.coordinator` hosts the coordination service) or "
+                         "'process0' (the default: process 0 hosts it)")
+    return value == "external"
+
+
+class _ClientOnly:
+    """jaxlib's `_jax` module as jax.distributed sees it, except that it starts no service:
+    process 0 connects to the external coordinator as every other process does."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    @staticmethod
+    def get_distributed_runtime_service(*args, **kwargs):
+        return None
+
+
+def _initialize_client_only(**kw) -> None:
+    real = jax_distributed._jax
+    jax_distributed._jax = _ClientOnly(real)
+    try:
+        jax.distributed.initialize(**kw)
+    finally:
+        jax_distributed._jax = real
+
+
+def serve(address: str, num_processes: int, heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS,
+          shutdown_seconds: int = 300):
+    """Start the coordination service for `num_processes` clients on `address` (a bind
+    address such as `[::]:12355` or `127.0.0.1:12355`) in this process, recoverable (a dead
+    task is marked dead, the others live on); returns it (keep a reference: it stops when
+    collected or `.shutdown()`). What `python -m pbe_jax.coordinator` runs."""
+    from jax._src.lib import _jax
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    return _jax.get_distributed_runtime_service(
+        address, int(num_processes), heartbeat_timeout=int(heartbeat_seconds),
+        shutdown_timeout=int(shutdown_seconds), recoverable=True)
 
 
 def _client():
@@ -102,7 +153,7 @@ def _barrier_at_exit(timeout_s: int) -> None:
     n = jax.process_count()
     try:
         client.wait_at_barrier("pbe_jax_exit", timeout_in_ms=int(timeout_s) * 1000)
-        if jax.process_index() != 0:
+        if _EXTERNAL or jax.process_index() != 0:
             jax.distributed.shutdown()  # disconnect while the service (process 0) still runs
             return
         deadline = time.monotonic() + timeout_s  # process 0 stops the service last

@@ -141,3 +141,35 @@ def test_resume_on_a_smaller_slice_of_another_shape(tmp_path, reference):
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     for s in range(5, STEPS + 1):
         np.testing.assert_allclose(b[s]["loss"], a[s]["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("coordinator", ["service", "process0"])
+def test_a_dead_process_0_is_a_dead_peer_when_the_service_runs_apart(tmp_path, coordinator):
+    """SIGKILL of process 0 (tests/peer_probe.py: the real runtime set-up, watchdog and one
+    cross-process collective per step, no model). With the coordination service in its own
+    process (local.sh's default) process 1 exits EXIT_PEER_LOST within the heartbeat, naming
+    process 0 and its last step, with its Python stacks; with the service inside process 0
+    (`--coordinator=process0`, JAX's default) JAX's client aborts it in C++ (exit 134), which
+    is why the launchers keep the service apart."""
+    logs = tmp_path / "logs"
+    cmd = [LAUNCH, "-n", "2", "-d", "1", "-l", str(logs), f"--coordinator={coordinator}", "--",
+           sys.executable, os.path.join(REPO, "tests", "peer_probe.py"), "--die_process=0", "--die_at_step=3",
+           "--config.watchdog.heartbeat_seconds=5"]
+    env = {k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "PBE_JAX_COORDINATOR")}
+    env.update(PYTHONPATH=REPO, PYTHONUNBUFFERED="1", XLA_FLAGS=FAST_COMPILE_FLAGS)
+    t0 = time.time()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 128 + signal.SIGKILL, r.stderr[-3000:]  # the first failure: process 0's
+    assert time.time() - t0 < 120, r.stderr[-3000:]
+    pid1 = (logs / "proc_1.pid").read_text().strip()
+    log1 = (logs / "proc_1.log").read_text()
+    assert "probe: step 2" in log1, log1[-3000:]
+    if coordinator == "process0":
+        assert f"launcher: process {pid1} exited with status 134" in r.stderr, r.stderr[-3000:]
+        return
+    assert f"launcher: process {pid1} exited with status {EXIT_PEER_LOST}" in r.stderr, r.stderr[-3000:]
+    assert "watchdog: process(es) [0] of 2 gone" in log1 and "stops at step 2" in log1, log1[-3000:]
+    assert log1.count("watchdog: process(es) [0] of 2 gone") <= 2, log1[-3000:]  # one message (log + stderr)
+    assert "Current thread" in log1 or "Thread 0x" in log1, log1[-3000:]  # the faulthandler dump
+    assert "Check failure stack trace" not in log1 and "Fatal Python error: Aborted" not in log1, log1[-3000:]
+    assert "coordinator: serving 2 processes" in (logs / "coordinator.log").read_text()

@@ -13,8 +13,10 @@ process(es), dumps every Python thread's stack (faulthandler) to stderr, flushes
 exits with EXIT_PEER_LOST (75) or EXIT_STALLED (76): a clean non-zero exit the launchers
 restart from (`launch/common.sh`), never a hang.
 
-When process 0 (the coordinator) itself dies, JAX's C++ client ends the others at once (exit
-134, SIGABRT, with this module's faulthandler stack dump); the launchers name the dead process.
+A dead process 0 is such a peer too when the coordination service runs in its own process
+(`PBE_JAX_COORDINATOR=external`, what the launchers in `launch/` do: `pbe_jax.tools.coordinator`).
+When process 0 hosts the service (JAX's default) and dies, JAX's C++ client ends the others at
+once (exit 134, SIGABRT, with this module's faulthandler stack dump); the launchers name that exit.
 """
 from __future__ import annotations
 
@@ -75,6 +77,7 @@ class Watchdog:
         self.last_wall = time.time()
         self._last = time.monotonic()
         self._stop = threading.Event()
+        self._dying = threading.Lock()  # one message and one exit, whichever thread sees it first
         self._thread = threading.Thread(target=self._run, name="pbe_jax-watchdog", daemon=True)
 
     @classmethod
@@ -124,6 +127,8 @@ class Watchdog:
             self.die(EXIT_PEER_LOST, f"process(es) {missing} of {jax.process_count()} gone ({why})")
 
     def die(self, code: int, what: str) -> None:
+        if not self._dying.acquire(blocking=False):
+            threading.Event().wait()  # the other thread is writing the message and exiting
         msg = (f"watchdog: {what}; process {jax.process_index()} stops {self.describe()} with "
                f"exit code {code} (Python stacks follow). Restart the job (launch/local.sh "
                f"--max_restarts, SLURM requeue, launch/tpu/pod.sh): it resumes from the newest checkpoint.")
