@@ -202,7 +202,7 @@ last_logged_step() {
 # exit_reason STATUS: what a training process's exit status means.
 exit_reason() {
   case "$1" in
-    75) echo "a peer process died or vanished (pbe_jax watchdog)" ;;
+    75) echo "a peer process died, vanished or never joined (pbe_jax watchdog)" ;;
     76) echo "no step finished within config.watchdog.stall_minutes (pbe_jax watchdog)" ;;
     134) echo "aborted (SIGABRT; JAX aborts the other processes when process 0 hosts the coordination service and dies)" ;;
     137) echo "killed (SIGKILL: out of memory, or killed by the system)" ;;

@@ -20,6 +20,8 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
+import threading
 import time
 
 import jax
@@ -31,6 +33,8 @@ from pbe_jax import runtime
 _INITIALIZED = False
 _EXTERNAL = False  # this run's coordination service runs in its own process (not process 0)
 DEFAULT_HEARTBEAT_SECONDS = 100  # jax.distributed.initialize's default
+DEFAULT_JOIN_TIMEOUT_SECONDS = 300  # jax.distributed.initialize's initialization_timeout default
+EXIT_PEER_LOST = 75  # EX_TEMPFAIL: a peer is gone or never joined; restart the job
 COORDINATOR_ENV = "PBE_JAX_COORDINATOR"  # "external": the service is `python -m pbe_jax.coordinator`
 log = logging.getLogger("pbe_jax")
 
@@ -44,12 +48,21 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_processes", None, "total number of processes")
     flags.DEFINE_integer("process_id", None, "this process's index")
     flags.DEFINE_bool("distributed", False, "auto-detect a multi-host environment (TPU pod, SLURM)")
+    flags.DEFINE_integer("join_timeout_seconds", DEFAULT_JOIN_TIMEOUT_SECONDS,
+                         "multi-process runs: how long the processes wait for each other (and for "
+                         "the coordination service) at start before exiting 75 with a message")
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, auto: bool = False,
-               heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS) -> bool:
-    """Returns True when jax.distributed was initialised by this call (or earlier)."""
+               heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS,
+               join_timeout_seconds: int = DEFAULT_JOIN_TIMEOUT_SECONDS) -> bool:
+    """Returns True when jax.distributed was initialised by this call (or earlier).
+
+    When not every process has joined within `join_timeout_seconds` (a process that never
+    started, a wrong --num_processes or --process_id, an unreachable coordinator), this process
+    exits EXIT_PEER_LOST with a message saying what to check, before JAX's own timeout would
+    abort it in C++."""
     global _INITIALIZED, _EXTERNAL
     if _INITIALIZED:
         return True
@@ -69,10 +82,36 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         kw.update(coordinator_address=coordinator_address, num_processes=num_processes,
                   process_id=process_id)
     external = external_service()
-    (_initialize_client_only if external else jax.distributed.initialize)(**kw)
+    kw["initialization_timeout"] = int(join_timeout_seconds) + 60  # ours fires first
+    where = (f"the coordination service at {coordinator_address}" if explicit else
+             "the auto-detected coordination service (process 0's host)")
+    if external:
+        where += " (an external `python -m pbe_jax.tools.coordinator`: PBE_JAX_COORDINATOR=external)"
+    guard = threading.Timer(join_timeout_seconds, _not_joined, args=(
+        join_timeout_seconds, where, process_id, num_processes))
+    guard.daemon = True
+    guard.start()
+    try:
+        (_initialize_client_only if external else jax.distributed.initialize)(**kw)
+    finally:
+        guard.cancel()
     _INITIALIZED, _EXTERNAL = True, external
     atexit.register(_barrier_at_exit, int(heartbeat_seconds))  # runs before jax's own shutdown
     return True
+
+
+def _not_joined(timeout_s: int, where: str, process_id, num_processes) -> None:
+    who = "this process" if process_id is None else f"process {process_id}"
+    n = "all" if num_processes is None else f"all {num_processes}"
+    msg = (f"distributed: the run did not start within --join_timeout_seconds={timeout_s}: "
+           f"{who} is waiting for {n} processes to join {where}. A process that was never "
+           "started or died at start, processes given different --num_processes or the same "
+           "--process_id, a coordinator that is not running or not reachable from this host "
+           f"(firewall, wrong host or port). Exit code {EXIT_PEER_LOST}.")
+    log.error("%s", msg)
+    print(msg, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_PEER_LOST)
 
 
 def external_service() -> bool:
@@ -168,4 +207,4 @@ def initialize_from_flags(heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS) ->
     runtime.configure_from_flags()
     f = flags.FLAGS
     return initialize(f.coordinator_address, f.num_processes, f.process_id, f.distributed,
-                      heartbeat_seconds=heartbeat_seconds)
+                      heartbeat_seconds=heartbeat_seconds, join_timeout_seconds=f.join_timeout_seconds)

@@ -173,3 +173,20 @@ def test_a_dead_process_0_is_a_dead_peer_when_the_service_runs_apart(tmp_path, c
     assert "Current thread" in log1 or "Thread 0x" in log1, log1[-3000:]  # the faulthandler dump
     assert "Check failure stack trace" not in log1 and "Fatal Python error: Aborted" not in log1, log1[-3000:]
     assert "coordinator: serving 2 processes" in (logs / "coordinator.log").read_text()
+
+
+def test_a_peer_that_never_joins_ends_the_start_with_a_message(tmp_path):
+    """Process 0 of 2 started alone (process 1 never starts): after --join_timeout_seconds it
+    exits EXIT_PEER_LOST with a message saying what to check, not JAX's C++ abort after 300 s."""
+    from tests.helpers import free_port
+    env = {k: v for k, v in os.environ.items() if k != "PBE_JAX_COORDINATOR"}
+    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE_FLAGS)
+    t0 = time.time()
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "peer_probe.py"),
+                        f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2", "--process_id=0",
+                        "--join_timeout_seconds=3"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == EXIT_PEER_LOST, r.stderr[-3000:]
+    assert time.time() - t0 < 60
+    assert "the run did not start within --join_timeout_seconds=3: process 0 is waiting for all 2 processes" \
+        in r.stderr, r.stderr[-3000:]
+    assert "Check failure stack trace" not in r.stderr and "probe: process" not in r.stdout

@@ -33,7 +33,7 @@ from pbe_jax import distributed
 
 log = logging.getLogger("pbe_jax")
 
-EXIT_PEER_LOST = 75  # EX_TEMPFAIL: a peer is gone; restart the job
+EXIT_PEER_LOST = distributed.EXIT_PEER_LOST  # 75, EX_TEMPFAIL: a peer is gone; restart the job
 EXIT_STALLED = 76  # no step finished within the bound
 
 
