@@ -35,7 +35,7 @@ _EXTERNAL = False  # this run's coordination service runs in its own process (no
 DEFAULT_HEARTBEAT_SECONDS = 100  # jax.distributed.initialize's default
 DEFAULT_JOIN_TIMEOUT_SECONDS = 300  # jax.distributed.initialize's initialization_timeout default
 EXIT_PEER_LOST = 75  # EX_TEMPFAIL: a peer is gone or never joined; restart the job
-COORDINATOR_ENV = "PBE_JAX_COORDINATOR"  # "external": the service is `python -m pbe_jax.coordinator`
+COORDINATOR_ENV = "PBE_JAX_COORDINATOR"  # "external": the service is `python -m pbe_jax.tools.coordinator`
 log = logging.getLogger("pbe_jax")
 
 
@@ -120,7 +120,7 @@ def external_service() -> bool:
     value = os.environ.get(COORDINATOR_ENV, "")
     if value not in ("", "process0", "external"):
         raise ValueError(f"{COORDINATOR_ENV}={value!r}: expected 'external' (a separate "
-                         "`python -m pbe_jax.coordinator` hosts the coordination service) or "
+                         "`python -m pbe_jax.tools.coordinator` hosts the coordination service) or "
                          "'process0' (the default: process 0 hosts it)")
     return value == "external"
 
@@ -154,7 +154,7 @@ def serve(address: str, num_processes: int, heartbeat_seconds: int = DEFAULT_HEA
     """Start the coordination service for `num_processes` clients on `address` (a bind
     address such as `[::]:12355` or `127.0.0.1:12355`) in this process, recoverable (a dead
     task is marked dead, the others live on); returns it (keep a reference: it stops when
-    collected or `.shutdown()`). What `python -m pbe_jax.coordinator` runs."""
+    collected or `.shutdown()`). What `python -m pbe_jax.tools.coordinator` runs."""
     from jax._src.lib import _jax
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
