@@ -171,3 +171,19 @@ def test_record_keeps_a_does_not_fit_compile_and_labels_its_overrides(tmp_path):
     with pytest.raises(Exception, match="exit status 1"):
         doc_tables.record(str(tmp_path / "bad.json"), "aot_compile",
                           [sys.executable, "-c", writer.replace("exit(3)", "exit(1)"), "{json}"])
+
+
+def test_an_aot_table_with_budgets_gives_one_verdict_per_budget():
+    """`:budgets: 16, 24`: the same compile's total against each budget (what docs/lora.md's
+    16 / 24 GB table shows), instead of the verdict against the target's own memory."""
+    GiB = 2**30
+
+    def doc(peak, error=None):
+        return {"results": {"target": {"name": "v5e-1", "kind": "tpu"}, "devices": 1, "mesh": {"data": 1},
+                            "config_arg": "sd15", "state_bytes": GiB, "frozen_bytes": GiB, "compiled": {},
+                            "peak_bytes": peak, "fits": None, "compile_error": error}}
+    header, rows = doc_tables.aot_table([doc(10 * GiB), doc(20 * GiB), doc(30 * GiB), doc(None, "OOM")], [16, 24])
+    assert header[-2:] == ["fits 16 GiB", "fits 24 GiB"] and "verdict" not in header
+    assert [r[-2:] for r in rows] == [["yes", "yes"], ["no", "yes"], ["no", "no"],
+                                      ["no (compile failed)", "no (compile failed)"]]
+    assert doc_tables.aot_table([doc(10 * GiB)])[0][-1] == "verdict"

@@ -4,6 +4,9 @@
     :rows: train/small/*, sample/small/*
     ```
 
+`:budgets: 16, 24` (AOT tables): one "fits N GiB" column per memory budget instead of the
+verdict against the target's own memory.
+
 Paths are relative to the page. The table comes from `pbe_jax.tools.doc_tables` (the same
 code as `python -m pbe_jax.tools.doc_tables show`), followed by a line saying which command made
 the numbers, on which machine and when. A missing or malformed file fails the build.
@@ -28,7 +31,7 @@ def _cell(text: str, parse) -> nodes.entry:
 class ResultsTable(SphinxDirective):
     required_arguments = 1
     final_argument_whitespace = True
-    option_spec = {"rows": directives.unchanged}
+    option_spec = {"rows": directives.unchanged, "budgets": directives.unchanged}
 
     def _inline(self, text: str) -> list[nodes.Node]:
         # Cells use markdown code spans and bold; parse them as the page's own markup.
@@ -45,9 +48,10 @@ class ResultsTable(SphinxDirective):
         rows_opt = self.options.get("rows")
         globs = [g.strip() for g in rows_opt.split(",")] if rows_opt else None
         try:
-            header, rows = doc_tables.table(paths, globs)
+            budgets = [float(b) for b in self.options["budgets"].split(",")] if "budgets" in self.options else None
+            header, rows = doc_tables.table(paths, globs, budgets)
             source = doc_tables.source_line(paths)
-        except (doc_tables.ResultFileError, KeyError, TypeError) as e:
+        except (doc_tables.ResultFileError, KeyError, TypeError, ValueError) as e:
             raise self.error(f"results-table: {e}") from None
         table = nodes.table(classes=["results-table"])
         group = nodes.tgroup(cols=len(header))

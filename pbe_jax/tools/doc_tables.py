@@ -98,23 +98,30 @@ def _gib(b) -> str:
     return "-" if b is None else f"{b / GiB:.2f} GiB"
 
 
-def aot_table(docs: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """One row per `tools.aot_compile --json_out` report: the per-device memory and the verdict."""
+def aot_table(docs: list[dict], budgets: list[float] | None = None) -> tuple[list[str], list[list[str]]]:
+    """One row per `tools.aot_compile --json_out` report: the per-device memory and the verdict
+    against the target's memory; with `budgets` (GiB), one verdict column per budget instead
+    (the same compile's total against, e.g., a 16 GB and a 24 GB chip)."""
     header = ["target", "config", "params + optimizer", "frozen VAE + CLIP", "XLA temporaries",
-              "generated code", "total per device", "verdict"]
+              "generated code", "total per device"]
+    header += [f"fits {b:g} GiB" for b in budgets] if budgets else ["verdict"]
     out = []
     for doc in docs:
         r, t = doc["results"], doc["results"]["target"]
         mem = r.get("compiled") or {}
-        if r.get("compile_error"):
-            verdict = f"does not fit: {r['compile_error']}"
+        if budgets:
+            peak = r.get("peak_bytes")
+            verdicts = ["no (compile failed)" if r.get("compile_error") else "-" if peak is None
+                        else "yes" if peak <= b * GiB else "no" for b in budgets]
+        elif r.get("compile_error"):
+            verdicts = [f"does not fit: {r['compile_error']}"]
         elif r.get("fits") is None:
-            verdict = "-"
+            verdicts = ["-"]
         else:
-            verdict = ("fits" if r["fits"] else "does not fit") + f" ({_gib(r.get('device_memory_bytes'))})"
+            verdicts = [("fits" if r["fits"] else "does not fit") + f" ({_gib(r.get('device_memory_bytes'))})"]
         out.append([f"{t['name']} ({r['devices']} devices, mesh {r['mesh']})", r["config_arg"],
                     _gib(r.get("state_bytes")), _gib(r.get("frozen_bytes")), _gib(mem.get("temp")),
-                    _gib(mem.get("generated_code")), _gib(r.get("peak_bytes")), verdict])
+                    _gib(mem.get("generated_code")), _gib(r.get("peak_bytes")), *verdicts])
     return header, out
 
 
@@ -206,15 +213,19 @@ def adaptation_table(doc: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def table(paths: list[str | os.PathLike], rows: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
-    """The header and rows of the table for one or more result files of one kind."""
+def table(paths: list[str | os.PathLike], rows: list[str] | None = None,
+          budgets: list[float] | None = None) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of the table for one or more result files of one kind (`rows`:
+    a benchmark table's row globs; `budgets`: an AOT table's memory budgets in GiB)."""
     docs = [load(p) for p in paths]
     kinds = {d["kind"] for d in docs}
     if len(kinds) != 1:
         raise ResultFileError(f"{[str(p) for p in paths]}: one table needs one kind, got {sorted(kinds)}")
     kind = kinds.pop()
+    if budgets and kind != "aot_compile":
+        raise ResultFileError(f"{[str(p) for p in paths]}: budgets apply to aot_compile tables, not {kind}")
     if kind == "aot_compile":
-        return aot_table(docs)
+        return aot_table(docs, budgets)
     if len(docs) != 1:
         raise ResultFileError(f"a {kind} table takes one result file, got {len(docs)}")
     if kind == "adaptation":
