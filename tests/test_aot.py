@@ -216,3 +216,14 @@ def test_tpu_topology_compiles_on_this_host(tmp_path):
     rep = json.loads(out.read_text())
     assert rep["devices"] == 4 and "TPU" in rep["device_kind"] and rep["fits"] is True
     assert rep["compiled"]["argument"] >= rep["state_bytes"] + rep["frozen_bytes"]
+
+
+def test_a_refused_compile_gives_a_lower_bound_on_its_memory():
+    """The TPU compiler's out-of-memory refusal names its temporaries: with the resident state, the
+    least a larger device must hold (docs/lora.md's table shows it for sd15 full at batch 8)."""
+    from pbe_jax.tools.aot_compile import min_peak_bytes
+    err = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (17.09G) exceeds available HBM (15.75G).")
+    assert min_peak_bytes(err, 2**30) == 2**30 + int(17.09 * 2**30)
+    assert min_peak_bytes("RESOURCE_EXHAUSTED: something else", 2**30) is None
+    assert min_peak_bytes(None, 0) is None

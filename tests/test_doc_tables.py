@@ -178,12 +178,15 @@ def test_an_aot_table_with_budgets_gives_one_verdict_per_budget():
     16 / 24 GB table shows), instead of the verdict against the target's own memory."""
     GiB = 2**30
 
-    def doc(peak, error=None):
+    def doc(peak, error=None, least=None):
         return {"results": {"target": {"name": "v5e-1", "kind": "tpu"}, "devices": 1, "mesh": {"data": 1},
                             "config_arg": "sd15", "state_bytes": GiB, "frozen_bytes": GiB, "compiled": {},
-                            "peak_bytes": peak, "fits": None, "compile_error": error}}
-    header, rows = doc_tables.aot_table([doc(10 * GiB), doc(20 * GiB), doc(30 * GiB), doc(None, "OOM")], [16, 24])
+                            "peak_bytes": peak, "fits": None, "compile_error": error, "min_peak_bytes": least}}
+    header, rows = doc_tables.aot_table([doc(10 * GiB), doc(20 * GiB), doc(30 * GiB), doc(None, "OOM"),
+                                         doc(None, "OOM", 20 * GiB)], [16, 24])
     assert header[-2:] == ["fits 16 GiB", "fits 24 GiB"] and "verdict" not in header
     assert [r[-2:] for r in rows] == [["yes", "yes"], ["no", "yes"], ["no", "no"],
-                                      ["no (compile failed)", "no (compile failed)"]]
+                                      ["unknown (compile refused)", "unknown (compile refused)"],
+                                      ["no (compile refused)", "unknown (compile refused)"]]
+    assert rows[-1][-3] == ">= 20.00 GiB (refused by the compiler)"
     assert doc_tables.aot_table([doc(10 * GiB)])[0][-1] == "verdict"

@@ -145,6 +145,17 @@ def target_devices(target: Target, num_slices: int = 1) -> list:
     return cpus
 
 
+def min_peak_bytes(compile_error: str | None, resident_bytes: int) -> int | None:
+    """A compile the TPU compiler refused for memory names what its temporaries alone need
+    ("... memory required for HLO temporaries (17.09G) exceeds available HBM ..."): with the
+    resident state, a lower bound on the step's memory per device, i.e. what a larger device
+    would have to hold at least. None when the error names no such size."""
+    need = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", compile_error or "")
+    if need is None:
+        return None
+    return resident_bytes + int(float(need.group(1)) * 1024 ** ("KMGT".index(need.group(2)) + 1))
+
+
 def compile_report(config, devices: list, device_memory_gib: float | None = None) -> dict[str, Any]:
     """Compile `config`'s train step over `devices` and measure memory per device (bytes)."""
 
@@ -184,6 +195,7 @@ def compile_report(config, devices: list, device_memory_gib: float | None = None
     # Donated train state: its buffers are both argument and output (alias), counted once.
     r["peak_bytes"] = (max(mem["argument"], r["resident_bytes"]) + mem["output"] - mem["alias"]
                        + mem["temp"] + mem["generated_code"]) if mem else None
+    r["min_peak_bytes"] = min_peak_bytes(oom, r["resident_bytes"])
     cap, peak = r["device_memory_bytes"], r["peak_bytes"]
     r["fits"] = False if oom else (None if cap is None or peak is None else bool(peak <= cap))
     return r

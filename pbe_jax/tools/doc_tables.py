@@ -109,9 +109,13 @@ def aot_table(docs: list[dict], budgets: list[float] | None = None) -> tuple[lis
     for doc in docs:
         r, t = doc["results"], doc["results"]["target"]
         mem = r.get("compiled") or {}
+        total = _gib(r.get("peak_bytes"))
         if budgets:
-            peak = r.get("peak_bytes")
-            verdicts = ["no (compile failed)" if r.get("compile_error") else "-" if peak is None
+            peak, least = r.get("peak_bytes"), r.get("min_peak_bytes")
+            if r.get("compile_error") and least:
+                total = f">= {_gib(least)} (refused by the compiler)"
+            verdicts = [("no" if least and least > b * GiB else "unknown") + " (compile refused)"
+                        if r.get("compile_error") else "-" if peak is None
                         else "yes" if peak <= b * GiB else "no" for b in budgets]
         elif r.get("compile_error"):
             verdicts = [f"does not fit: {r['compile_error']}"]
@@ -121,7 +125,7 @@ def aot_table(docs: list[dict], budgets: list[float] | None = None) -> tuple[lis
             verdicts = [("fits" if r["fits"] else "does not fit") + f" ({_gib(r.get('device_memory_bytes'))})"]
         out.append([f"{t['name']} ({r['devices']} devices, mesh {r['mesh']})", r["config_arg"],
                     _gib(r.get("state_bytes")), _gib(r.get("frozen_bytes")), _gib(mem.get("temp")),
-                    _gib(mem.get("generated_code")), _gib(r.get("peak_bytes")), *verdicts])
+                    _gib(mem.get("generated_code")), total, *verdicts])
     return header, out
 
 
