@@ -193,7 +193,7 @@ def _barrier_at_exit(timeout_s: int) -> None:
     try:
         client.wait_at_barrier("pbe_jax_exit", timeout_in_ms=int(timeout_s) * 1000)
         if _EXTERNAL or jax.process_index() != 0:
-            jax.distributed.shutdown()  # disconnect while the service (process 0) still runs
+            jax.distributed.shutdown()  # disconnect while the service (process 0's or the external one) still runs
             return
         deadline = time.monotonic() + timeout_s  # process 0 stops the service last
         while len(client.get_live_nodes(list(range(n)))) > 1 and time.monotonic() < deadline:

@@ -109,16 +109,18 @@ def aot_table(docs: list[dict], budgets: list[float] | None = None) -> tuple[lis
     for doc in docs:
         r, t = doc["results"], doc["results"]["target"]
         mem = r.get("compiled") or {}
-        total = _gib(r.get("peak_bytes"))
+        peak, least, refused = r.get("peak_bytes"), r.get("min_peak_bytes"), r.get("compile_error")
+        total = f">= {_gib(least)} (refused by the compiler)" if budgets and refused and least else _gib(peak)
+
+        def fits(budget: float) -> str:
+            if refused:  # only a lower bound above the budget says no
+                return ("no" if least and least > budget * GiB else "unknown") + " (compile refused)"
+            return "-" if peak is None else "yes" if peak <= budget * GiB else "no"
+
         if budgets:
-            peak, least = r.get("peak_bytes"), r.get("min_peak_bytes")
-            if r.get("compile_error") and least:
-                total = f">= {_gib(least)} (refused by the compiler)"
-            verdicts = [("no" if least and least > b * GiB else "unknown") + " (compile refused)"
-                        if r.get("compile_error") else "-" if peak is None
-                        else "yes" if peak <= b * GiB else "no" for b in budgets]
-        elif r.get("compile_error"):
-            verdicts = [f"does not fit: {r['compile_error']}"]
+            verdicts = [fits(b) for b in budgets]
+        elif refused:
+            verdicts = [f"does not fit: {refused}"]
         elif r.get("fits") is None:
             verdicts = ["-"]
         else:
