@@ -117,6 +117,25 @@ def test_record_wraps_what_the_command_wrote_with_its_provenance(tmp_path):
     assert "history" not in res["vae_fit"] and res["wall_s"] > 0
     table = dict(doc_tables.demo_table(demo)[1])
     assert table["exemplar following (strict 8-way, chance 12.5%) (`eval/exemplar_following`)"] == "**25.0%** at step 20"
+    # several demo files: one column per run, headed by its config argument and overrides
+    other = dict(demo, meta=dict(demo["meta"], command="python -m pbe_jax.train "
+                                 "--config=configs/pbe.py:demo,scenes=identity --workdir=w "
+                                 "--config.data.ref_backdrop_prob=0"),
+                 results=dict(res, evals=[{"step": 40, "eval/exemplar_following": 0.5,
+                                           "eval/offstyle_exemplar_following": 0.125}]))
+    header, rows = doc_tables.demo_comparison_table([demo, other])
+    assert header[1:] == ["`?`", "`demo,scenes=identity data.ref_backdrop_prob=0`"]
+    assert rows[0] == ["exemplar following (strict 8-way, chance 12.5%) (`eval/exemplar_following`)",
+                       "25.0%", "50.0%"]
+    assert rows[1][1:] == ["-", "12.5%"] and rows[2] == ["training steps", "20", "40"]
+    # --keep_workdir: the run's folder stays (its image grids); an existing one is refused
+    kept = tmp_path / "kept"
+    again = doc_tables.record(str(tmp_path / "demo2.json"), "demo", [sys.executable, "-c", script, "{workdir}"],
+                              keep_workdir=str(kept))
+    assert again["results"]["evals"] == res["evals"] and (kept / "vae" / "fit.json").exists()
+    with pytest.raises(FileExistsError, match="keep_workdir=.*kept exists"):
+        doc_tables.record(str(tmp_path / "demo3.json"), "demo", [sys.executable, "-c", script, "{workdir}"],
+                          keep_workdir=str(kept))
 
 
 def test_the_api_reference_covers_every_public_name_of_the_four_packages():

@@ -59,8 +59,10 @@ latent instead of the noise (`model.scheduler.prediction_type='sample'`, DDIM sa
 trains on 'palette' scenes (`data.synthetic_style`: 8 saturated object colours on muted
 backgrounds) through the paper's box filter, crops, Bezier masks and reference augmentation.
 `demo,scenes=identity` trains on 'identity' scenes instead (objects of 8 colours x 4 shapes x 5
-patterns on muted or plain backgrounds) and adds the identity score and the out-of-style
-triplets to the exemplar eval (`exemplar_eval.identity`, `.offstyle_triplets`).
+patterns on muted or plain backgrounds) for 4000 steps, with 30% of its references the object
+alone on a plain backdrop (`data.ref_backdrop_prob`, not in the paper), and adds the identity
+score and the out-of-style triplets to the exemplar eval (`exemplar_eval.identity`,
+`.offstyle_triplets`).
 The SD variants keep the paper's frozen SD VAE and CLIP tower and their released schedules.
 """
 from __future__ import annotations
@@ -79,6 +81,10 @@ DEMO_LR, PAPER_LR = 2e-3, 1e-5  # train.lr of the demo and of the SD variants (t
 _TYPES = {"mesh": str, "dtype": str, "res": int, "batch": int, "steps": int, "tower": str,
           "conditioner": str, "scenes": str}
 DEMO_SCENES = ("palette", "identity")  # scenes=: the demo's data.synthetic_style
+# scenes=identity: data.ref_backdrop_prob (a share of references is the object alone on a plain
+# backdrop, so that references brought that way work too) and train.num_steps
+DEMO_BACKDROP_PROB = 0.3
+DEMO_IDENTITY_STEPS = 4000
 
 
 def parse_arg(arg: str | None) -> tuple[str, dict]:
@@ -268,7 +274,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     t = c.train
-    t.num_steps = kw.get("steps", 1000 if demo else 2_000_000)  # paper: 40 epochs ~ 2M steps at 32
+    # paper: 40 epochs ~ 2M steps at 32; the identity demo's scenes take longer than 'palette''s
+    t.num_steps = kw.get("steps", DEMO_IDENTITY_STEPS if identity else 1000 if demo else 2_000_000)
     t.batch_size = kw.get("batch", 8 if demo else 32)  # global
     t.lr = DEMO_LR if demo else PAPER_LR
     t.warmup_steps = 20 if demo else 10_000
@@ -309,6 +316,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if demo:  # 32 px 'palette' scenes: what a 2-level VAE and minutes of CPU can learn
         c.data.resolution = 32
         c.data.synthetic_style = scenes
+        if identity:  # some references are the object alone on a plain backdrop, as users bring
+            c.data.ref_backdrop_prob = DEMO_BACKDROP_PROB
     c.data.resolution = kw.get("res", 768 if variant == "sd21_768" else c.data.resolution)
     # One source for the image side: the UNet's sample_size (latent side, stated in an exported
     # model's config) follows config.data.resolution, through res= and through

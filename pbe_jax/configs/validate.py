@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from pbe_jax import sharding as shd
 from pbe_jax.configs import load_config
 from pbe_jax.convert.load import FORMATS
-from pbe_jax.data.sources import SOURCES
+from pbe_jax.data.sources import MASK_SOURCES, SOURCES
 from pbe_jax.data.synthetic import STYLES
 from pbe_jax.diffusion import COND_DROP_MODES, NoiseSchedule
 from pbe_jax.evals.scoring import FID_FEATURES
@@ -248,8 +248,17 @@ def _data(c: _Checks) -> None:
     c.count("data.min_image_side")
     c.count("data.max_image_pixels")
     for p in ("arbitrary_mask_prob", "ref_flip_prob", "ref_rotate_prob", "ref_blur_prob",
-              "ref_elastic_prob", "crop_shrink_ratio"):
+              "ref_elastic_prob", "crop_shrink_ratio", "ref_backdrop_prob"):
         c.prob(f"data.{p}")
+    c.number("data.ref_backdrop_fill_min", lo=0.0, hi=1.0, lo_open=True)
+    c.number("data.ref_backdrop_fill_max", lo=0.0, hi=1.0, lo_open=True)
+    c.ordered("data.ref_backdrop_fill_min", "data.ref_backdrop_fill_max")
+    backdrop, source = c.get("data.ref_backdrop_prob"), c.get("data.source")
+    if (isinstance(backdrop, (int, float)) and backdrop > 0 and isinstance(source, str)
+            and source in SOURCES and source not in MASK_SOURCES):
+        c.add("data.ref_backdrop_prob", backdrop,
+              f"0 with config.data.source={source!r}: the backdrop references need object masks, "
+              f"which only the {MASK_SOURCES} sources give")
     c.number("data.box_extend_ratio", lo=0.0)
     c.count("data.bezier_samples")
     c.count("data.bezier_jitter", 0)

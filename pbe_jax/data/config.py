@@ -88,6 +88,15 @@ def data_config(profile: str = "demo") -> ml_collections.ConfigDict:
     c.elastic_alpha = 1.0
     c.elastic_sigma = 50.0 * (32 / 224 if demo else 1.0)
     c.elastic_alpha_affine = 50.0 * (32 / 224 if demo else 1.0)
+    # Not in the paper: this share of references is the object alone, cut out by its mask and
+    # pasted at a random place and scale (filling [fill_min, fill_max] of the side) on a plain
+    # backdrop of a random tone, before the augmentations above (AnyDoor's background-removed
+    # references; transforms.backdrop_reference). So a model also takes references that come
+    # without their scene (product shots, segmented objects). Needs object masks: the
+    # 'synthetic' source, or 'folder' with NAME_mask.png files. 0 = off (the paper's recipe).
+    c.ref_backdrop_prob = 0.0
+    c.ref_backdrop_fill_min = 0.5
+    c.ref_backdrop_fill_max = 0.95
 
     # --- decoding ---
     # Decode JPEGs at 1/2, 1/4 or 1/8 size (libjpeg DCT scaling) when even the reduced image

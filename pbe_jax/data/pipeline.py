@@ -120,7 +120,7 @@ class PbeSample(grain.transforms.RandomMap):
         elif header is not None and dec.boxes_in_raw_frame(header, rec.annotated_size):
             boxes = dec.orient_boxes(boxes, header.orientation)
             counts[dec.REASON_INDEX["exif_boxes_rotated"]] += 1
-        boxes, box_counts = tr.pixel_boxes(boxes, size, cfg)
+        boxes, box_counts, rows = tr.pixel_boxes(boxes, size, cfg, return_index=True)
         for reason, c in box_counts.items():
             counts[dec.REASON_INDEX[reason]] += c
         if not len(boxes):
@@ -144,7 +144,17 @@ class PbeSample(grain.transforms.RandomMap):
             counts[dec.REASON_INDEX["upsampled"]] += 1
         out_image, mask = tr.render_source(image, geom, cfg.resolution)
         self._mark("source crop+mask+resize")
-        reference = tr.augment_reference(tr.reference_crop(image, geom), rng, cfg)
+        ref_crop = None
+        backdrop = cfg.get("ref_backdrop_prob", 0.0)
+        if backdrop > 0 and rng.uniform() < backdrop:
+            # the object alone on a plain backdrop, where its mask is known (make_source refuses
+            # the option for sources without masks)
+            obj = hole if rec.owner is None else rec.owner == rows[geom.box_index]
+            if obj is not None:
+                ref_crop = tr.backdrop_reference(image, obj, geom, rng, cfg)
+        if ref_crop is None:
+            ref_crop = tr.reference_crop(image, geom)
+        reference = tr.augment_reference(ref_crop, rng, cfg)
         self._mark("reference augment")
         return {"image": out_image, "mask": mask, "reference": reference}
 

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from pbe_jax.data.decode import SWAPS_SIDES, exif_orientation
-from pbe_jax.data.synthetic import synthetic_scene
+from pbe_jax.data.synthetic import draw_scene
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ class Record:
     pixels: np.ndarray | None = None
     annotated_size: tuple[int, int] | None = None
     mask_path: str | None = None  # an object mask file: its bounding box replaces `boxes`
+    # `[H, W]` int16: the row of `boxes` whose object each pixel shows, -1 none (synthetic scenes)
+    owner: np.ndarray | None = None
 
 
 def clean_boxes(boxes: np.ndarray, min_area: float, max_area: float
@@ -337,6 +339,10 @@ def folder_source(cfg):
         if cfg.use_given_masks:
             raise ValueError(f"config.data.use_given_masks needs object masks, but {manifest} gives "
                              "boxes; remove it (and config.data.annotations) to use NAME_mask.png files")
+        if cfg.get("ref_backdrop_prob", 0.0) > 0:
+            raise ValueError(f"config.data.ref_backdrop_prob={cfg.ref_backdrop_prob} needs object masks, "
+                             f"but {manifest} gives boxes; set it to 0, or remove the manifest (and "
+                             "config.data.annotations) to use NAME_mask.png files")
         return _folder_boxes(cfg, manifest, set(names))
     suffix = cfg.mask_suffix
     masks = {n[: -len(suffix) - 4] for n in names if n.lower().endswith(suffix + ".png")}
@@ -489,14 +495,18 @@ class SyntheticSource:
         return self.n
 
     def __getitem__(self, i: int) -> Record:
-        img, boxes = synthetic_scene(int(i), seed=self.seed, min_side=self.sides[0],
-                                     max_side=self.sides[1], style=self.style)
-        return Record(key=f"synthetic/{i}", boxes=boxes, pixels=img)
+        scene = draw_scene(int(i), seed=self.seed, min_side=self.sides[0], max_side=self.sides[1],
+                           style=self.style)
+        return Record(key=f"synthetic/{i}", boxes=scene.boxes, pixels=scene.image,
+                      owner=scene.owner)
 
 
 # config.data.source -> the builder of that source (taking config.data).
 SOURCES = {"coco": coco_source, "openimages": openimages_source, "tfds": TfdsSource,
            "synthetic": SyntheticSource, "folder": folder_source}
+# The sources whose records carry object masks (`Record.owner` / `.mask_path`; the folder source
+# when it reads NAME_mask.png files, not a box manifest).
+MASK_SOURCES = ("synthetic", "folder")
 
 
 def make_source(cfg):
@@ -506,4 +516,8 @@ def make_source(cfg):
     if cfg.use_given_masks and cfg.source != "folder":
         raise ValueError(f"config.data.use_given_masks needs object masks, which only the 'folder' "
                          f"source reads; config.data.source={cfg.source!r}")
+    if cfg.get("ref_backdrop_prob", 0.0) > 0 and cfg.source not in MASK_SOURCES:
+        raise ValueError(f"config.data.ref_backdrop_prob={cfg.ref_backdrop_prob} needs object masks, "
+                         f"which only the {MASK_SOURCES} sources give (folder: NAME{cfg.mask_suffix}.png "
+                         f"files); config.data.source={cfg.source!r}. Set it to 0.")
     return SOURCES[cfg.source](cfg)

@@ -7,7 +7,10 @@ Two stages, so that no pixel is decoded or warped that the sample does not use:
 2. `render_source` / `augment_reference`: pixels. The source crop and its mask are cut from
    the (possibly reduced-size) decoded image and resized once to `resolution`; the mask is drawn
    only inside the crop window. The reference is cut, squashed to `reference_size` and augmented
-   as the official albumentations Compose (flip, rotate, blur, elastic).
+   as the official albumentations Compose (flip, rotate, blur, elastic). With
+   `config.data.ref_backdrop_prob` > 0 (off in the paper's recipe), where the object's mask is
+   known, that share of references is the object alone on a plain backdrop instead of its padded
+   box (`backdrop_reference`, as AnyDoor's background-removed references), augmented the same.
 
 Random draws come from the `np.random.Generator` handed in (grain seeds it per element and per
 epoch), in the official code's order. Integer draws mirror python `random.randint(a, b)`
@@ -31,7 +34,8 @@ class Geometry:
 
     `polygon` `[K, 2]` (x, y) is the Bezier hole outline, or None for the extended-box hole;
     `hole` `[H, W]` bool (full size), when set, is a given object mask used as the hole instead
-    (`config.data.use_given_masks`).
+    (`config.data.use_given_masks`); `box_index` is the row of `box` in the boxes
+    `draw_geometry` chose it from.
     """
 
     size: tuple[int, int]
@@ -41,6 +45,7 @@ class Geometry:
     reference: Box
     polygon: np.ndarray | None
     hole: np.ndarray | None = None
+    box_index: int = 0
 
 
 def _randint(rng: np.random.Generator, lo: int, hi: int) -> int:
@@ -146,7 +151,8 @@ def draw_geometry(size: tuple[int, int], boxes: np.ndarray, rng: np.random.Gener
       boxes: `[N, 4]` int (x0, y0, x1, y1) valid boxes in pixels (N >= 1).
       cfg: the `config.data` block.
     """
-    box = tuple(int(v) for v in boxes[int(rng.integers(len(boxes)))])
+    box_index = int(rng.integers(len(boxes)))
+    box = tuple(int(v) for v in boxes[box_index])
     reference = pad_box(box, size, cfg.ref_pad)
     extended = extend_box(box, size, rng, cfg.box_extend_ratio)
     polygon = None
@@ -154,7 +160,7 @@ def draw_geometry(size: tuple[int, int], boxes: np.ndarray, rng: np.random.Gener
         polygon = bezier_polygon(box, extended, rng, cfg.bezier_samples, cfg.bezier_jitter)
     crop = square_crop(extended, size, rng, cfg.crop_shrink_ratio)
     return Geometry(size=size, box=box, extended=extended, crop=crop, reference=reference,
-                    polygon=polygon)
+                    polygon=polygon, box_index=box_index)
 
 
 def _scaled(box: Box, sx: float, sy: float, shape: tuple[int, int]) -> Box:
@@ -204,6 +210,41 @@ def reference_crop(image: np.ndarray, geom: Geometry) -> np.ndarray:
     h, w = image.shape[:2]
     x0, y0, x1, y1 = _scaled(geom.reference, w / geom.size[0], h / geom.size[1], (h, w))
     return image[y0:y1, x0:x1]
+
+
+def backdrop_reference(image: np.ndarray, object_mask: np.ndarray, geom: Geometry,
+                       rng: np.random.Generator, cfg) -> np.ndarray | None:
+    """The object alone on a plain backdrop, as AnyDoor feeds its (background-removed)
+    references: the pixels of `object_mask` inside the chosen box, pasted with their aspect kept
+    into a square canvas whose side they fill by a random share in [`ref_backdrop_fill_min`,
+    `ref_backdrop_fill_max`], at a random place on it; the rest is one plain tone (a random grey
+    level with a slight tint). `augment_reference` then treats the canvas as any reference crop.
+
+    Args:
+      image: `[h, w, 3]` uint8, the displayed image decoded at any scale.
+      object_mask: `[H, W]` bool in full-size pixels (`geom.size`): the object's visible pixels.
+    Returns the canvas `[S, S, 3]` uint8 at the decoded image's scale, or None when the mask
+    holds no pixel of the box (the caller keeps the usual crop).
+    """
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = _scaled(geom.box, w / geom.size[0], h / geom.size[1], (h, w))
+    bx0, by0, bx1, by1 = geom.box
+    m = object_mask[by0:by1, bx0:bx1].astype(np.uint8)
+    if not m.any():
+        return None
+    bw, bh = x1 - x0, y1 - y0
+    if m.shape != (bh, bw):
+        m = cv2.resize(m, (bw, bh), interpolation=cv2.INTER_NEAREST)
+    fill = rng.uniform(cfg.ref_backdrop_fill_min, cfg.ref_backdrop_fill_max)
+    side = max(bw, bh, int(np.ceil(max(bw, bh) / fill)))
+    tone = np.clip(rng.uniform(0, 255) + rng.uniform(-8, 8, 3), 0, 255)
+    ox, oy = _randint(rng, 0, side - bw), _randint(rng, 0, side - bh)
+    canvas = np.empty((side, side, 3), np.uint8)
+    canvas[...] = np.round(tone).astype(np.uint8)
+    window = canvas[oy:oy + bh, ox:ox + bw]
+    on = m.astype(bool)
+    window[on] = image[y0:y1, x0:x1][on]
+    return canvas
 
 
 def augment_reference(crop: np.ndarray, rng: np.random.Generator, cfg) -> np.ndarray:
@@ -279,12 +320,14 @@ def elastic_transform(img: np.ndarray, rng: np.random.Generator, alpha: float, s
                      borderMode=cv2.BORDER_REFLECT_101)
 
 
-def pixel_boxes(boxes: np.ndarray, size: tuple[int, int], cfg) -> tuple[np.ndarray, dict]:
+def pixel_boxes(boxes: np.ndarray, size: tuple[int, int], cfg, return_index: bool = False
+                ) -> tuple[np.ndarray, dict] | tuple[np.ndarray, dict, np.ndarray]:
     """Normalised `[N, 4]` (x0, y0, x1, y1) -> valid integer pixel boxes `[M, 4]` of an image of
     `size` (W, H): clipped to the image, degenerate ones (non-finite, inverted, thinner than
     `min_box_side` px) dropped, then the area filter [min_box_area, max_box_area].
 
-    Returns the boxes and counts {'box_clipped': n, 'box_degenerate': n}.
+    Returns the boxes and counts {'box_clipped': n, 'box_degenerate': n}; `return_index`: also
+    the rows of `boxes` they come from, `[M]` int.
     """
     w, h = size
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
@@ -299,6 +342,8 @@ def pixel_boxes(boxes: np.ndarray, size: tuple[int, int], cfg) -> tuple[np.ndarr
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     keep = ok & (area >= cfg.min_box_area) & (area <= cfg.max_box_area)
     counts = {"box_clipped": int((clipped & ok).sum()), "box_degenerate": int((~ok).sum())}
+    if return_index:
+        return px[keep], counts, np.flatnonzero(keep)
     return px[keep], counts
 
 

@@ -22,8 +22,9 @@ no number is typed into prose. Re-measuring is re-running `record`:
     python -m pbe_jax.tools.doc_tables show docs/results/demo.json     # the table as markdown
     python -m pbe_jax.tools.doc_tables check docs                      # every directive renders
 
-`record` runs the command with `{json}` / `{workdir}` replaced by a temporary path, then writes
-the file with the command, the date (UTC), the machine and the git commit.
+`record` runs the command with `{json}` / `{workdir}` replaced by a temporary path (`--keep_workdir=DIR`:
+by DIR, a new folder kept afterwards, e.g. for the run's image grids), then writes the file with the
+command, the date (UTC), the machine and the git commit.
 """
 from __future__ import annotations
 
@@ -194,6 +195,28 @@ def demo_table(doc: dict) -> tuple[list[str], list[list[str]]]:
     return ["what", "measured"], out
 
 
+def run_label(doc: dict) -> str:
+    """A run's config in a word: the `--config=...:ARG` argument of its command and any
+    `--config.FIELD=VALUE` overrides (`demo,scenes=identity data.ref_backdrop_prob=0`)."""
+    argv = shlex.split(doc["meta"]["command"])
+    arg = next((a.split("=", 1)[1].split(":", 1)[-1] for a in argv if a.startswith("--config=")), "?")
+    return " ".join([arg] + [a[len("--config."):] for a in argv if a.startswith("--config.")])
+
+
+def demo_comparison_table(docs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Several demo runs side by side (one column each, headed by its config, `run_label`): every
+    score of their last eval rows, then the steps and each command's wall time."""
+    header = ["score"] + [f"`{run_label(d)}`" for d in docs]
+    lasts = [d["results"]["evals"][-1] for d in docs]
+    rows = [[f"{label} (`{key}`)"] + [fmt(last[key]) if key in last else "-" for last in lasts]
+            for label, key, fmt in DEMO_EVALS if any(key in last for last in lasts)]
+    rows.append(["training steps"] + [str(last["step"]) for last in lasts])
+    walls = [d["results"].get("wall_s") for d in docs]
+    if any(w is not None for w in walls):
+        rows.append(["the whole command (wall)"] + ["-" if w is None else f"{w / 60:.1f} min" for w in walls])
+    return header, rows
+
+
 ADAPTATION_SCORES = ("exemplar_following", "exemplar_closer", "self_following")
 
 
@@ -232,6 +255,8 @@ def table(paths: list[str | os.PathLike], rows: list[str] | None = None,
         raise ResultFileError(f"{[str(p) for p in paths]}: budgets apply to aot_compile tables, not {kind}")
     if kind == "aot_compile":
         return aot_table(docs, budgets)
+    if kind == "demo" and len(docs) > 1:
+        return demo_comparison_table(docs)
     if len(docs) != 1:
         raise ResultFileError(f"a {kind} table takes one result file, got {len(docs)}")
     if kind == "adaptation":
@@ -323,12 +348,18 @@ def demo_results(workdir: pathlib.Path, wall_s: float, cpu: tuple[float, float] 
     return out
 
 
-def record(out: str, kind: str, argv: list[str]) -> dict:
-    """Run `argv` ({json} / {workdir} replaced by a temporary path) and write its result file."""
+def record(out: str, kind: str, argv: list[str], keep_workdir: str | None = None) -> dict:
+    """Run `argv` ({json} / {workdir} replaced by a temporary path) and write its result file.
+    `keep_workdir`: {workdir} is this folder instead, kept afterwards (its images, checkpoints);
+    it must not exist yet, so that the result is one fresh run's."""
     if kind not in KINDS:
         raise ValueError(f"--kind must be one of {KINDS}, got {kind!r}")
+    if keep_workdir and os.path.exists(keep_workdir):
+        raise FileExistsError(f"--keep_workdir={keep_workdir} exists; a result file records one fresh "
+                              "run, so give a new folder (or remove it)")
     with tempfile.TemporaryDirectory() as tmp:
-        json_path, workdir = os.path.join(tmp, "out.json"), os.path.join(tmp, "workdir")
+        json_path = os.path.join(tmp, "out.json")
+        workdir = keep_workdir or os.path.join(tmp, "workdir")
         cmd = [a.replace("{json}", json_path).replace("{workdir}", workdir) for a in argv]
         t0, r0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
         rc = subprocess.run(cmd).returncode
@@ -357,8 +388,8 @@ def record(out: str, kind: str, argv: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    usage = ("usage: python -m pbe_jax.tools.doc_tables record OUT.json --kind=KIND -- COMMAND... | "
-             "show FILE.json... | check DOCS_DIR")
+    usage = ("usage: python -m pbe_jax.tools.doc_tables record OUT.json --kind=KIND "
+             "[--keep_workdir=DIR] -- COMMAND... | show FILE.json... | check DOCS_DIR")
     if len(argv) < 2 or argv[0] not in ("record", "show", "check"):
         print(usage, file=sys.stderr)
         return 2
@@ -368,7 +399,8 @@ def main(argv: list[str]) -> int:
             return 2
         head, cmd = argv[:argv.index("--")], argv[argv.index("--") + 1:]
         kind = next(a.split("=", 1)[1] for a in head if a.startswith("--kind="))
-        record(head[1], kind, cmd)
+        keep = next((a.split("=", 1)[1] for a in head if a.startswith("--keep_workdir=")), None)
+        record(head[1], kind, cmd, keep_workdir=keep)
         print(markdown(*table([head[1]])))
     elif argv[0] == "show":
         print(markdown(*table(argv[1:])))
