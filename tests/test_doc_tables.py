@@ -69,6 +69,26 @@ def test_the_readmes_demo_scores_are_those_of_the_results_file():
         assert got == [value], f"README's '{label}' row says {got}, docs/results/demo.json says {value}"
 
 
+def test_the_readmes_conditioner_table_is_the_results_files():
+    # clip vs dinov2 on the identity demo: the README shows four scores of the docs' comparison,
+    # one row per run
+    files = [os.path.join(DOCS, "results", f"demo_identity_{c}.json") for c in ("clip", "dinov2")]
+    header, rows = doc_tables.demo_comparison_table([doc_tables.load(p) for p in files])
+    keys = ("exemplar_following", "exemplar_identity", "offstyle_exemplar_following",
+            "offstyle_exemplar_identity")
+    picked = [next(r for r in rows if r[0].endswith(f"(`eval/{k}`)")) for k in keys]
+    want = [["run"] + [f"`{k}`" for k in keys]]
+    want += [[run] + [r[i] for r in picked] for i, run in enumerate(header[1:], 1)]
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme[readme.index("## What the demo shows"):]
+    section = section[:section.index("\n## ", 4)]
+    lines = [_cells(line) for line in section.splitlines() if line.startswith("| ")]
+    start = lines.index(want[0])
+    assert lines[start:start + len(want)] == want, "README's clip vs dinov2 table differs from " \
+        "`python -m pbe_jax.tools.doc_tables show docs/results/demo_identity_clip.json " \
+        "docs/results/demo_identity_dinov2.json`"
+
+
 def test_the_readmes_adaptation_table_is_the_results_files():
     doc = doc_tables.load(os.path.join(DOCS, "results", "adaptation_demo.json"))
     header, rows = doc_tables.adaptation_table(doc)

@@ -223,8 +223,10 @@ def backdrop_reference(image: np.ndarray, object_mask: np.ndarray, geom: Geometr
     Args:
       image: `[h, w, 3]` uint8, the displayed image decoded at any scale.
       object_mask: `[H, W]` bool in full-size pixels (`geom.size`): the object's visible pixels.
-    Returns the canvas `[S, S, 3]` uint8 at the decoded image's scale, or None when the mask
-    holds no pixel of the box (the caller keeps the usual crop).
+
+    Returns:
+      the canvas `[S, S, 3]` uint8 at the decoded image's scale, or None when the mask holds no
+      pixel of the box (the caller keeps the usual crop).
     """
     h, w = image.shape[:2]
     x0, y0, x1, y1 = _scaled(geom.box, w / geom.size[0], h / geom.size[1], (h, w))
