@@ -231,21 +231,19 @@ def backdrop_reference(image: np.ndarray, object_mask: np.ndarray, geom: Geometr
     h, w = image.shape[:2]
     x0, y0, x1, y1 = _scaled(geom.box, w / geom.size[0], h / geom.size[1], (h, w))
     bx0, by0, bx1, by1 = geom.box
-    m = object_mask[by0:by1, bx0:bx1].astype(np.uint8)
+    m = object_mask[by0:by1, bx0:bx1]
     if not m.any():
         return None
     bw, bh = x1 - x0, y1 - y0
     if m.shape != (bh, bw):
-        m = cv2.resize(m, (bw, bh), interpolation=cv2.INTER_NEAREST)
+        m = cv2.resize(m.astype(np.uint8), (bw, bh), interpolation=cv2.INTER_NEAREST).astype(bool)
     fill = rng.uniform(cfg.ref_backdrop_fill_min, cfg.ref_backdrop_fill_max)
     side = max(bw, bh, int(np.ceil(max(bw, bh) / fill)))
     tone = np.clip(rng.uniform(0, 255) + rng.uniform(-8, 8, 3), 0, 255)
     ox, oy = _randint(rng, 0, side - bw), _randint(rng, 0, side - bh)
     canvas = np.empty((side, side, 3), np.uint8)
     canvas[...] = np.round(tone).astype(np.uint8)
-    window = canvas[oy:oy + bh, ox:ox + bw]
-    on = m.astype(bool)
-    window[on] = image[y0:y1, x0:x1][on]
+    canvas[oy:oy + bh, ox:ox + bw][m] = image[y0:y1, x0:x1][m]
     return canvas
 
 

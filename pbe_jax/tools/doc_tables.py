@@ -195,12 +195,16 @@ def demo_table(doc: dict) -> tuple[list[str], list[list[str]]]:
     return ["what", "measured"], out
 
 
-def run_label(doc: dict) -> str:
-    """A run's config in a word: the `--config=...:ARG` argument of its command and any
+def config_label(argv: list[str]) -> str:
+    """A command's config in a word: its `--config=...:ARG` argument and any
     `--config.FIELD=VALUE` overrides (`demo,scenes=identity data.ref_backdrop_prob=0`)."""
-    argv = shlex.split(doc["meta"]["command"])
     arg = next((a.split("=", 1)[1].split(":", 1)[-1] for a in argv if a.startswith("--config=")), "?")
     return " ".join([arg] + [a[len("--config."):] for a in argv if a.startswith("--config.")])
+
+
+def run_label(doc: dict) -> str:
+    """The config of the command that made result file `doc` (`config_label`)."""
+    return config_label(shlex.split(doc["meta"]["command"]))
 
 
 def demo_comparison_table(docs: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -373,10 +377,7 @@ def record(out: str, kind: str, argv: list[str], keep_workdir: str | None = None
         else:
             results = json.loads(pathlib.Path(json_path).read_text())
             if kind == "aot_compile":
-                results["config_arg"] = " ".join(
-                    [next((a.split("=", 1)[1].split(":", 1)[-1] for a in argv
-                           if a.startswith("--config=")), "?")]
-                    + [a[len("--config."):] for a in argv if a.startswith("--config.")])
+                results["config_arg"] = config_label(argv)
     doc = {"kind": kind,
            "meta": {"command": shlex.join(argv), "machine": machine(),
                     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
